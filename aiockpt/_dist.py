@@ -1,0 +1,104 @@
+"""Turning this rank's "done" into "done on every rank", on torch.distributed.
+
+One reduction per check: ``[running, failed, call_idx, -call_idx]`` with MAX tells whether
+any rank is still writing, whether any rank failed, and whether all ranks are checking the
+same request. It runs on a dedicated gloo group so that it never interleaves with the
+training program's own collectives, and that group's timeout turns a dead or absent rank
+into an error instead of a hang. Without an initialized process group, or with
+``no_dist=True``, a process is its own world.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ._exceptions import DistributedCheckpointError
+
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+def is_distributed() -> bool:
+    """True inside an initialized torch.distributed job of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank, 0 when torch.distributed is not initialized."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@dataclass(frozen=True)
+class GlobalStatus:
+    """The reduced answer for one request: finished everywhere? failed anywhere (where)?"""
+
+    done: bool
+    failed_ranks: tuple[int, ...] = ()
+
+
+class CompletionGroup:
+    """Runs the completion reductions of one queue.
+
+    ``group`` is a process group to reduce over; by default a new gloo group over all ranks
+    is created the first time a reduction is needed (creating it is itself collective, so
+    every rank must reach that point, which the queue's contract already asks).
+    """
+
+    def __init__(self, group: Any = None, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+        self._group = group
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self.reductions = 0  # collectives issued so far (for tests and benchmarks)
+
+    def group(self) -> Any:
+        with self._lock:
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo", timeout=self.timeout)
+            return self._group
+
+    def reduce(self, call_idx: int, running: bool, failed: bool) -> GlobalStatus:
+        """One all-reduce over the group; must be called in the same order on every rank."""
+        group = self.group()
+        t = torch.tensor([int(running), int(failed), call_idx, -call_idx], dtype=torch.int64)
+        self._collective(call_idx, lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group))
+        any_running, any_failed, hi, neg_lo = (int(v) for v in t.tolist())
+        if hi != -neg_lo:
+            raise DistributedCheckpointError(
+                f"ranks are completing different requests (call indices {-neg_lo}..{hi}): "
+                "every rank must schedule the same requests and finalize with no_dist=False "
+                "the same number of times",
+                call_idx=call_idx,
+                rank=get_rank(),
+            )
+        if any_running:
+            return GlobalStatus(done=False)
+        if not any_failed:
+            return GlobalStatus(done=True)
+        flags = torch.zeros(dist.get_world_size(group), dtype=torch.int64)
+        mine = torch.tensor([int(failed)], dtype=torch.int64)
+        parts = list(torch.split(flags, 1))
+        self._collective(call_idx, lambda: dist.all_gather(parts, mine, group=group))
+        failed_ranks = tuple(
+            dist.get_global_rank(group, i) if group is not None else i
+            for i, part in enumerate(parts)
+            if int(part.item())
+        )
+        return GlobalStatus(done=True, failed_ranks=failed_ranks)
+
+    def _collective(self, call_idx: int, op: Any) -> None:
+        self.reductions += 1
+        try:
+            op()
+        except RuntimeError as exc:  # gloo reports a timeout or a dead peer this way
+            raise DistributedCheckpointError(
+                f"the completion check of call {call_idx} did not finish on all ranks within "
+                f"{self.timeout.total_seconds():.0f}s ({exc}); a rank has died or stopped "
+                "finalizing its checkpoints",
+                call_idx=call_idx,
+                rank=get_rank(),
+            ) from exc

@@ -1,0 +1,249 @@
+"""The engine: requests in flight, staged, started, settled and finalized in FIFO order.
+
+Both facades drive this one object: the blocking ``AsyncCallsQueue`` and the asyncio
+``AsyncCheckpointQueue``. It imports no asyncio. Waiting happens outside its lock (on the
+worker's connection or process sentinel), so one thread may wait for a request while
+another schedules the next.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import wait
+from typing import Any
+
+from ._callers import (
+    AsyncCaller,
+    PersistentAsyncCaller,
+    TemporalAsyncCaller,
+    _remote_failure,
+)
+from ._dist import DEFAULT_TIMEOUT, CompletionGroup, get_rank, is_distributed
+from ._exceptions import (
+    CheckpointError,
+    FinalizeError,
+    InvalidRequestError,
+    QueueClosedError,
+    StagingError,
+)
+from ._request import AsyncRequest, LocalOutcome
+from ._staging import StagedArgs, StagingBuffers
+
+
+@dataclass
+class ActiveCall:
+    """A scheduled request, from staging until it is settled."""
+
+    call_idx: int
+    caller: AsyncCaller
+    request: AsyncRequest
+    staged_bytes: int
+    stage_seconds: float
+    scheduled_at: float
+    outcome: LocalOutcome | None = None
+
+
+@dataclass
+class Settled:
+    """A request whose fate is known on every rank: ``error`` is None if it succeeded."""
+
+    call: ActiveCall
+    error: CheckpointError | None
+    settled_at: float
+
+
+class CallsEngine:
+    """Schedules requests on callers and settles them, oldest first."""
+
+    def __init__(
+        self,
+        persistent: bool = True,
+        *,
+        start_method: str = "spawn",
+        max_staging_copies: int = 1,
+        pin_memory: bool | None = None,
+        process_group: Any = None,
+        timeout: timedelta = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.persistent = persistent
+        self.start_method = start_method
+        self.buffers = StagingBuffers(max_staging_copies, pin_memory)
+        self.completion = CompletionGroup(process_group, timeout)
+        self.active: deque[ActiveCall] = deque()
+        self.call_idx = -1
+        self.closed = False
+        self._lock = threading.RLock()
+        self._persistent_caller: PersistentAsyncCaller | None = None
+        if persistent:
+            # Started now, so that the first save does not wait for the worker to import torch.
+            self._persistent_caller = PersistentAsyncCaller(start_method, self.completion)
+            self._persistent_caller.start()
+
+    def _caller(self) -> AsyncCaller:
+        if self._persistent_caller is not None:
+            return self._persistent_caller
+        return TemporalAsyncCaller(self.completion)
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise QueueClosedError("the checkpoint queue is closed; create a new one")
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def schedule(self, request: AsyncRequest) -> ActiveCall:
+        """Stage the request's tensors and start it; returns once staging is done."""
+        self.check_open()
+        if not isinstance(request, AsyncRequest):
+            raise InvalidRequestError(f"expected an AsyncRequest, got {type(request).__name__}")
+        request.validate()
+        with self._lock:
+            self.check_open()
+            call_idx = self.call_idx + 1
+            start = time.perf_counter()
+            staged = self._stage(call_idx, request)
+            stage_seconds = time.perf_counter() - start
+            caller = self._caller()
+            to_run = request._replace(
+                async_fn_args=staged.args,
+                async_fn_kwargs=staged.kwargs,
+                preload_fn=None,
+                finalize_fns=[],
+                is_frozen=True,
+                call_idx=call_idx,
+            )
+            try:
+                caller.schedule_async_call(to_run, self.buffers)
+            except BaseException:
+                self.buffers.release(call_idx)
+                raise
+            self.call_idx = call_idx
+            call = ActiveCall(
+                call_idx, caller, request.freeze(), staged.nbytes, stage_seconds, time.time()
+            )
+            self.active.append(call)
+            return call
+
+    def _stage(self, call_idx: int, request: AsyncRequest) -> StagedArgs:
+        rank = get_rank()
+        try:
+            args = request.prepared_args()
+        except Exception as exc:
+            raise StagingError(
+                f"preload_fn of call {call_idx} on rank {rank} raised "
+                f"{type(exc).__name__}: {exc}; nothing was scheduled",
+                call_idx=call_idx,
+                rank=rank,
+            ) from exc
+        kwargs = dict(request.async_fn_kwargs)
+        _, nbytes = self.buffers.plan(args, kwargs)
+        while not self.buffers.has_free(nbytes):
+            # Every staging copy is still read by a worker: wait for the oldest to finish.
+            holder = next(c for c in self.active if c.outcome is None)
+            self.wait_local(holder, None)
+        try:
+            return self.buffers.stage(call_idx, args, kwargs)
+        except Exception as exc:
+            raise StagingError(
+                f"copying the tensors of call {call_idx} on rank {rank} to host staging "
+                f"buffers failed: {type(exc).__name__}: {exc}; nothing was scheduled",
+                call_idx=call_idx,
+                rank=rank,
+            ) from exc
+
+    # -- local completion ---------------------------------------------------------------
+
+    def poll_local(self, call: ActiveCall) -> LocalOutcome | None:
+        """This rank's outcome of ``call``, without blocking."""
+        with self._lock:
+            if call.outcome is None:
+                call.outcome = call.caller.poll(call.call_idx, 0.0)
+                if call.outcome is not None:
+                    self.buffers.release(call.call_idx)
+            return call.outcome
+
+    def wait_local(self, call: ActiveCall, timeout: float | None) -> LocalOutcome | None:
+        """Wait up to ``timeout`` seconds (None: until the worker reports or dies)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            outcome = self.poll_local(call)
+            left = None if deadline is None else deadline - time.monotonic()
+            if outcome is not None or (left is not None and left <= 0):
+                return outcome
+            with self._lock:
+                objects = call.caller.wait_objects()
+            if objects:
+                wait(objects, left)
+
+    # -- global completion and finalization ---------------------------------------------
+
+    def settle_front(self, blocking: bool, no_dist: bool) -> Settled | None:
+        """Decide the oldest request's fate on all ranks, or None if it is still running.
+
+        In a distributed job (unless ``no_dist``) this issues the completion reduction,
+        so every rank must call it the same number of times; ``blocking=True`` waits for
+        the local worker first and then reduces once.
+        """
+        if not self.active:
+            return None
+        call = self.active[0]
+        outcome = self.wait_local(call, None if blocking else 0.0)
+        error: CheckpointError | None = None
+        if not no_dist and is_distributed():
+            while True:
+                status = self.completion.reduce(
+                    call.call_idx,
+                    running=outcome is None,
+                    failed=outcome is not None and not outcome.ok,
+                )
+                if status.done or not blocking:
+                    break
+                outcome = self.wait_local(call, None)
+            if not status.done:
+                return None
+            assert outcome is not None
+            if outcome.error is None and status.failed_ranks:
+                error = _remote_failure(call.call_idx, get_rank(), status.failed_ranks)
+        elif outcome is None:
+            return None
+        error = outcome.error if outcome.error is not None else error
+        with self._lock:
+            self.active.popleft()
+            call.caller.acknowledge(call.call_idx)
+        return Settled(call, error, time.time())
+
+    @staticmethod
+    def finalize(settled: Settled) -> None:
+        """Run the finalize steps of a successful request, in order."""
+        call = settled.call
+        for fn in call.request.finalize_fns:
+            try:
+                fn()
+            except Exception as exc:
+                name = getattr(fn, "__qualname__", repr(fn))
+                raise FinalizeError(
+                    f"finalize step {name} of checkpoint call {call.call_idx} on rank "
+                    f"{get_rank()} raised {type(exc).__name__}: {exc}; the steps after it "
+                    "did not run",
+                    call_idx=call.call_idx,
+                    rank=get_rank(),
+                ) from exc
+
+    def stop_workers(self) -> None:
+        """Stop the worker processes and free the staging buffers (after settling)."""
+        with self._lock:
+            self.closed = True
+            for call in self.active:
+                call.caller.close()
+            if self._persistent_caller is not None:
+                self._persistent_caller.close()
+            self.buffers.close()
+
+    def kill_worker(self) -> None:
+        """Kill the persistent worker (tests and emergencies); its requests fail."""
+        with self._lock:
+            if self._persistent_caller is not None:
+                self._persistent_caller.kill()

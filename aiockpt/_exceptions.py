@@ -1,0 +1,134 @@
+"""Every exception aiockpt raises, in one place.
+
+    CheckpointError                   base class: catch this to handle any checkpoint failure
+    ├── InvalidRequestError           bad input, rejected at the call (also a ValueError)
+    ├── QueueClosedError              the queue was closed, or is used from the wrong place
+    ├── StagingError                  copying tensors to host buffers (or preload_fn) failed
+    ├── WorkerError                   the checkpoint function raised in the worker process
+    ├── WorkerCrashedError            the worker process died before it reported a result
+    ├── FinalizeError                 a finalize step raised in the caller's process
+    └── DistributedCheckpointError    another rank failed, or ranks stopped agreeing in time
+
+Exceptions that are built in a worker process and carried to the caller define
+``__reduce__`` so that they survive pickling with all their attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CheckpointError(Exception):
+    """Base class of every error aiockpt raises about a checkpoint.
+
+    ``call_idx`` is the index :meth:`AsyncCallsQueue.schedule_async_request` returned for
+    the request that failed (``None`` when the error is not about one request) and ``rank``
+    the torch.distributed rank that saw it (0 in a single process).
+    """
+
+    def __init__(self, message: str, *, call_idx: int | None = None, rank: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.call_idx = call_idx
+        self.rank = rank
+        # Set by maybe_finalize_async_calls: requests finalized before this one failed.
+        self.finalized_call_idxs: list[int] = []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.__dict__.copy()))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[CheckpointError], message: str, state: dict[str, Any]) -> CheckpointError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class InvalidRequestError(CheckpointError, ValueError):
+    """Raised at the call when a request cannot work: a non-callable function, a path whose
+    directory does not exist, arguments that cannot be sent to a persistent worker.
+
+    Nothing was scheduled; fix the argument named in the message and call again.
+    """
+
+
+class QueueClosedError(CheckpointError):
+    """Raised when a queue is used after ``close()``/``aclose()``, or from a thread or event
+    loop it does not belong to. Create a new queue, or call it from its owner."""
+
+
+class StagingError(CheckpointError):
+    """Raised at the call when copying the state dict to host staging buffers failed, or
+    when the request's ``preload_fn`` raised. Nothing was scheduled; the queue stays usable."""
+
+
+class WorkerError(CheckpointError):
+    """Raised when the request's checkpoint function raised inside the worker process.
+
+    ``exc_type`` and ``exc_message`` name the original exception and ``worker_traceback``
+    holds its traceback text as the worker formatted it. The finalize steps of the request
+    did not run; the queue stays usable and the next request runs normally.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        call_idx: int | None = None,
+        rank: int | None = None,
+        exc_type: str = "",
+        exc_message: str = "",
+        worker_traceback: str = "",
+    ):
+        super().__init__(message, call_idx=call_idx, rank=rank)
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.worker_traceback = worker_traceback
+
+
+class WorkerCrashedError(CheckpointError):
+    """Raised when the worker process died (killed, segfault, ``os._exit``) before it
+    reported a result for the request. ``exitcode`` is the process's exit status, negative
+    for a signal as in :attr:`multiprocessing.Process.exitcode`.
+
+    The checkpoint of that request was not written completely. The next request starts a
+    fresh worker; check the worker's stderr and the machine's memory (the kernel's OOM
+    killer sends SIGKILL) before retrying.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        call_idx: int | None = None,
+        rank: int | None = None,
+        exitcode: int | None = None,
+    ):
+        super().__init__(message, call_idx=call_idx, rank=rank)
+        self.exitcode = exitcode
+
+
+class FinalizeError(CheckpointError):
+    """Raised when a finalize step of a request raised in the caller's process. The steps
+    after it did not run; the original exception is the ``__cause__``."""
+
+
+class DistributedCheckpointError(CheckpointError):
+    """Raised on every rank when the request failed on some rank (``failed_ranks`` names
+    them), or when ranks did not reach the completion check within the timeout (a rank died
+    or stopped calling the queue). No finalize step ran anywhere."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        call_idx: int | None = None,
+        rank: int | None = None,
+        failed_ranks: tuple[int, ...] = (),
+    ):
+        super().__init__(message, call_idx=call_idx, rank=rank)
+        self.failed_ranks = failed_ranks

@@ -1,0 +1,133 @@
+"""The blocking facade, compatible with ``nvidia_resiliency_ext``'s ``AsyncCallsQueue``."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from ._dist import DEFAULT_TIMEOUT
+from ._engine import CallsEngine
+from ._exceptions import CheckpointError
+from ._request import AsyncRequest
+
+
+class AsyncCallsQueue:
+    """Schedules :class:`AsyncRequest` objects and finalizes them in FIFO order.
+
+    Args:
+        persistent: one long-lived worker process (True, the default) or a forked process
+            per request (False).
+        start_method: how the persistent worker starts, ``"spawn"`` or ``"forkserver"``.
+        max_staging_copies: host staging copies of the state held at most; scheduling waits
+            for an earlier request's worker when all are in use.
+        pin_memory: page-lock the staging buffers (default: when CUDA is available).
+        process_group: the group completion checks reduce over (default: a dedicated gloo
+            group over all ranks, created on first use).
+        timeout: how long a completion check waits for the other ranks before it raises.
+
+    In a torch.distributed job every rank must schedule the same requests and call
+    ``maybe_finalize_async_calls`` with ``no_dist=False`` the same number of times.
+    """
+
+    def __init__(
+        self,
+        persistent: bool = True,
+        *,
+        start_method: str = "spawn",
+        max_staging_copies: int = 1,
+        pin_memory: bool | None = None,
+        process_group: Any = None,
+        timeout: timedelta = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._engine = CallsEngine(
+            persistent,
+            start_method=start_method,
+            max_staging_copies=max_staging_copies,
+            pin_memory=pin_memory,
+            process_group=process_group,
+            timeout=timeout,
+        )
+
+    @property
+    def persistent(self) -> bool:
+        return self._engine.persistent
+
+    @property
+    def call_idx(self) -> int:
+        """Index of the last scheduled request (-1 before the first)."""
+        return self._engine.call_idx
+
+    @property
+    def staging_buffers(self) -> Any:
+        """The :class:`StagingBuffers` this queue copies tensors into."""
+        return self._engine.buffers
+
+    def schedule_async_request(self, async_request: AsyncRequest) -> int:
+        """Stage the request's tensors, start it in the background, return its call index.
+
+        Returns once every tensor in the request's arguments is copied to host staging
+        buffers: the caller may modify its tensors from then on.
+        Raises :class:`InvalidRequestError` or :class:`StagingError` with nothing scheduled.
+        """
+        return self._engine.schedule(async_request).call_idx
+
+    def maybe_finalize_async_calls(
+        self, blocking: bool = False, no_dist: bool = False
+    ) -> list[int]:
+        """Finalize the requests that are done, oldest first; return their call indices.
+
+        ``blocking=True`` waits for every request in flight. A request that failed (on any
+        rank) raises its :class:`CheckpointError` once settled, its finalize steps skipped;
+        ``error.finalized_call_idxs`` lists the requests finalized before it in this call.
+        Requests after it stay queued for the next call.
+        """
+        engine = self._engine
+        finalized: list[int] = []
+        while engine.active:
+            settled = engine.settle_front(blocking, no_dist)
+            if settled is None:
+                break
+            try:
+                if settled.error is not None:
+                    raise settled.error
+                engine.finalize(settled)
+            except CheckpointError as err:
+                err.finalized_call_idxs = finalized
+                raise
+            finalized.append(settled.call.call_idx)
+        return finalized
+
+    def get_num_unfinalized_calls(self) -> int:
+        """How many scheduled requests are not finalized yet."""
+        return len(self._engine.active)
+
+    def close(self, no_dist: bool = False) -> None:
+        """Finalize every pending request, then stop the worker. Idempotent.
+
+        Raises the first :class:`CheckpointError` met while finalizing, after the worker
+        has been stopped either way.
+        """
+        if self._engine.closed:
+            return
+        first: CheckpointError | None = None
+        try:
+            while self._engine.active:
+                try:
+                    self.maybe_finalize_async_calls(blocking=True, no_dist=no_dist)
+                except CheckpointError as err:
+                    first = first or err
+        finally:
+            self._engine.stop_workers()
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> AsyncCallsQueue:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None and not engine.closed and not engine.active:
+            engine.stop_workers()

@@ -1,0 +1,74 @@
+"""``TorchAsyncCheckpoint``: ``torch.save`` in the background, behind the blocking queue."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ._exceptions import InvalidRequestError
+from ._queue import AsyncCallsQueue
+from ._request import AsyncRequest
+from .utils import wrap_for_async
+
+_torch_save = wrap_for_async(torch.save)
+
+
+def checked_path(f: Any) -> str:
+    """``f`` as a path string, refused at the call if it cannot be written from a worker."""
+    if not isinstance(f, str | os.PathLike):
+        raise InvalidRequestError(
+            f"async saves write from another process and need a file path, not "
+            f"{type(f).__name__}; use torch.save for in-memory buffers"
+        )
+    path = os.fspath(f)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InvalidRequestError(
+            f"cannot save to {path!r}: directory {parent!r} does not exist; create it first"
+        )
+    return path
+
+
+class TorchAsyncCheckpoint:
+    """``torch.save`` that returns as soon as the tensors are staged.
+
+    ``async_save(state_dict, path, **torch_save_kwargs)`` has ``torch.save``'s signature;
+    the file it writes loads with ``torch.load``. Call ``finalize_async_save`` regularly
+    (``blocking=False`` each step) and ``finalize_async_save(blocking=True)`` at the end.
+    ``persistent_queue=True`` keeps one worker process instead of forking per save.
+    """
+
+    def __init__(self, persistent_queue: bool = False, **queue_options: Any) -> None:
+        self._queue = AsyncCallsQueue(persistent=persistent_queue, **queue_options)
+
+    @property
+    def queue(self) -> AsyncCallsQueue:
+        return self._queue
+
+    def async_save(self, state_dict: Any, *args: Any, **kwargs: Any) -> int:
+        """Schedule ``torch.save(state_dict, *args, **kwargs)``; return its call index."""
+        if not args:
+            raise InvalidRequestError("async_save needs a path to save to: async_save(sd, path)")
+        path = checked_path(args[0])
+        request = AsyncRequest(_torch_save, (state_dict, path, *args[1:]), [], kwargs)
+        return self._queue.schedule_async_request(request)
+
+    def finalize_async_save(
+        self, blocking: bool = False, no_dist: bool = True, terminate: bool = False
+    ) -> list[int]:
+        """Finalize finished saves (all of them with ``blocking=True``); return their call
+        indices. ``terminate=True`` then stops the worker. Raises the CheckpointError of a
+        failed save."""
+        try:
+            return self._queue.maybe_finalize_async_calls(blocking, no_dist=no_dist)
+        finally:
+            if terminate:
+                self._queue.close(no_dist=no_dist)
+
+    def close(self) -> None:
+        """Finalize pending saves and stop the worker. Idempotent."""
+        self._queue.close(no_dist=True)

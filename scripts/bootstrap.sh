@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) with aiockpt installed in editable mode and its test extras.
+# Torch comes first and explicitly: a bare "torch" requirement could pull a CUDA build of
+# several GB. Set AIOCKPT_TORCH_SPEC to choose another torch (any release >= 2.4 works).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  .venv/bin/pip install -q "${AIOCKPT_TORCH_SPEC:-torch==2.13.0}"
+fi
+if ! .venv/bin/python -c "import aiockpt, pytest, pytest_timeout, pytest_asyncio, trio" >/dev/null 2>&1; then
+  .venv/bin/pip install -q -e ".[test]"
+fi

@@ -1,0 +1,437 @@
+"""AsyncCallsQueue with real worker processes: order, errors, crashes, staging, closing."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_helpers import (
+    exit_hard,
+    kill_self,
+    make_gate,
+    open_gate,
+    raise_value_error,
+    report_pid,
+    wait_then_write,
+    write_value,
+)
+
+from aiockpt import (
+    AsyncCallsQueue,
+    AsyncRequest,
+    CheckpointError,
+    FinalizeError,
+    InvalidRequestError,
+    QueueClosedError,
+    StagingError,
+    WorkerCrashedError,
+    WorkerError,
+)
+
+BOTH = pytest.mark.parametrize("persistent", [False, True], ids=["fork", "persistent"])
+
+
+def load(path: Path) -> object:
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+@BOTH
+def test_finalize_fifo_order_and_indices(tmp_path: Path, persistent: bool) -> None:
+    order: list[int] = []
+    gates = [make_gate(str(tmp_path), f"gate{i}") for i in range(3)]
+    with AsyncCallsQueue(persistent=persistent) as queue:
+        idxs = []
+        for i in range(3):
+            req = AsyncRequest(
+                wait_then_write,
+                (i, gates[i], str(tmp_path / f"out{i}")),
+                [partial(order.append, i)],
+            )
+            idxs.append(queue.schedule_async_request(req))
+        assert idxs == [0, 1, 2]
+        assert queue.maybe_finalize_async_calls(blocking=False) == []
+        assert queue.get_num_unfinalized_calls() == 3
+        # Release the gates last-first: a fork caller finishes call 2 first, yet finalize
+        # order stays FIFO. (The persistent worker serves them in order anyway.)
+        if not persistent:
+            open_gate(gates[2])
+            open_gate(gates[1])
+            queue._engine.wait_local(queue._engine.active[2], None)
+            assert queue.maybe_finalize_async_calls(blocking=False) == []
+            open_gate(gates[0])
+        else:
+            for gate in gates:
+                open_gate(gate)
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1, 2]
+        assert order == [0, 1, 2]
+        assert queue.get_num_unfinalized_calls() == 0
+        assert [torch.load(tmp_path / f"out{i}") for i in range(3)] == [0, 1, 2]
+
+
+@BOTH
+def test_non_blocking_poll_then_finalize(tmp_path: Path, persistent: bool) -> None:
+    gate = make_gate(str(tmp_path), "gate")
+    with AsyncCallsQueue(persistent=persistent) as queue:
+        queue.schedule_async_request(
+            AsyncRequest(wait_then_write, ({"a": 1}, gate, str(tmp_path / "o")), [])
+        )
+        for _ in range(3):
+            assert queue.maybe_finalize_async_calls(blocking=False) == []
+        open_gate(gate)
+        engine = queue._engine
+        engine.wait_local(engine.active[0], None)
+        assert queue.maybe_finalize_async_calls(blocking=False) == [0]
+        assert queue.maybe_finalize_async_calls(blocking=False) == []
+
+
+@BOTH
+def test_mutation_after_schedule_does_not_leak(tmp_path: Path, persistent: bool) -> None:
+    gate = make_gate(str(tmp_path), "gate")
+    weights = torch.arange(1000, dtype=torch.float32)
+    sd = {"w": weights, "nested": [torch.ones(3, 4)], "step": 7}
+    with AsyncCallsQueue(persistent=persistent) as queue:
+        queue.schedule_async_request(
+            AsyncRequest(wait_then_write, (sd, gate, str(tmp_path / "ck.pt")), [])
+        )
+        weights.mul_(-1)  # the worker has not even started writing yet
+        sd["nested"][0].zero_()
+        open_gate(gate)
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+    saved = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert torch.equal(saved["w"], torch.arange(1000, dtype=torch.float32))
+    assert torch.equal(saved["nested"][0], torch.ones(3, 4))
+    assert saved["step"] == 7
+
+
+@BOTH
+def test_worker_exception_reaches_caller(tmp_path: Path, persistent: bool) -> None:
+    ran: list[str] = []
+    with AsyncCallsQueue(persistent=persistent) as queue:
+        queue.schedule_async_request(
+            AsyncRequest(raise_value_error, ({}, "disk says no"), [partial(ran.append, "bad")])
+        )
+        with pytest.raises(WorkerError) as info:
+            queue.maybe_finalize_async_calls(blocking=True)
+        err = info.value
+        assert err.call_idx == 0 and err.rank == 0
+        assert err.exc_type == "ValueError" and err.exc_message == "disk says no"
+        assert "raise_value_error" in err.worker_traceback
+        assert 'raise ValueError(message)' in err.worker_traceback
+        assert "call 0" in str(err) and "ValueError: disk says no" in str(err)
+        assert ran == []  # finalize steps of the failed request did not run
+        # The queue keeps working.
+        queue.schedule_async_request(
+            AsyncRequest(write_value, ("fine", str(tmp_path / "ok")), [partial(ran.append, "ok")])
+        )
+        assert queue.maybe_finalize_async_calls(blocking=True) == [1]
+        assert ran == ["ok"] and load(tmp_path / "ok") == "fine"
+
+
+@BOTH
+@pytest.mark.parametrize("how", ["sigkill", "os_exit"])
+def test_dead_worker_is_an_error_and_next_request_succeeds(
+    tmp_path: Path, persistent: bool, how: str
+) -> None:
+    fn, args, exitcode = (
+        (kill_self, ({},), -signal.SIGKILL) if how == "sigkill" else (exit_hard, ({}, 3), 3)
+    )
+    ran: list[int] = []
+    with AsyncCallsQueue(persistent=persistent) as queue:
+        queue.schedule_async_request(AsyncRequest(fn, args, [partial(ran.append, 0)]))
+        with pytest.raises(WorkerCrashedError) as info:
+            queue.maybe_finalize_async_calls(blocking=True)
+        assert info.value.exitcode == exitcode and info.value.call_idx == 0
+        expected = "SIGKILL" if how == "sigkill" else "exited with code 3"
+        assert expected in str(info.value)
+        assert ran == []
+        queue.schedule_async_request(
+            AsyncRequest(write_value, ("after", str(tmp_path / "after")), [partial(ran.append, 1)])
+        )
+        assert queue.maybe_finalize_async_calls(blocking=True) == [1]
+        assert ran == [1] and load(tmp_path / "after") == "after"
+        if persistent:
+            assert queue._engine._persistent_caller is not None
+            assert queue._engine._persistent_caller.starts == 2
+
+
+@BOTH
+def test_worker_killed_from_outside_while_writing(tmp_path: Path, persistent: bool) -> None:
+    gate = make_gate(str(tmp_path), "gate")
+    pid_file = tmp_path / "pid"
+    with AsyncCallsQueue(persistent=persistent) as queue:
+        queue.schedule_async_request(AsyncRequest(report_pid, ({}, gate, str(pid_file)), []))
+        queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "second")), []))
+        # Opening the FIFO for writing returns once the worker has opened it for reading, so
+        # the worker has written its pid by then; kill it before it is released.
+        fd = os.open(gate, os.O_WRONLY)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        os.close(fd)
+        with pytest.raises(WorkerCrashedError) as info:
+            queue.maybe_finalize_async_calls(blocking=True)
+        assert info.value.call_idx == 0 and "SIGKILL" in str(info.value)
+        if persistent:
+            # The second request was queued on the same worker and died with it.
+            with pytest.raises(WorkerCrashedError, match="before it started"):
+                queue.maybe_finalize_async_calls(blocking=True)
+        else:
+            assert queue.maybe_finalize_async_calls(blocking=True) == [1]
+
+
+def test_failing_finalize_step_is_reported_and_later_steps_skipped(tmp_path: Path) -> None:
+    ran: list[str] = []
+
+    def boom() -> None:
+        raise OSError("metadata disk full")
+
+    with AsyncCallsQueue(persistent=False) as queue:
+        queue.schedule_async_request(
+            AsyncRequest(write_value, (1, str(tmp_path / "a")), [boom, partial(ran.append, "x")])
+        )
+        with pytest.raises(FinalizeError, match="metadata disk full") as info:
+            queue.maybe_finalize_async_calls(blocking=True)
+        assert isinstance(info.value.__cause__, OSError)
+        assert ran == []
+        assert queue.get_num_unfinalized_calls() == 0
+
+
+def test_error_lists_requests_finalized_before_it(tmp_path: Path) -> None:
+    with AsyncCallsQueue(persistent=True) as queue:
+        queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
+        queue.schedule_async_request(AsyncRequest(raise_value_error, ({}, "x"), []))
+        queue.schedule_async_request(AsyncRequest(write_value, (3, str(tmp_path / "c")), []))
+        with pytest.raises(WorkerError) as info:
+            queue.maybe_finalize_async_calls(blocking=True)
+        assert info.value.call_idx == 1 and info.value.finalized_call_idxs == [0]
+        assert queue.maybe_finalize_async_calls(blocking=True) == [2]
+
+
+def test_noop_request_still_runs_finalize_steps() -> None:
+    ran: list[int] = []
+    with AsyncCallsQueue(persistent=False) as queue:
+        queue.schedule_async_request(AsyncRequest(None, (), [partial(ran.append, 1)]))
+        assert queue.maybe_finalize_async_calls(blocking=False) == [0]
+    assert ran == [1]
+
+
+@BOTH
+def test_preload_fn_result_replaces_the_state_dict_argument(
+    tmp_path: Path, persistent: bool
+) -> None:
+    source = {"t": torch.full((4,), 2.0)}
+    with AsyncCallsQueue(persistent=persistent) as queue:
+        req = AsyncRequest(
+            write_value,
+            ("placeholder", str(tmp_path / "pre")),
+            [],
+            preload_fn=partial(dict, source),
+            preload_arg_index=0,
+        )
+        queue.schedule_async_request(req)
+        source["t"].fill_(-1)
+        queue.maybe_finalize_async_calls(blocking=True)
+    assert torch.equal(load(tmp_path / "pre")["t"], torch.full((4,), 2.0))  # type: ignore[index]
+
+
+def test_no_dist_false_without_process_group_is_a_world_of_one(tmp_path: Path) -> None:
+    with AsyncCallsQueue(persistent=False) as queue:
+        queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
+        assert queue.maybe_finalize_async_calls(blocking=True, no_dist=False) == [0]
+
+
+def test_bad_input_is_rejected_at_the_call(tmp_path: Path) -> None:
+    with AsyncCallsQueue(persistent=True) as queue:
+        with pytest.raises(InvalidRequestError, match="not callable"):
+            queue.schedule_async_request(AsyncRequest("not a function", (), []))  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="picklable"):
+            queue.schedule_async_request(
+                AsyncRequest(write_value, ({"fn": lambda: 1}, str(tmp_path / "x")), [])
+            )
+
+        def bad_preload() -> None:
+            raise RuntimeError("device lost")
+
+        with pytest.raises(StagingError, match="preload_fn of call 0 .* device lost"):
+            queue.schedule_async_request(
+                AsyncRequest(write_value, (1, None), [], preload_fn=bad_preload)
+            )
+        with pytest.raises(InvalidRequestError, match=r"async_fn_args\[1\]"):
+            queue.schedule_async_request(AsyncRequest(write_value, (1,), [], preload_fn=dict))
+        assert queue.get_num_unfinalized_calls() == 0
+        # Still usable, and the failed attempts did not consume call indices.
+        idx = queue.schedule_async_request(AsyncRequest(write_value, (5, str(tmp_path / "y")), []))
+        assert idx == 0
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+    with pytest.raises(ValueError, match="start_method"):
+        AsyncCallsQueue(persistent=True, start_method="fork")
+
+
+def test_frozen_request_refuses_new_finalize_fns() -> None:
+    req = AsyncRequest(None, (), [])
+    req.add_finalize_fn(print)
+    assert len(req.finalize_fns) == 1
+    with pytest.raises(InvalidRequestError, match="frozen"):
+        req.freeze().add_finalize_fn(print)
+
+
+def test_execute_sync_runs_everything_in_order(tmp_path: Path) -> None:
+    events: list[str] = []
+    def preload() -> str:
+        events.append("preload")
+        return "staged"
+
+    req = AsyncRequest(
+        write_value,
+        (None, str(tmp_path / "s")),
+        [partial(events.append, "finalize")],
+        preload_fn=preload,
+        preload_arg_index=0,
+    )
+    assert req.execute_sync() == str(tmp_path / "s")
+    assert events == ["preload", "finalize"]
+    assert load(tmp_path / "s") == "staged"
+
+
+@BOTH
+def test_close_is_idempotent_and_finalizes_pending(tmp_path: Path, persistent: bool) -> None:
+    ran: list[int] = []
+    queue = AsyncCallsQueue(persistent=persistent)
+    queue.schedule_async_request(
+        AsyncRequest(write_value, (1, str(tmp_path / "a")), [partial(ran.append, 0)])
+    )
+    queue.close()
+    assert ran == [0] and load(tmp_path / "a") == 1
+    queue.close()
+    with pytest.raises(QueueClosedError, match="closed"):
+        queue.schedule_async_request(AsyncRequest(None, (), []))
+    assert queue._engine._persistent_caller is None or (
+        queue._engine._persistent_caller.process is None
+    )
+
+
+def test_close_raises_the_first_failure_after_stopping_the_worker(tmp_path: Path) -> None:
+    queue = AsyncCallsQueue(persistent=True)
+    queue.schedule_async_request(AsyncRequest(raise_value_error, ({}, "late"), []))
+    queue.schedule_async_request(AsyncRequest(write_value, (2, str(tmp_path / "b")), []))
+    with pytest.raises(WorkerError, match="late"):
+        queue.close()
+    assert load(tmp_path / "b") == 2
+    assert queue._engine.closed
+    queue.close()  # already closed: nothing more to say
+
+
+def test_warm_save_reuses_staging_buffers(tmp_path: Path) -> None:
+    sd = {"a": torch.randn(256, 256), "b": torch.randn(1000).to(torch.bfloat16)}
+    with AsyncCallsQueue(persistent=True) as queue:
+        buffers = queue.staging_buffers
+        for i in range(3):
+            sd["a"].add_(1)
+            queue.schedule_async_request(
+                AsyncRequest(wait_then_write, (sd, "/dev/null", str(tmp_path / f"{i}.pt")), [])
+            )
+            assert buffers.allocations == 1
+            queue.maybe_finalize_async_calls(blocking=True)
+            saved = torch.load(tmp_path / f"{i}.pt", weights_only=True)
+            assert torch.equal(saved["a"], sd["a"]) and torch.equal(saved["b"], sd["b"])
+        first_ptr = buffers.arenas[0].base_ptr
+        # A larger layout replaces the single arena rather than adding a second copy.
+        sd["c"] = torch.zeros(100_000)
+        queue.schedule_async_request(
+            AsyncRequest(wait_then_write, (sd, "/dev/null", str(tmp_path / "big.pt")), [])
+        )
+        queue.maybe_finalize_async_calls(blocking=True)
+        assert buffers.allocations == 2 and len(buffers.arenas) == 1
+        assert buffers.arenas[0].base_ptr != first_ptr
+        assert torch.equal(torch.load(tmp_path / "big.pt", weights_only=True)["c"], sd["c"])
+
+
+def test_busy_buffer_is_not_overwritten(tmp_path: Path) -> None:
+    """With one staging copy, a second save waits for the first worker instead of
+    overwriting the bytes it is still writing."""
+    gate = make_gate(str(tmp_path), "gate")
+    sd = {"w": torch.full((10_000,), 1.0)}
+    with AsyncCallsQueue(persistent=True, max_staging_copies=1) as queue:
+        queue.schedule_async_request(
+            AsyncRequest(wait_then_write, (sd, gate, str(tmp_path / "first.pt")), [])
+        )
+        sd["w"].fill_(2.0)
+        second = threading.Thread(
+            target=queue.schedule_async_request,
+            args=(AsyncRequest(wait_then_write, (sd, "/dev/null", str(tmp_path / "2.pt")), []),),
+        )
+        second.start()
+        second.join(0.5)
+        assert second.is_alive(), "the second save must wait for the only staging buffer"
+        open_gate(gate)
+        second.join()
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1]
+    assert torch.equal(torch.load(tmp_path / "first.pt")["w"], torch.full((10_000,), 1.0))
+    assert torch.equal(torch.load(tmp_path / "2.pt")["w"], torch.full((10_000,), 2.0))
+
+
+def test_two_staging_copies_let_two_saves_overlap(tmp_path: Path) -> None:
+    gates = [make_gate(str(tmp_path), f"g{i}") for i in range(2)]
+    sd = {"w": torch.zeros(1000)}
+    with AsyncCallsQueue(persistent=False, max_staging_copies=2) as queue:
+        for i in range(2):
+            sd["w"].fill_(i)
+            queue.schedule_async_request(
+                AsyncRequest(wait_then_write, (sd, gates[i], str(tmp_path / f"{i}.pt")), [])
+            )
+        assert queue.staging_buffers.allocations == 2
+        for gate in gates:
+            open_gate(gate)
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1]
+    for i in range(2):
+        assert torch.equal(torch.load(tmp_path / f"{i}.pt")["w"], torch.full((1000,), float(i)))
+
+
+def test_tied_tensors_stay_tied_and_odd_tensors_survive(tmp_path: Path) -> None:
+    shared = torch.randn(8, 8)
+    sd = {
+        "emb": shared,
+        "head": shared,
+        "t": torch.randn(4, 6).t(),  # non-contiguous
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(3.5),
+        "sparse": torch.eye(3).to_sparse(),
+        "flags": torch.tensor([True, False]),
+    }
+    with AsyncCallsQueue(persistent=True) as queue:
+        queue.schedule_async_request(
+            AsyncRequest(wait_then_write, (sd, "/dev/null", str(tmp_path / "odd.pt")), [])
+        )
+        queue.maybe_finalize_async_calls(blocking=True)
+    out = torch.load(tmp_path / "odd.pt", weights_only=True)
+    assert out["emb"].data_ptr() == out["head"].data_ptr()
+    for key in ("emb", "t", "empty", "scalar", "flags"):
+        assert torch.equal(out[key], sd[key]), key
+    assert torch.equal(out["sparse"].to_dense(), torch.eye(3))
+
+
+def test_nothing_leaks_across_many_saves(tmp_path: Path) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
+    threads_before = threading.active_count()
+    sd = {"w": torch.randn(1000)}
+    for persistent in (False, True):
+        queue = AsyncCallsQueue(persistent=persistent)
+        for i in range(5):
+            queue.schedule_async_request(
+                AsyncRequest(write_value, (sd, str(tmp_path / f"{persistent}{i}")), [])
+            )
+            queue.maybe_finalize_async_calls(blocking=True)
+        queue.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert threading.active_count() == threads_before
+
+
+def test_checkpoint_error_is_the_base_of_every_failure() -> None:
+    for cls in (WorkerError, WorkerCrashedError, FinalizeError, StagingError, QueueClosedError):
+        assert issubclass(cls, CheckpointError)
+    assert issubclass(InvalidRequestError, ValueError)
