@@ -5,6 +5,8 @@ process writes them, and the program learns of completion by polling (the blocki
 compatible with ``nvidia_resiliency_ext.checkpointing.async_ckpt``) or by awaiting.
 """
 
+from ._async_queue import AsyncCheckpointQueue as AsyncCheckpointQueue
+from ._async_torch import AsyncTorchCheckpoint as AsyncTorchCheckpoint
 from ._callers import AsyncCaller as AsyncCaller
 from ._callers import PersistentAsyncCaller as PersistentAsyncCaller
 from ._callers import TemporalAsyncCaller as TemporalAsyncCaller
@@ -16,6 +18,8 @@ from ._exceptions import QueueClosedError as QueueClosedError
 from ._exceptions import StagingError as StagingError
 from ._exceptions import WorkerCrashedError as WorkerCrashedError
 from ._exceptions import WorkerError as WorkerError
+from ._futures import CheckpointFuture as CheckpointFuture
+from ._futures import CheckpointResult as CheckpointResult
 from ._queue import AsyncCallsQueue as AsyncCallsQueue
 from ._request import AsyncRequest as AsyncRequest
 from ._staging import StagingBuffers as StagingBuffers
@@ -28,8 +32,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncCaller",
     "AsyncCallsQueue",
+    "AsyncCheckpointQueue",
     "AsyncRequest",
+    "AsyncTorchCheckpoint",
     "CheckpointError",
+    "CheckpointFuture",
+    "CheckpointResult",
     "DistributedCheckpointError",
     "FinalizeError",
     "InvalidRequestError",

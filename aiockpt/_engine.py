@@ -94,15 +94,22 @@ class CallsEngine:
 
     # -- scheduling ---------------------------------------------------------------------
 
-    def schedule(self, request: AsyncRequest) -> ActiveCall:
-        """Stage the request's tensors and start it; returns once staging is done."""
+    def schedule(self, request: AsyncRequest, call_idx: int | None = None) -> ActiveCall:
+        """Stage the request's tensors and start it; returns once staging is done.
+
+        ``call_idx`` is the index to give the request (a facade that hands out indices
+        before staging reserves them); by default the next one.
+        """
         self.check_open()
         if not isinstance(request, AsyncRequest):
             raise InvalidRequestError(f"expected an AsyncRequest, got {type(request).__name__}")
         request.validate()
         with self._lock:
             self.check_open()
-            call_idx = self.call_idx + 1
+            if call_idx is None:
+                call_idx = self.call_idx + 1
+            elif call_idx <= self.call_idx:
+                raise InvalidRequestError(f"call index {call_idx} was already used")
             start = time.perf_counter()
             staged = self._stage(call_idx, request)
             stage_seconds = time.perf_counter() - start

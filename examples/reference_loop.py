@@ -43,7 +43,9 @@ def main() -> None:
             t = time.perf_counter()
             path = os.path.join(args.out, f"step{step:06d}.pt")
             async_impl.async_save({"model": model.state_dict(), "step": step}, path)
-            print(f"step {step}: scheduled {path} (loop blocked {1e3 * (time.perf_counter() - t):.1f} ms)")
+            print(
+                f"step {step}: scheduled {path} (loop blocked {1e3 * (time.perf_counter() - t):.1f} ms)"
+            )
 
     for idx in async_impl.finalize_async_save(blocking=True, terminate=True):
         print(f"end: checkpoint call {idx} is on disk")

@@ -22,7 +22,9 @@ def run(*argv: str) -> str:
 
 @pytest.mark.parametrize("mode", [[], ["--fork"]], ids=["persistent", "fork"])
 def test_reference_loop_example(tmp_path: Path, mode: list[str]) -> None:
-    stdout = run("examples/reference_loop.py", "--steps", "20", "--every", "5", "--out", str(tmp_path), *mode)
+    stdout = run(
+        "examples/reference_loop.py", "--steps", "20", "--every", "5", "--out", str(tmp_path), *mode
+    )
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"step{s:06d}.pt" for s in (5, 10, 15, 20)]
     for name in files:
@@ -31,6 +33,8 @@ def test_reference_loop_example(tmp_path: Path, mode: list[str]) -> None:
 
 
 def test_demo_command() -> None:
-    stdout = run("-m", "aiockpt", "demo", "--steps", "6", "--every", "2", "--width", "256", "--depth", "2")
+    stdout = run(
+        "-m", "aiockpt", "demo", "--steps", "6", "--every", "2", "--width", "256", "--depth", "2"
+    )
     assert "matches the sync one: True" in stdout
     assert "first checkpoint (cold)" in stdout and "later checkpoints (mean)" in stdout

@@ -123,7 +123,7 @@ def test_worker_exception_reaches_caller(tmp_path: Path, persistent: bool) -> No
         assert err.call_idx == 0 and err.rank == 0
         assert err.exc_type == "ValueError" and err.exc_message == "disk says no"
         assert "raise_value_error" in err.worker_traceback
-        assert 'raise ValueError(message)' in err.worker_traceback
+        assert "raise ValueError(message)" in err.worker_traceback
         assert "call 0" in str(err) and "ValueError: disk says no" in str(err)
         assert ran == []  # finalize steps of the failed request did not run
         # The queue keeps working.
@@ -282,6 +282,7 @@ def test_frozen_request_refuses_new_finalize_fns() -> None:
 
 def test_execute_sync_runs_everything_in_order(tmp_path: Path) -> None:
     events: list[str] = []
+
     def preload() -> str:
         events.append("preload")
         return "staged"

@@ -104,6 +104,8 @@ def test_exit_without_close_completes_the_save_and_leaves_nothing(
     assert torch.equal(saved["w"], torch.arange(100_000.0))
     # No aiockpt worker outlived the program.
     leftovers = [
-        p for p in psutil.process_iter(["cmdline"]) if str(script) in " ".join(p.info["cmdline"] or [])
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(script) in " ".join(p.info["cmdline"] or [])
     ]
     assert leftovers == []

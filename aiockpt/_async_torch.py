@@ -1,0 +1,54 @@
+"""``AsyncTorchCheckpoint``: the async twin of ``TorchAsyncCheckpoint``."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from ._async_queue import AsyncCheckpointQueue
+from ._futures import CheckpointFuture, CheckpointResult
+from ._request import AsyncRequest
+from ._torch_ckpt import _torch_save, checked_path
+
+
+class AsyncTorchCheckpoint:
+    """``torch.save`` in the background, awaited::
+
+        async with AsyncTorchCheckpoint() as ckpt:
+            fut = await ckpt.save(model.state_dict(), "step100.pt")
+            ...
+            await fut              # on disk (or raises CheckpointError)
+
+    Options are those of :class:`AsyncCheckpointQueue` (persistent worker by default).
+    """
+
+    def __init__(self, persistent: bool = True, **queue_options: Any) -> None:
+        self.queue = AsyncCheckpointQueue(persistent, **queue_options)
+
+    async def __aenter__(self) -> AsyncTorchCheckpoint:
+        await self.queue.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.queue.__aexit__(exc_type, exc, tb)
+
+    async def save(
+        self, state_dict: Any, path: Any, *, wait_for_staging: bool = True, **torch_save_kwargs: Any
+    ) -> CheckpointFuture:
+        """Schedule ``torch.save(state_dict, path, **torch_save_kwargs)``; see
+        :meth:`AsyncCheckpointQueue.schedule` for ``wait_for_staging``."""
+        request = AsyncRequest(_torch_save, (state_dict, checked_path(path)), [], torch_save_kwargs)
+        return await self.queue.schedule(request, wait_for_staging=wait_for_staging)
+
+    async def finalize(self) -> list[CheckpointResult]:
+        """Wait for every save scheduled so far; raise the first failure."""
+        return await self.queue.finalize()
+
+    async def aclose(self) -> None:
+        """Wait for every save, then stop the worker. Idempotent."""
+        await self.queue.aclose()
