@@ -81,12 +81,22 @@ def outcome_from_reply(reply: tuple[Any, ...], rank: int) -> LocalOutcome:
     return LocalOutcome(call_idx, error=error, run_seconds=seconds)
 
 
-def crash_outcome(call_idx: int, rank: int, exitcode: int | None, started: bool) -> LocalOutcome:
+_START_HINT = (
+    " The worker died before it finished starting: its stderr says why. A worker started "
+    "with spawn or forkserver imports your main module, so code that starts training must "
+    "sit under `if __name__ == '__main__':`."
+)
+
+
+def crash_outcome(
+    call_idx: int, rank: int, exitcode: int | None, started: bool, hint: str = ""
+) -> LocalOutcome:
     """The outcome of a request whose worker died (while running it, or before it)."""
     what = "while writing it" if started else "before it started (it was queued behind another)"
     error = WorkerCrashedError(
         f"the checkpoint worker of call {call_idx} on rank {rank} {_describe_exit(exitcode)} "
-        f"{what}; the checkpoint was not written. The next request starts a fresh worker",
+        f"{what}; the checkpoint was not written. The next request starts a fresh worker."
+        f"{hint}",
         call_idx=call_idx,
         rank=rank,
         exitcode=exitcode,
@@ -308,6 +318,7 @@ class PersistentAsyncCaller(AsyncCaller):
         self._conn: Connection | None = None
         self._inflight: deque[int] = deque()
         self._mapped: set[int] = set()
+        self._ready = False  # the current worker has said hello
         self.starts = 0  # workers started so far
 
     def start(self) -> None:
@@ -328,6 +339,7 @@ class PersistentAsyncCaller(AsyncCaller):
         # Our copy of the child's end must go, or a dead worker would never read as EOF.
         child_end.close()
         self.process, self._conn, self._mapped = process, parent_end, set()
+        self._ready = False
         self.starts += 1
         _live_callers.add(self)
         return parent_end
@@ -389,7 +401,9 @@ class PersistentAsyncCaller(AsyncCaller):
         try:
             while conn.poll():
                 reply = conn.recv()
-                if reply[0] in ("done", "error"):
+                if reply[0] == "ready":
+                    self._ready = True
+                elif reply[0] in ("done", "error"):
                     self._inflight.remove(reply[1])
                     self.outcomes[reply[1]] = outcome_from_reply(reply, self.rank)
         except (EOFError, OSError):
@@ -404,8 +418,11 @@ class PersistentAsyncCaller(AsyncCaller):
                 self.process.kill()
                 self.process.join()
             exitcode = self.process.exitcode
+        hint = "" if self._ready else _START_HINT
         for position, call_idx in enumerate(self._inflight):
-            self.outcomes[call_idx] = crash_outcome(call_idx, self.rank, exitcode, position == 0)
+            self.outcomes[call_idx] = crash_outcome(
+                call_idx, self.rank, exitcode, position == 0, hint
+            )
         self._inflight.clear()
         if self._conn is not None:
             self._conn.close()

@@ -56,6 +56,10 @@ def _anonymous_fd(nbytes: int) -> int:
         with tempfile.TemporaryFile() as f:
             fd = os.dup(f.fileno())
     os.ftruncate(fd, nbytes)
+    if hasattr(os, "posix_fallocate"):
+        # Allocate the pages now, with the GIL released, instead of one fault at a time in
+        # the first copy; also fails here, not mid-save, if shared memory is exhausted.
+        os.posix_fallocate(fd, 0, nbytes)
     return fd
 
 

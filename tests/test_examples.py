@@ -38,3 +38,50 @@ def test_demo_command() -> None:
     )
     assert "matches the sync one: True" in stdout
     assert "first checkpoint (cold)" in stdout and "later checkpoints (mean)" in stdout
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_orchestrator_example(tmp_path: Path, backend: str) -> None:
+    stdout = run(
+        "examples/async_orchestrator.py",
+        "--steps",
+        "9",
+        "--every",
+        "3",
+        "--out",
+        str(tmp_path),
+        "--backend",
+        backend,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step{s:06d}.pt" for s in (3, 6, 9)]
+    assert "checkpoint 0 done" in stdout and "checkpoint 1 done" in stdout
+    assert "finished: 3 checkpoint(s) finalized at exit" in stdout
+    last = torch.load(tmp_path / "step000009.pt", weights_only=True)
+    assert last["step"] == 9 and set(last) == {"model", "optim", "step"}
+
+
+def test_plain_vs_async_example(tmp_path: Path) -> None:
+    stdout = run(
+        "examples/plain_vs_async_finalize.py",
+        "--steps",
+        "6",
+        "--every",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert "plain loop finalized calls: [0, 1, 2]" in stdout
+    assert "async loop finalized calls: [0, 1, 2]" in stdout
+    assert "both loops wrote identical checkpoints: True" in stdout
+
+
+def test_async_dataloader_example(tmp_path: Path) -> None:
+    stdout = run(
+        "examples/async_dataloader.py", "--size-mb", "16", "--saves", "1", "--out", str(tmp_path)
+    )
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("save 1"))
+    during = int(line.split("meanwhile: ")[1].split()[0])
+    assert during > 0, line  # the loader kept producing while the checkpoint was written
+    assert (
+        torch.load(tmp_path / "loader1.pt", weights_only=True)["layer0"].numel() == 16 * 2**20 // 32
+    )

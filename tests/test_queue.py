@@ -257,7 +257,7 @@ def test_bad_input_is_rejected_at_the_call(tmp_path: Path) -> None:
         def bad_preload() -> None:
             raise RuntimeError("device lost")
 
-        with pytest.raises(StagingError, match="preload_fn of call 0 .* device lost"):
+        with pytest.raises(StagingError, match=r"preload_fn of call 0 .* device lost"):
             queue.schedule_async_request(
                 AsyncRequest(write_value, (1, None), [], preload_fn=bad_preload)
             )

@@ -109,3 +109,24 @@ def test_exit_without_close_completes_the_save_and_leaves_nothing(
         if str(script) in " ".join(p.info["cmdline"] or [])
     ]
     assert leftovers == []
+
+
+def test_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import torch
+            from aiockpt import CheckpointError, TorchAsyncCheckpoint
+            ckpt = TorchAsyncCheckpoint(persistent_queue=True)  # no __main__ guard
+            ckpt.async_save({{"w": torch.ones(2)}}, {str(tmp_path / "x.pt")!r})
+            try:
+                ckpt.finalize_async_save(blocking=True)
+            except CheckpointError as err:
+                print(type(err).__name__, "|", err)
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert "WorkerCrashedError | " in out.stdout
+    assert "before it finished starting" in out.stdout and "__main__" in out.stdout
