@@ -21,13 +21,13 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._dist import DEFAULT_TIMEOUT
+from ._dist import DEFAULT_TIMEOUT, is_distributed
 from ._engine import CallsEngine
 from ._exceptions import CheckpointError, InvalidRequestError, QueueClosedError, StagingError
 from ._futures import CheckpointFuture, CheckpointResult
 from ._request import AsyncRequest
 
-_Staging = tuple[AsyncRequest, CheckpointFuture]
+_Staging = tuple[AsyncRequest, CheckpointFuture, bool]
 
 
 class AsyncCheckpointQueue:
@@ -92,6 +92,10 @@ class AsyncCheckpointQueue:
             raise QueueClosedError("an AsyncCheckpointQueue can be entered only once")
         self._thread = threading.get_ident()
         self._engine = CallsEngine(self.persistent, **self._options)
+        if is_distributed():
+            # Creating the completion group is collective: do it here, where every rank
+            # enters the queue in program order, not later in the poller's thread.
+            await anyio.to_thread.run_sync(self._engine.completion.group)
         send, receive = anyio.create_memory_object_stream[_Staging](math.inf)
         self._stage_send = send
         self._task_group = anyio.create_task_group()
@@ -158,7 +162,7 @@ class AsyncCheckpointQueue:
     # -- scheduling ---------------------------------------------------------------------
 
     async def schedule(
-        self, request: AsyncRequest, *, wait_for_staging: bool = True
+        self, request: AsyncRequest, *, wait_for_staging: bool = True, needs_global: bool = False
     ) -> CheckpointFuture:
         """Schedule ``request``; return its future.
 
@@ -166,6 +170,7 @@ class AsyncCheckpointQueue:
         request is copied to host buffers, and raises at once if staging failed. With
         ``False`` it returns immediately and stages in the background, in scheduling order;
         ``await fut.staged`` before modifying the tensors (e.g. before ``optimizer.step()``).
+        ``needs_global=True`` settles it across all ranks even if the queue has ``no_dist``.
         """
         self._check_open()
         if not isinstance(request, AsyncRequest):
@@ -176,7 +181,7 @@ class AsyncCheckpointQueue:
         self._futures[fut.call_idx] = fut
         self._unreported.append(fut)
         assert self._stage_send is not None
-        self._stage_send.send_nowait((request, fut))
+        self._stage_send.send_nowait((request, fut, needs_global))
         if wait_for_staging:
             try:
                 await fut.staged
@@ -224,9 +229,11 @@ class AsyncCheckpointQueue:
     async def _stager(self, receive: MemoryObjectReceiveStream[_Staging]) -> None:
         engine = self.engine
         async with receive:
-            async for request, fut in receive:
+            async for request, fut, needs_global in receive:
                 try:
-                    await anyio.to_thread.run_sync(engine.schedule, request, fut.call_idx)
+                    await anyio.to_thread.run_sync(
+                        engine.schedule, request, fut.call_idx, needs_global
+                    )
                 except CheckpointError as err:
                     self._resolve(fut, None, err)
                     continue

@@ -8,7 +8,8 @@ from typing import Any
 from ._async_queue import AsyncCheckpointQueue
 from ._futures import CheckpointFuture, CheckpointResult
 from ._request import AsyncRequest
-from ._torch_ckpt import _torch_save, checked_path
+from ._sharded import _save_file, sharded_request
+from ._torch_ckpt import checked_path
 
 
 class AsyncTorchCheckpoint:
@@ -42,8 +43,24 @@ class AsyncTorchCheckpoint:
     ) -> CheckpointFuture:
         """Schedule ``torch.save(state_dict, path, **torch_save_kwargs)``; see
         :meth:`AsyncCheckpointQueue.schedule` for ``wait_for_staging``."""
-        request = AsyncRequest(_torch_save, (state_dict, checked_path(path)), [], torch_save_kwargs)
+        request = AsyncRequest(_save_file, (state_dict, checked_path(path)), [], torch_save_kwargs)
         return await self.queue.schedule(request, wait_for_staging=wait_for_staging)
+
+    async def save_sharded(
+        self,
+        state_dict: Any,
+        directory: Any,
+        extra: dict[str, Any] | None = None,
+        *,
+        wait_for_staging: bool = True,
+    ) -> CheckpointFuture:
+        """Schedule this rank's part of a sharded checkpoint in ``directory`` (on every
+        rank). The future resolves once every rank's file is durable and rank 0 has
+        written ``metadata.json``; if any rank failed, no metadata is written."""
+        request = sharded_request(state_dict, directory, extra, self.queue.engine.completion)
+        return await self.queue.schedule(
+            request, wait_for_staging=wait_for_staging, needs_global=True
+        )
 
     async def finalize(self) -> list[CheckpointResult]:
         """Wait for every save scheduled so far; raise the first failure."""

@@ -24,14 +24,8 @@ from multiprocessing.reduction import send_handle
 from typing import Any
 
 from . import _transport, _worker
-from ._dist import CompletionGroup, get_rank, is_distributed
-from ._exceptions import (
-    CheckpointError,
-    DistributedCheckpointError,
-    InvalidRequestError,
-    WorkerCrashedError,
-    WorkerError,
-)
+from ._dist import CompletionGroup, get_rank, is_distributed, settle
+from ._exceptions import InvalidRequestError, WorkerCrashedError, WorkerError
 from ._request import AsyncRequest, LocalOutcome
 from ._staging import StagingBuffers
 
@@ -164,44 +158,22 @@ class AsyncCaller(ABC):
 
         With ``no_dist=False`` in a distributed job, every rank must call this in lockstep.
         """
-        call_idx = self._current[0] if self._current else None
-        outcome = None
-        if call_idx is not None:
-            outcome = self.poll(call_idx, None if blocking else 0.0)
-        failed_ranks: tuple[int, ...] = ()
-        if not no_dist and is_distributed():
-            while True:
-                status = self.completion.reduce(
-                    call_idx if call_idx is not None else -1,
-                    running=call_idx is not None and outcome is None,
-                    failed=outcome is not None and not outcome.ok,
-                )
-                if status.done or not blocking:
-                    break
-            if not status.done:
-                return False
-            failed_ranks = status.failed_ranks
-        elif call_idx is not None and outcome is None:
-            return False
-        if call_idx is None:
+        if not self._current:
             return True
+        call_idx = self._current[0]
+        done, _, error = settle(
+            call_idx,
+            lambda timeout: self.poll(call_idx, timeout),
+            blocking,
+            not no_dist and is_distributed(),
+            self.completion,
+        )
+        if not done:
+            return False
         self.acknowledge(call_idx)
-        assert outcome is not None
-        if outcome.error is not None:
-            raise outcome.error
-        if failed_ranks:
-            raise _remote_failure(call_idx, self.rank, failed_ranks)
+        if error is not None:
+            raise error
         return True
-
-
-def _remote_failure(call_idx: int, rank: int, failed_ranks: tuple[int, ...]) -> CheckpointError:
-    return DistributedCheckpointError(
-        f"checkpoint call {call_idx} failed on rank(s) {list(failed_ranks)}; no finalize step "
-        "ran. See those ranks' errors for the cause",
-        call_idx=call_idx,
-        rank=rank,
-        failed_ranks=failed_ranks,
-    )
 
 
 class TemporalAsyncCaller(AsyncCaller):

@@ -11,6 +11,7 @@ into an error instead of a hang. Without an initialized process group, or with
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._exceptions import DistributedCheckpointError
+from ._exceptions import CheckpointError, DistributedCheckpointError
+from ._request import LocalOutcome
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
@@ -31,6 +33,11 @@ def is_distributed() -> bool:
 def get_rank() -> int:
     """This process's rank, 0 when torch.distributed is not initialized."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of ranks, 1 when torch.distributed is not initialized."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass(frozen=True)
@@ -90,11 +97,29 @@ class CompletionGroup:
         )
         return GlobalStatus(done=True, failed_ranks=failed_ranks)
 
+    def all_gather_object(self, call_idx: int, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (``[obj]`` outside a distributed job)."""
+        if not is_distributed():
+            return [obj]
+        group = self.group()
+        out: list[Any] = [None] * dist.get_world_size(group)
+        self._collective(call_idx, lambda: dist.all_gather_object(out, obj, group=group))
+        return out
+
+    def broadcast_object(self, call_idx: int, obj: Any, src: int = 0) -> Any:
+        """``obj`` as rank ``src`` has it (``obj`` outside a distributed job)."""
+        if not is_distributed():
+            return obj
+        group = self.group()
+        box = [obj]
+        self._collective(call_idx, lambda: dist.broadcast_object_list(box, src=src, group=group))
+        return box[0]
+
     def _collective(self, call_idx: int, op: Any) -> None:
         self.reductions += 1
         try:
             op()
-        except RuntimeError as exc:  # gloo reports a timeout or a dead peer this way
+        except Exception as exc:  # gloo reports a timeout or a dead peer as RuntimeError
             raise DistributedCheckpointError(
                 f"the completion check of call {call_idx} did not finish on all ranks within "
                 f"{self.timeout.total_seconds():.0f}s ({exc}); a rank has died or stopped "
@@ -102,3 +127,53 @@ class CompletionGroup:
                 call_idx=call_idx,
                 rank=get_rank(),
             ) from exc
+
+
+def remote_failure(
+    call_idx: int, failed_ranks: tuple[int, ...], local: CheckpointError | None
+) -> DistributedCheckpointError:
+    """The error every rank raises for a request that failed on ``failed_ranks``; on a
+    failing rank its own error is the cause and is quoted."""
+    mine = f" This rank's error: {local.message.splitlines()[0]}" if local is not None else ""
+    err = DistributedCheckpointError(
+        f"checkpoint call {call_idx} failed on rank(s) {list(failed_ranks)}; no finalize step "
+        f"ran on any rank.{mine} See the failing ranks' errors for the cause",
+        call_idx=call_idx,
+        rank=get_rank(),
+        failed_ranks=failed_ranks,
+    )
+    err.__cause__ = local
+    return err
+
+
+def settle(
+    call_idx: int,
+    local: Callable[[float | None], LocalOutcome | None],
+    blocking: bool,
+    distributed: bool,
+    completion: CompletionGroup,
+) -> tuple[bool, LocalOutcome | None, CheckpointError | None]:
+    """Decide one request's fate: ``(done, local outcome, error)``.
+
+    ``local(timeout)`` returns this rank's outcome (None while running; timeout None waits).
+    When ``distributed``, one reduction per attempt over ``completion``'s group, which
+    every rank must issue in the same order; ``blocking`` waits locally before reducing.
+    """
+    outcome = local(None if blocking else 0.0)
+    if not distributed:
+        if outcome is None:
+            return False, None, None
+        return True, outcome, outcome.error
+    while True:
+        status = completion.reduce(
+            call_idx, running=outcome is None, failed=outcome is not None and not outcome.ok
+        )
+        if status.done or not blocking:
+            break
+        outcome = local(None)
+    if not status.done:
+        return False, outcome, None
+    assert outcome is not None
+    if status.failed_ranks:
+        return True, outcome, remote_failure(call_idx, status.failed_ranks, outcome.error)
+    return True, outcome, None

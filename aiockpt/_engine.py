@@ -16,13 +16,8 @@ from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any
 
-from ._callers import (
-    AsyncCaller,
-    PersistentAsyncCaller,
-    TemporalAsyncCaller,
-    _remote_failure,
-)
-from ._dist import DEFAULT_TIMEOUT, CompletionGroup, get_rank, is_distributed
+from ._callers import AsyncCaller, PersistentAsyncCaller, TemporalAsyncCaller
+from ._dist import DEFAULT_TIMEOUT, CompletionGroup, get_rank, is_distributed, settle
 from ._exceptions import (
     CheckpointError,
     FinalizeError,
@@ -32,6 +27,14 @@ from ._exceptions import (
 )
 from ._request import AsyncRequest, LocalOutcome
 from ._staging import StagedArgs, StagingBuffers
+
+
+class ResultFinalizer:
+    """Base of finalize steps that receive what ``async_fn`` returned on this rank
+    (the plain ones take no argument, as in the reference)."""
+
+    def __call__(self, result: Any) -> None:
+        raise NotImplementedError
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ActiveCall:
     stage_seconds: float
     scheduled_at: float
     outcome: LocalOutcome | None = None
+    needs_global: bool = False  # settle across ranks even when the caller says no_dist
 
 
 @dataclass
@@ -94,11 +98,14 @@ class CallsEngine:
 
     # -- scheduling ---------------------------------------------------------------------
 
-    def schedule(self, request: AsyncRequest, call_idx: int | None = None) -> ActiveCall:
+    def schedule(
+        self, request: AsyncRequest, call_idx: int | None = None, needs_global: bool = False
+    ) -> ActiveCall:
         """Stage the request's tensors and start it; returns once staging is done.
 
         ``call_idx`` is the index to give the request (a facade that hands out indices
-        before staging reserves them); by default the next one.
+        before staging reserves them); by default the next one. ``needs_global`` requests
+        (a sharded checkpoint whose metadata commits it) always settle across all ranks.
         """
         self.check_open()
         if not isinstance(request, AsyncRequest):
@@ -129,7 +136,13 @@ class CallsEngine:
                 raise
             self.call_idx = call_idx
             call = ActiveCall(
-                call_idx, caller, request.freeze(), staged.nbytes, stage_seconds, time.time()
+                call_idx,
+                caller,
+                request.freeze(),
+                staged.nbytes,
+                stage_seconds,
+                time.time(),
+                needs_global=needs_global,
             )
             self.active.append(call)
             return call
@@ -197,26 +210,19 @@ class CallsEngine:
         if not self.active:
             return None
         call = self.active[0]
-        outcome = self.wait_local(call, None if blocking else 0.0)
-        error: CheckpointError | None = None
-        if not no_dist and is_distributed():
-            while True:
-                status = self.completion.reduce(
-                    call.call_idx,
-                    running=outcome is None,
-                    failed=outcome is not None and not outcome.ok,
-                )
-                if status.done or not blocking:
-                    break
-                outcome = self.wait_local(call, None)
-            if not status.done:
-                return None
-            assert outcome is not None
-            if outcome.error is None and status.failed_ranks:
-                error = _remote_failure(call.call_idx, get_rank(), status.failed_ranks)
-        elif outcome is None:
+        distributed = (not no_dist or call.needs_global) and is_distributed()
+        try:
+            done, _, error = settle(
+                call.call_idx,
+                lambda timeout: self.wait_local(call, timeout),
+                blocking,
+                distributed,
+                self.completion,
+            )
+        except CheckpointError as exc:  # the ranks could not agree: the request failed
+            done, error = True, exc
+        if not done:
             return None
-        error = outcome.error if outcome.error is not None else error
         with self._lock:
             self.active.popleft()
             call.caller.acknowledge(call.call_idx)
@@ -226,9 +232,13 @@ class CallsEngine:
     def finalize(settled: Settled) -> None:
         """Run the finalize steps of a successful request, in order."""
         call = settled.call
+        result = call.outcome.result if call.outcome is not None else None
         for fn in call.request.finalize_fns:
             try:
-                fn()
+                if isinstance(fn, ResultFinalizer):
+                    fn(result)
+                else:
+                    fn()
             except Exception as exc:
                 name = getattr(fn, "__qualname__", repr(fn))
                 raise FinalizeError(

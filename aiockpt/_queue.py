@@ -62,14 +62,18 @@ class AsyncCallsQueue:
         """The :class:`StagingBuffers` this queue copies tensors into."""
         return self._engine.buffers
 
-    def schedule_async_request(self, async_request: AsyncRequest) -> int:
+    def schedule_async_request(
+        self, async_request: AsyncRequest, *, needs_global: bool = False
+    ) -> int:
         """Stage the request's tensors, start it in the background, return its call index.
 
         Returns once every tensor in the request's arguments is copied to host staging
         buffers: the caller may modify its tensors from then on.
         Raises :class:`InvalidRequestError` or :class:`StagingError` with nothing scheduled.
+        ``needs_global=True`` settles the request across all ranks even when finalizing
+        with ``no_dist=True`` (for requests whose finalize steps commit shared state).
         """
-        return self._engine.schedule(async_request).call_idx
+        return self._engine.schedule(async_request, needs_global=needs_global).call_idx
 
     def maybe_finalize_async_calls(
         self, blocking: bool = False, no_dist: bool = False

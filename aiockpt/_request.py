@@ -28,7 +28,7 @@ class AsyncRequest(NamedTuple):
 
     async_fn: Callable[..., Any] | None
     async_fn_args: tuple[Any, ...]
-    finalize_fns: list[Callable[[], Any]]
+    finalize_fns: list[Callable[..., Any]]
     async_fn_kwargs: dict[str, Any] = {}  # noqa: RUF012 - NamedTuple default, never mutated
     preload_fn: Callable[[], Any] | None = None
     is_frozen: bool = False

@@ -5,14 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-
 from ._exceptions import InvalidRequestError
 from ._queue import AsyncCallsQueue
 from ._request import AsyncRequest
-from .utils import wrap_for_async
-
-_torch_save = wrap_for_async(torch.save)
+from ._sharded import _save_file, sharded_request
 
 
 def checked_path(f: Any) -> str:
@@ -37,7 +33,8 @@ class TorchAsyncCheckpoint:
     """``torch.save`` that returns as soon as the tensors are staged.
 
     ``async_save(state_dict, path, **torch_save_kwargs)`` has ``torch.save``'s signature;
-    the file it writes loads with ``torch.load``. Call ``finalize_async_save`` regularly
+    the file it writes loads with ``torch.load``. It is written under a temporary name,
+    fsync'd and renamed, so ``path`` holds either the previous file or the new one. Call ``finalize_async_save`` regularly
     (``blocking=False`` each step) and ``finalize_async_save(blocking=True)`` at the end.
     ``persistent_queue=True`` keeps one worker process instead of forking per save.
     """
@@ -54,8 +51,18 @@ class TorchAsyncCheckpoint:
         if not args:
             raise InvalidRequestError("async_save needs a path to save to: async_save(sd, path)")
         path = checked_path(args[0])
-        request = AsyncRequest(_torch_save, (state_dict, path, *args[1:]), [], kwargs)
+        request = AsyncRequest(_save_file, (state_dict, path, *args[1:]), [], kwargs)
         return self._queue.schedule_async_request(request)
+
+    def async_save_sharded(
+        self, state_dict: Any, directory: Any, extra: dict[str, Any] | None = None
+    ) -> int:
+        """Schedule this rank's part of a sharded checkpoint in ``directory`` (call it on
+        every rank). Rank 0 writes ``metadata.json`` (with ``extra``) once every rank's file
+        is durable; that happens in ``finalize_async_save``, which settles this request
+        across all ranks whatever its ``no_dist``."""
+        request = sharded_request(state_dict, directory, extra, self._queue._engine.completion)
+        return self._queue.schedule_async_request(request, needs_global=True)
 
     def finalize_async_save(
         self, blocking: bool = False, no_dist: bool = True, terminate: bool = False

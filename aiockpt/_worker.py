@@ -82,8 +82,11 @@ def persistent_main(conn: Connection) -> None:
         except (EOFError, OSError):
             jobs.put(("eof",))
 
+    try:
+        conn.send(("ready", os.getpid()))
+    except OSError:  # the caller is already gone
+        return
     threading.Thread(target=read, name="aiockpt-worker-reader", daemon=True).start()
-    conn.send(("ready", os.getpid()))
     while True:
         msg = jobs.get()
         kind = msg[0]

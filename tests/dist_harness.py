@@ -1,0 +1,87 @@
+"""Runs a scenario on N real ranks: spawned processes in a gloo process group on loopback."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(
+    scenario: str, rank: int, world: int, port: int, tmp: str, kwargs: dict[str, Any]
+) -> None:
+    import torch.distributed as dist
+
+    import dist_scenarios
+
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=60),
+        )
+        result: tuple[Any, ...] = ("ok", getattr(dist_scenarios, scenario)(rank, world, tmp, **kwargs))
+    except BaseException as exc:
+        result = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    with open(os.path.join(tmp, f"result-{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: a peer may be gone, and tearing gloo down could wait on it.
+    os._exit(0)
+
+
+def run_ranks(
+    scenario: str, world: int, tmp: str, timeout: float = 90, **kwargs: Any
+) -> list[tuple[Any, ...] | None]:
+    """Run ``dist_scenarios.<scenario>(rank, world, tmp, **kwargs)`` on every rank; return
+    each rank's ``("ok", value)`` or ``("error", message, traceback)``, None if it died."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(scenario, r, world, port, tmp, kwargs))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} did not finish within {timeout}s"
+    results: list[tuple[Any, ...] | None] = []
+    for r in range(world):
+        path = os.path.join(tmp, f"result-{r}.pkl")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                results.append(pickle.load(f))
+        else:
+            results.append(None)
+    return results
+
+
+def values(results: list[tuple[Any, ...] | None]) -> list[Any]:
+    """The ranks' return values; fails with every rank's traceback if any rank raised."""
+    errors = [f"rank {r}: {res[2]}" for r, res in enumerate(results) if res and res[0] != "ok"]
+    assert not errors, "\n".join(errors)
+    assert all(res is not None for res in results), f"a rank died: {results}"
+    return [res[1] for res in results if res is not None]
