@@ -11,18 +11,28 @@ from ._callers import AsyncCaller as AsyncCaller
 from ._callers import PersistentAsyncCaller as PersistentAsyncCaller
 from ._callers import TemporalAsyncCaller as TemporalAsyncCaller
 from ._exceptions import CheckpointError as CheckpointError
+from ._exceptions import CheckpointNotFoundError as CheckpointNotFoundError
+from ._exceptions import CorruptCheckpointError as CorruptCheckpointError
 from ._exceptions import DistributedCheckpointError as DistributedCheckpointError
 from ._exceptions import FinalizeError as FinalizeError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import QueueClosedError as QueueClosedError
 from ._exceptions import StagingError as StagingError
+from ._exceptions import UnsafeCheckpointError as UnsafeCheckpointError
 from ._exceptions import WorkerCrashedError as WorkerCrashedError
 from ._exceptions import WorkerError as WorkerError
 from ._futures import CheckpointFuture as CheckpointFuture
 from ._futures import CheckpointResult as CheckpointResult
+from ._load import load as load
+from ._load import load_sync as load_sync
+from ._manager import AsyncCheckpointManager as AsyncCheckpointManager
+from ._manager import CheckpointManager as CheckpointManager
 from ._queue import AsyncCallsQueue as AsyncCallsQueue
 from ._request import AsyncRequest as AsyncRequest
 from ._staging import StagingBuffers as StagingBuffers
+from ._storage import LocalStorage as LocalStorage
+from ._storage import Storage as Storage
+from ._storage import verify as verify
 from ._torch_ckpt import TorchAsyncCheckpoint as TorchAsyncCheckpoint
 from .utils import preload_tensors as preload_tensors
 from .utils import wrap_for_async as wrap_for_async
@@ -32,23 +42,33 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncCaller",
     "AsyncCallsQueue",
+    "AsyncCheckpointManager",
     "AsyncCheckpointQueue",
     "AsyncRequest",
     "AsyncTorchCheckpoint",
     "CheckpointError",
     "CheckpointFuture",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
     "CheckpointResult",
+    "CorruptCheckpointError",
     "DistributedCheckpointError",
     "FinalizeError",
     "InvalidRequestError",
+    "LocalStorage",
     "PersistentAsyncCaller",
     "QueueClosedError",
     "StagingBuffers",
     "StagingError",
+    "Storage",
     "TemporalAsyncCaller",
     "TorchAsyncCheckpoint",
+    "UnsafeCheckpointError",
     "WorkerCrashedError",
     "WorkerError",
+    "load",
+    "load_sync",
     "preload_tensors",
+    "verify",
     "wrap_for_async",
 ]

@@ -80,7 +80,10 @@ class CallsEngine:
         self.active: deque[ActiveCall] = deque()
         self.call_idx = -1
         self.closed = False
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # engine state and every caller's connection
+        self._changed = threading.Condition(self._lock)  # news from a worker was collected
+        self._reading = False  # a thread is blocked on the workers' pipes
+        self._schedule_lock = threading.Lock()  # one schedule at a time, in call order
         self._persistent_caller: PersistentAsyncCaller | None = None
         if persistent:
             # Started now, so that the first save does not wait for the worker to import torch.
@@ -106,12 +109,14 @@ class CallsEngine:
         ``call_idx`` is the index to give the request (a facade that hands out indices
         before staging reserves them); by default the next one. ``needs_global`` requests
         (a sharded checkpoint whose metadata commits it) always settle across all ranks.
+        Schedules run one at a time; the copy runs without the engine's lock, so another
+        thread can settle earlier requests meanwhile.
         """
         self.check_open()
         if not isinstance(request, AsyncRequest):
             raise InvalidRequestError(f"expected an AsyncRequest, got {type(request).__name__}")
         request.validate()
-        with self._lock:
+        with self._schedule_lock:
             self.check_open()
             if call_idx is None:
                 call_idx = self.call_idx + 1
@@ -120,7 +125,6 @@ class CallsEngine:
             start = time.perf_counter()
             staged = self._stage(call_idx, request)
             stage_seconds = time.perf_counter() - start
-            caller = self._caller()
             to_run = request._replace(
                 async_fn_args=staged.args,
                 async_fn_kwargs=staged.kwargs,
@@ -129,22 +133,25 @@ class CallsEngine:
                 is_frozen=True,
                 call_idx=call_idx,
             )
-            try:
-                caller.schedule_async_call(to_run, self.buffers)
-            except BaseException:
-                self.buffers.release(call_idx)
-                raise
-            self.call_idx = call_idx
-            call = ActiveCall(
-                call_idx,
-                caller,
-                request.freeze(),
-                staged.nbytes,
-                stage_seconds,
-                time.time(),
-                needs_global=needs_global,
-            )
-            self.active.append(call)
+            with self._lock:
+                caller = self._caller()
+                try:
+                    caller.schedule_async_call(to_run, self.buffers)
+                except BaseException:
+                    self.buffers.release(call_idx)
+                    raise
+                self.call_idx = call_idx
+                call = ActiveCall(
+                    call_idx,
+                    caller,
+                    request.freeze(),
+                    staged.nbytes,
+                    stage_seconds,
+                    time.time(),
+                    needs_global=needs_global,
+                )
+                self.active.append(call)
+                self._changed.notify_all()  # a reader may now wait on this call's worker too
             return call
 
     def _stage(self, call_idx: int, request: AsyncRequest) -> StagedArgs:
@@ -162,7 +169,8 @@ class CallsEngine:
         _, nbytes = self.buffers.plan(args, kwargs)
         while not self.buffers.has_free(nbytes):
             # Every staging copy is still read by a worker: wait for the oldest to finish.
-            holder = next(c for c in self.active if c.outcome is None)
+            with self._lock:
+                holder = next(c for c in self.active if c.outcome is None)
             self.wait_local(holder, None)
         try:
             return self.buffers.stage(call_idx, args, kwargs)
@@ -176,27 +184,55 @@ class CallsEngine:
 
     # -- local completion ---------------------------------------------------------------
 
+    def _poll_locked(self, call: ActiveCall) -> LocalOutcome | None:
+        if call.outcome is None:
+            call.outcome = call.caller.poll(call.call_idx, 0.0)
+            if call.outcome is not None:
+                self.buffers.release(call.call_idx)
+        return call.outcome
+
     def poll_local(self, call: ActiveCall) -> LocalOutcome | None:
         """This rank's outcome of ``call``, without blocking."""
         with self._lock:
-            if call.outcome is None:
-                call.outcome = call.caller.poll(call.call_idx, 0.0)
-                if call.outcome is not None:
-                    self.buffers.release(call.call_idx)
-            return call.outcome
+            return self._poll_locked(call)
 
     def wait_local(self, call: ActiveCall, timeout: float | None) -> LocalOutcome | None:
-        """Wait up to ``timeout`` seconds (None: until the worker reports or dies)."""
+        """Wait up to ``timeout`` seconds (None: until the worker reports or dies).
+
+        Several threads may wait at once (the poller, a schedule waiting for a staging
+        buffer): one of them, the reader, blocks on every unfinished request's pipe and
+        process sentinel; it wakes the others whenever something arrived, so none of them
+        can sleep on a pipe whose news another thread already consumed.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            outcome = self.poll_local(call)
-            left = None if deadline is None else deadline - time.monotonic()
-            if outcome is not None or (left is not None and left <= 0):
-                return outcome
-            with self._lock:
-                objects = call.caller.wait_objects()
-            if objects:
-                wait(objects, left)
+        with self._changed:
+            while True:
+                outcome = self._poll_locked(call)
+                left = None if deadline is None else deadline - time.monotonic()
+                if outcome is not None or (left is not None and left <= 0):
+                    return outcome
+                if self._reading:
+                    self._changed.wait(left)
+                    continue
+                objects = list(
+                    {
+                        id(o): o
+                        for c in self.active
+                        if c.outcome is None
+                        for o in c.caller.wait_objects()
+                    }.values()
+                )
+                self._reading = True
+                self._lock.release()
+                try:
+                    if objects:
+                        wait(objects, left)
+                except (OSError, ValueError):  # a pipe closed under us: poll again
+                    pass
+                finally:
+                    self._lock.acquire()
+                    self._reading = False
+                    self._changed.notify_all()
 
     # -- global completion and finalization ---------------------------------------------
 

@@ -7,7 +7,10 @@
     ├── WorkerError                   the checkpoint function raised in the worker process
     ├── WorkerCrashedError            the worker process died before it reported a result
     ├── FinalizeError                 a finalize step raised in the caller's process
-    └── DistributedCheckpointError    another rank failed, or ranks stopped agreeing in time
+    ├── DistributedCheckpointError    another rank failed, or ranks stopped agreeing in time
+    ├── CheckpointNotFoundError       no committed checkpoint where one was asked for
+    ├── CorruptCheckpointError        a file's checksum or size does not match its metadata
+    └── UnsafeCheckpointError         loading would unpickle arbitrary objects
 
 Exceptions that are built in a worker process and carried to the caller define
 ``__reduce__`` so that they survive pickling with all their attributes.
@@ -132,3 +135,25 @@ class DistributedCheckpointError(CheckpointError):
     ):
         super().__init__(message, call_idx=call_idx, rank=rank)
         self.failed_ranks = failed_ranks
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """Raised by ``load``/``restore`` when there is no committed checkpoint at the path or
+    step asked for. A directory without ``metadata.json`` was never committed (its save
+    failed or is still running); its files must not be trusted."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Raised by ``verify``/``load``/``restore`` when a file does not match the size or
+    checksum its metadata records, or the metadata itself is damaged or names a path
+    outside the checkpoint. ``path`` is the offending file. Restore an older checkpoint."""
+
+    def __init__(self, message: str, *, path: str = "", **kwargs: int | None) -> None:
+        super().__init__(message, **kwargs)
+        self.path = path
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Raised by ``load`` when the file holds pickled objects other than tensors and plain
+    containers, which ``weights_only=True`` (the default) refuses to unpickle. Pass
+    ``weights_only=False`` only for files you trust: unpickling can run arbitrary code."""

@@ -40,7 +40,10 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, mib: int, saves: int, out: str, results: Any) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
         timeout=timedelta(seconds=120),
     )
     state = {f"p{i}": torch.randn(mib * 2**20 // 4 // 16) for i in range(16)}
@@ -76,7 +79,9 @@ def run(world: int, mib: int, saves: int) -> dict[str, float]:
     results = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
-            _rank, args=(world, _free_port(), mib, saves, out, results), nprocs=world,
+            _rank,
+            args=(world, _free_port(), mib, saves, out, results),
+            nprocs=world,
             start_method="spawn",
         )
     rows = [results.get() for _ in range(world)]
@@ -99,13 +104,17 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=10)
     args = parser.parse_args()
     print(f"{args.mib_per_rank} MiB per rank, {args.saves} warm saves per rank, gloo on loopback")
-    print(f"{'ranks':>5} {'blocked (median)':>17} {'blocked (max)':>14} "
-          f"{'completion (median)':>20} {'completion (p90)':>17} {'collectives/request':>20}")
+    print(
+        f"{'ranks':>5} {'blocked (median)':>17} {'blocked (max)':>14} "
+        f"{'completion (median)':>20} {'completion (p90)':>17} {'collectives/request':>20}"
+    )
     for world in args.ranks:
         r = run(world, args.mib_per_rank, args.saves)
-        print(f"{world:>5} {r['blocked_ms']:>14.1f} ms {r['blocked_max_ms']:>11.1f} ms "
-              f"{r['completion_ms']:>17.2f} ms {r['completion_p90_ms']:>14.2f} ms "
-              f"{r['collectives']:>20.1f}")
+        print(
+            f"{world:>5} {r['blocked_ms']:>14.1f} ms {r['blocked_max_ms']:>11.1f} ms "
+            f"{r['completion_ms']:>17.2f} ms {r['completion_p90_ms']:>14.2f} ms "
+            f"{r['collectives']:>20.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import pickle
 import socket
@@ -11,8 +12,6 @@ import traceback
 from datetime import timedelta
 from typing import Any
 
-import multiprocessing as mp
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -21,11 +20,21 @@ def free_port() -> int:
 
 
 def _rank_main(
-    scenario: str, rank: int, world: int, port: int, tmp: str, kwargs: dict[str, Any]
+    scenario: str,
+    rank: int,
+    world: int,
+    port: int,
+    tmp: str,
+    kwargs: dict[str, Any],
+    dump_after: float,
 ) -> None:
-    import torch.distributed as dist
+    import faulthandler
 
     import dist_scenarios
+    import torch.distributed as dist
+
+    # If this rank hangs, say where before the harness kills it.
+    faulthandler.dump_traceback_later(dump_after, exit=False)
 
     try:
         dist.init_process_group(
@@ -35,7 +44,10 @@ def _rank_main(
             world_size=world,
             timeout=timedelta(seconds=60),
         )
-        result: tuple[Any, ...] = ("ok", getattr(dist_scenarios, scenario)(rank, world, tmp, **kwargs))
+        result: tuple[Any, ...] = (
+            "ok",
+            getattr(dist_scenarios, scenario)(rank, world, tmp, **kwargs),
+        )
     except BaseException as exc:
         result = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
     with open(os.path.join(tmp, f"result-{rank}.pkl"), "wb") as f:
@@ -54,7 +66,9 @@ def run_ranks(
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(scenario, r, world, port, tmp, kwargs))
+        ctx.Process(
+            target=_rank_main, args=(scenario, r, world, port, tmp, kwargs, max(timeout - 5, 1))
+        )
         for r in range(world)
     ]
     for p in procs:

@@ -121,8 +121,11 @@ def killed_rank(rank: int, world: int, tmp: str, timeout_s: float) -> dict[str, 
             try:
                 await fut
             except CheckpointError as err:
-                return {"type": type(err).__name__, "elapsed": time.monotonic() - start,
-                        "message": str(err)}
+                return {
+                    "type": type(err).__name__,
+                    "elapsed": time.monotonic() - start,
+                    "message": str(err),
+                }
         return {"type": None}
 
     return anyio.run(main)
@@ -135,13 +138,17 @@ def fifo_many(rank: int, world: int, tmp: str) -> dict[str, Any]:
     order: list[int] = []
 
     async def main() -> list[int]:
-        async with AsyncCheckpointQueue(persistent=False, process_group=group,
-                                        max_staging_copies=3) as queue:
+        async with AsyncCheckpointQueue(
+            persistent=False, process_group=group, max_staging_copies=3
+        ) as queue:
             futs = []
             for i in range(3):
                 fut = await queue.schedule(
-                    AsyncRequest(write_value, (i, os.path.join(tmp, f"r{rank}-{i}")),
-                                 [lambda i=i: order.append(i)])
+                    AsyncRequest(
+                        write_value,
+                        (i, os.path.join(tmp, f"r{rank}-{i}")),
+                        [lambda i=i: order.append(i)],
+                    )
                 )
                 futs.append(fut)
             results = await queue.finalize()
@@ -160,20 +167,28 @@ def sync_reference_loop(rank: int, world: int, tmp: str) -> dict[str, Any]:
         finalized += queue.maybe_finalize_async_calls(blocking=False, no_dist=False)
         if step % 4 == 0:
             queue.schedule_async_request(
-                AsyncRequest(write_value, (step, os.path.join(tmp, f"s{rank}-{step}")),
-                             [lambda s=step: finalize_order.append(s)])
+                AsyncRequest(
+                    write_value,
+                    (step, os.path.join(tmp, f"s{rank}-{step}")),
+                    [lambda s=step: finalize_order.append(s)],
+                )
             )
     finalized += queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
     queue.close()
-    return {"finalized": finalized, "order": finalize_order,
-            "reductions": queue._engine.completion.reductions}
+    return {
+        "finalized": finalized,
+        "order": finalize_order,
+        "reductions": queue._engine.completion.reductions,
+    }
 
 
 def absent_rank(rank: int, world: int, tmp: str, timeout_s: float) -> dict[str, Any]:
     """The last rank is alive but never finalizes: the others' blocking finalize times out
     with an error instead of waiting forever."""
     queue = AsyncCallsQueue(persistent=False, timeout=timedelta(seconds=timeout_s))
-    queue.schedule_async_request(AsyncRequest(write_value, (rank, os.path.join(tmp, f"a{rank}")), []))
+    queue.schedule_async_request(
+        AsyncRequest(write_value, (rank, os.path.join(tmp, f"a{rank}")), [])
+    )
     outcome: dict[str, Any] = {"type": None}
     if rank != world - 1:
         queue._engine.completion.group()  # collective: every rank creates it
@@ -181,8 +196,11 @@ def absent_rank(rank: int, world: int, tmp: str, timeout_s: float) -> dict[str, 
         try:
             queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
         except CheckpointError as err:
-            outcome = {"type": type(err).__name__, "elapsed": time.monotonic() - start,
-                       "message": str(err)}
+            outcome = {
+                "type": type(err).__name__,
+                "elapsed": time.monotonic() - start,
+                "message": str(err),
+            }
     else:
         queue._engine.completion.group()
     dist.barrier()  # the absent rank waits here until the others have given up

@@ -276,3 +276,43 @@ async def test_async_torch_checkpoint_round_trip(tmp_path: Path) -> None:
     assert [r.call_idx for r in results] == [0, 1]
     assert torch.equal(saved(tmp_path / "m.pt")["model"]["weight"], before)
     assert torch.equal(saved(tmp_path / "m2.pt")["weight"], model.weight)
+
+
+async def test_back_to_back_saves_share_one_staging_buffer(tmp_path: Path) -> None:
+    """The second save waits for the buffer (in the stager) while the poller waits for the
+    same worker: both must wake when it reports, whichever thread reads the news."""
+    for round_ in range(3):
+        gate = make_gate(str(tmp_path), f"gate{round_}")
+        sd = {"w": torch.full((50_000,), 1.0)}
+        async with AsyncCheckpointQueue(max_staging_copies=1) as queue:
+            first = await queue.schedule(
+                AsyncRequest(wait_then_write, (sd, gate, str(tmp_path / f"a{round_}.pt")), [])
+            )
+            sd["w"].fill_(2.0)
+            second = await queue.schedule(
+                AsyncRequest(
+                    wait_then_write, (sd, "/dev/null", str(tmp_path / f"b{round_}.pt")), []
+                ),
+                wait_for_staging=False,
+            )
+            await anyio.wait_all_tasks_blocked()
+            assert not second.staged.done()  # no free buffer until the first is written
+            await anyio.to_thread.run_sync(open_gate, gate)
+            assert [(await f).call_idx for f in (second, first)] == [1, 0]
+        assert torch.equal(saved(tmp_path / f"a{round_}.pt")["w"], torch.full((50_000,), 1.0))
+        assert torch.equal(saved(tmp_path / f"b{round_}.pt")["w"], torch.full((50_000,), 2.0))
+
+
+async def test_another_thread_may_wait_for_a_request_beside_the_poller(tmp_path: Path) -> None:
+    gate = make_gate(str(tmp_path), "gate")
+    async with AsyncCheckpointQueue() as queue:
+        fut = await queue.schedule(
+            AsyncRequest(wait_then_write, ({"x": torch.ones(2)}, gate, str(tmp_path / "x.pt")), [])
+        )
+        call = queue.engine.active[0]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, queue.engine.wait_local, call, None)
+            await anyio.wait_all_tasks_blocked()
+            await anyio.to_thread.run_sync(open_gate, gate)
+        assert call.outcome is not None and call.outcome.ok
+        assert (await fut).call_idx == 0

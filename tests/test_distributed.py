@@ -75,12 +75,27 @@ def test_sync_reference_loop_with_global_completion(tmp_path: Path) -> None:
 def test_torchrun_example(tmp_path: Path) -> None:
     out = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()),
-            "examples/torchrun_sharded.py", "--out", str(tmp_path), "--steps", "12", "--every", "4",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "examples/torchrun_sharded.py",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "12",
+            "--every",
+            "4",
         ],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
