@@ -8,7 +8,10 @@ stops:
 - aiockpt file: ``save_file`` as the worker runs it (temp name, xxh3 while writing, no
   CRC32, fsync, rename, directory fsync) plus the metadata commit;
 - aiockpt end-to-end: ``AsyncCheckpointManager.save`` from the staged point to the
-  committed future (worker process, result back, commit), minus nothing.
+  committed future (worker process, result back, commit).
+
+Each timed write goes to a fresh file; deleting it and flushing the disk (``os.sync``)
+happen outside the clock.
 
     python benchmarks/storage_throughput.py --size-gib 1 --repeats 3
 """
@@ -56,21 +59,31 @@ def aiockpt_file(state: dict[str, torch.Tensor], path: str) -> None:
     write_metadata(directory, [record], {})
 
 
-def timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[[str], None], root: str, n: int) -> float:
+    """Time ``fn`` writing a fresh file; remove it and flush the disk outside the clock, so
+    no contender pays for another's deletion or write-back."""
+    directory = os.path.join(root, f"run{n}")
+    os.makedirs(directory)
+    os.sync()
     t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    fn(os.path.join(directory, "ckpt.pt"))
+    elapsed = time.perf_counter() - t
+    shutil.rmtree(directory)
+    os.sync()
+    return elapsed
 
 
 async def end_to_end(state: dict[str, torch.Tensor], root: str, repeats: int) -> list[float]:
     out = []
-    async with AsyncCheckpointManager(os.path.join(root, "mgr"), keep_last=1) as mgr:
+    async with AsyncCheckpointManager(os.path.join(root, "mgr")) as mgr:
         for step in range(repeats + 1):
+            await anyio.to_thread.run_sync(os.sync)
             fut = await mgr.save(step, state)  # returns at the staged point
             t = time.perf_counter()
             await fut
             if step:  # the first save warms the worker and the staging memory
                 out.append(time.perf_counter() - t)
+            await anyio.to_thread.run_sync(shutil.rmtree, mgr.layout.step_dir(step))
     return out
 
 
@@ -85,17 +98,18 @@ def main() -> None:
     root = tempfile.mkdtemp(dir=args.dir)
     try:
         runs: dict[str, list[float]] = {"raw": [], "torch.save": [], "aiockpt file": []}
-        fns = {
-            "raw": lambda: raw(state, os.path.join(root, "raw.bin")),
-            "torch.save": lambda: plain_torch_save(state, os.path.join(root, "plain.pt")),
-            "aiockpt file": lambda: aiockpt_file(state, os.path.join(root, "ck", "a.pt")),
+        fns: dict[str, Callable[[str], None]] = {
+            "raw": lambda path: raw(state, path),
+            "torch.save": lambda path: plain_torch_save(state, path),
+            "aiockpt file": lambda path: aiockpt_file(state, path),
         }
-        os.makedirs(os.path.join(root, "ck"))
-        for fn in fns.values():  # warm-up: the files exist, the page cache is primed
-            fn()
-        for _ in range(args.repeats):
+        n = 0
+        for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
             for name, fn in fns.items():
-                runs[name].append(timed(fn))
+                elapsed = timed(fn, root, n)
+                n += 1
+                if repeat:
+                    runs[name].append(elapsed)
         runs["aiockpt end-to-end"] = anyio.run(end_to_end, state, root, args.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
