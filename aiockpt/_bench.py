@@ -1,0 +1,449 @@
+"""``aiockpt bench``: aiockpt against what users would use instead, in one run.
+
+For every contender, interleaved round by round on the same state dict: the caller's
+blocked time per save (cold: the first; warm: the median of the rest), the time until the
+checkpoint is durable, throughput, peak extra memory during a save, memory added across
+saves, and the event loop's worst lag (async contender). Floors: an in-place ``copy_`` of
+the same tensors (blocked time) and a raw write + fsync of the same bytes (durability).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anyio
+import psutil
+import torch
+
+from ._async_torch import AsyncTorchCheckpoint
+from ._torch_ckpt import TorchAsyncCheckpoint
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"1GiB"``, ``"512MiB"``, ``"64M"``, ``"1000"`` -> bytes."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"cannot read size {text!r}; write it like 1GiB or 256MiB")
+    unit = match.group(2).upper()[:1]
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def training_state(nbytes: int) -> dict[str, Any]:
+    """A training-like state dict of about ``nbytes``: a few large float32 weights, many
+    small bfloat16 norms and int64 buffers, optimizer-like moments, non-tensor entries."""
+    big = max(nbytes * 6 // 10 // 8 // 4, 1)
+    moments = max(nbytes * 3 // 10 // 8 // 4, 1)
+    small = max(nbytes // 10 // 300 // 2, 1)
+    return {
+        "model": {
+            **{f"layers.{i}.weight": torch.randn(big) for i in range(8)},
+            **{f"norms.{i}.weight": torch.randn(small).to(torch.bfloat16) for i in range(200)},
+            **{f"buffers.{i}": torch.arange(small // 4 + 1) for i in range(100)},
+        },
+        "optim": {
+            "state": {i: {"exp_avg": torch.zeros(moments)} for i in range(8)},
+            "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.95), "params": list(range(8))}],
+        },
+        "step": 1000,
+        "meta": {"run": "bench", "schedule": [1, 2, 3]},
+    }
+
+
+def tensors_of(obj: Any) -> list[torch.Tensor]:
+    from ._tree import iter_tensors
+
+    return iter_tensors(obj)
+
+
+def state_bytes(state: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors_of(state))
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MemorySampler:
+    """Samples this process's RSS plus its children's private memory every few ms."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period = period
+        self._proc = psutil.Process()
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aiockpt-bench-rss", daemon=True)
+        self._thread.start()
+
+    def current(self) -> int:
+        total = self._proc.memory_info().rss
+        for child in self._proc.children(recursive=True):
+            try:
+                info = child.memory_info()
+                total += max(info.rss - info.shared, 0)
+            except psutil.Error:
+                continue
+        return int(total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._peak = max(self._peak, self.current())
+
+    def reset_peak(self) -> int:
+        now = self.current()
+        self._peak = now
+        return now
+
+    @property
+    def peak(self) -> int:
+        return max(self._peak, self.current())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Stats:
+    """One contender's figures (seconds, bytes)."""
+
+    name: str
+    kind: str  # "peer", "aiockpt" or "floor"
+    blocked: list[float] = field(default_factory=list)
+    durable: list[float] = field(default_factory=list)
+    peak_extra: list[int] = field(default_factory=list)
+    rss_after: list[int] = field(default_factory=list)
+    loop_lag: list[float] = field(default_factory=list)
+
+    def summary(self, nbytes: int) -> dict[str, Any]:
+        warm_b = self.blocked[1:] or self.blocked
+        warm_d = self.durable[1:] or self.durable
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        out["blocked_cold_s"] = self.blocked[0] if self.blocked else None
+        out["blocked_warm_s"] = statistics.median(warm_b) if warm_b else None
+        out["durable_s"] = statistics.median(warm_d) if warm_d else None
+        out["throughput_gbps"] = nbytes / out["durable_s"] / 1e9 if out["durable_s"] else None
+        out["peak_extra_bytes"] = max(self.peak_extra) if self.peak_extra else None
+        # From the second save on, every contender has allocated what it keeps (buffers,
+        # workers); what a later save adds is growth.
+        grow = self.rss_after[-1] - self.rss_after[1] if len(self.rss_after) > 2 else None
+        out["rss_growth_bytes"] = grow
+        out["loop_lag_max_s"] = max(self.loop_lag) if self.loop_lag else None
+        return out
+
+
+Save = Callable[[Any, str], Awaitable[tuple[float, float, float | None]]]
+
+
+class Heartbeat:
+    """A task ticking every millisecond; records how late each tick was."""
+
+    def __init__(self) -> None:
+        self.ticks: list[tuple[float, float]] = []
+
+    async def run(self) -> None:
+        while True:
+            t = time.perf_counter()
+            await anyio.sleep(0.001)
+            now = time.perf_counter()
+            self.ticks.append((now, now - t - 0.001))
+            if len(self.ticks) > 200_000:
+                del self.ticks[:100_000]
+
+    def worst(self, start: float, end: float) -> float:
+        return max((lag for t, lag in self.ticks if start <= t <= end), default=0.0)
+
+
+def _ensure_process_group() -> bool:
+    """DCP's async_save needs torch.distributed: a one-rank gloo group if none exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return True
+
+
+async def run_bench(
+    size: int,
+    saves: int,
+    directory: str,
+    contenders: list[str] | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-ready report."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, async_save
+
+    state = training_state(size)
+    nbytes = state_bytes(state)
+    created_pg = _ensure_process_group()
+    sampler = MemorySampler()
+    beat = Heartbeat()
+    flat = tensors_of(state)
+    copy_dst = [torch.empty_like(t) for t in flat]
+
+    async def floor_copy(sd: Any, path: str) -> tuple[float, float, float | None]:
+        t = time.perf_counter()
+        for dst, src in zip(copy_dst, flat, strict=True):
+            dst.copy_(src)
+        b = time.perf_counter() - t
+        return b, float("nan"), None
+
+    async def floor_write(sd: Any, path: str) -> tuple[float, float, float | None]:
+        t = time.perf_counter()
+        with open(path, "wb", buffering=0) as f:
+            for src in flat:
+                f.write(src.contiguous().view(torch.uint8).numpy().data)
+            os.fsync(f.fileno())
+        d = time.perf_counter() - t
+        return float("nan"), d, None
+
+    async def plain(sd: Any, path: str) -> tuple[float, float, float | None]:
+        t = time.perf_counter()
+        torch.save(sd, path)
+        _fsync_path(path)
+        d = time.perf_counter() - t
+        return d, d, None
+
+    def dcp_save(kind: Any) -> Save:
+        async def save(sd: Any, path: str) -> tuple[float, float, float | None]:
+            t = time.perf_counter()
+            response = async_save(sd, checkpoint_id=path, async_checkpointer_type=kind)
+            b = time.perf_counter() - t
+            fut: Any = getattr(response, "upload_completion", response)
+            await anyio.to_thread.run_sync(fut.result)
+            return b, time.perf_counter() - t, None
+
+        return save
+
+    sync_fork = TorchAsyncCheckpoint(persistent_queue=False)
+    sync_persistent = TorchAsyncCheckpoint(persistent_queue=True)
+
+    def aiockpt_sync(ckpt: TorchAsyncCheckpoint) -> Save:
+        async def save(sd: Any, path: str) -> tuple[float, float, float | None]:
+            t = time.perf_counter()
+            ckpt.async_save(sd, path)
+            b = time.perf_counter() - t
+            ckpt.finalize_async_save(blocking=True)
+            return b, time.perf_counter() - t, None
+
+        return save
+
+    runners: dict[str, tuple[str, Save]] = {
+        "floor: in-place copy_": ("floor", floor_copy),
+        "floor: raw write+fsync": ("floor", floor_write),
+        "torch.save": ("peer", plain),
+        "dcp.async_save (thread)": ("peer", dcp_save(AsyncCheckpointerType.THREAD)),
+        "dcp.async_save (process)": ("peer", dcp_save(AsyncCheckpointerType.PROCESS)),
+        "aiockpt (fork)": ("aiockpt", aiockpt_sync(sync_fork)),
+        "aiockpt (persistent)": ("aiockpt", aiockpt_sync(sync_persistent)),
+    }
+    report: dict[str, Any] = {}
+    try:
+        async with AsyncTorchCheckpoint() as async_ckpt, anyio.create_task_group() as tg:
+            tg.start_soon(beat.run)
+
+            async def aiockpt_async(sd: Any, path: str) -> tuple[float, float, float | None]:
+                t = time.perf_counter()
+                fut = await async_ckpt.save(sd, path)
+                b = time.perf_counter() - t
+                await fut
+                end = time.perf_counter()
+                return b, end - t, beat.worst(t, end)
+
+            runners["aiockpt (async)"] = ("aiockpt", aiockpt_async)
+            chosen = {
+                n: r
+                for n, r in runners.items()
+                if contenders is None or any(c in n for c in contenders) or r[0] == "floor"
+            }
+            stats = {n: Stats(n, kind) for n, (kind, _) in chosen.items()}
+            rounds = saves + 1
+            for rnd in range(rounds):
+                for name, (_, save) in chosen.items():
+                    progress(f"[round {rnd + 1}/{rounds}] {name}")
+                    path = os.path.join(directory, f"r{rnd}-{re.sub(r'[^a-z]+', '-', name)}")
+                    await anyio.to_thread.run_sync(os.sync)
+                    before = sampler.reset_peak()
+                    blocked, durable, lag = await save(state, path)
+                    s = stats[name]
+                    s.blocked.append(blocked)
+                    s.durable.append(durable)
+                    s.peak_extra.append(sampler.peak - before)
+                    s.rss_after.append(sampler.current())
+                    if lag is not None:
+                        s.loop_lag.append(lag)
+                    if os.path.isdir(path):
+                        await anyio.to_thread.run_sync(shutil.rmtree, path)
+                    elif os.path.exists(path):
+                        await anyio.to_thread.run_sync(os.unlink, path)
+            tg.cancel_scope.cancel()
+        report = _report(stats, nbytes, saves)
+    finally:
+        sync_fork.close()
+        sync_persistent.close()
+        sampler.close()
+        if created_pg:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return report
+
+
+def _clean(values: list[float]) -> list[float]:
+    return [v for v in values if v == v]  # drop NaN (a floor measures one side only)
+
+
+def _report(stats: dict[str, Stats], nbytes: int, saves: int) -> dict[str, Any]:
+    for s in stats.values():
+        s.blocked, s.durable = _clean(s.blocked), _clean(s.durable)
+    rows = [s.summary(nbytes) for s in stats.values()]
+    by = {r["name"]: r for r in rows}
+    copy_floor = by["floor: in-place copy_"]["blocked_warm_s"]
+    write_floor = by["floor: raw write+fsync"]["durable_s"]
+    for r in rows:
+        r["blocked_vs_copy_floor"] = (
+            r["blocked_warm_s"] / copy_floor if r["blocked_warm_s"] else None
+        )
+        r["durable_vs_write_floor"] = r["durable_s"] / write_floor if r["durable_s"] else None
+    dcp = [r for r in rows if r["name"].startswith("dcp")]
+    mine = [r for r in rows if r["kind"] == "aiockpt"]
+    verdict: dict[str, Any] = {}
+    if dcp and mine:
+        best_dcp_b = min(r["blocked_warm_s"] for r in dcp)
+        best_dcp_d = min(r["durable_s"] for r in dcp)
+        best_b = min(mine, key=lambda r: r["blocked_warm_s"])
+        best_d = min(mine, key=lambda r: r["durable_s"])
+        verdict = {
+            "best_aiockpt_blocked": best_b["name"],
+            "blocked_vs_copy_floor": best_b["blocked_warm_s"] / copy_floor,
+            "blocked_vs_best_dcp": best_b["blocked_warm_s"] / best_dcp_b,
+            "best_aiockpt_durable": best_d["name"],
+            "durable_vs_write_floor": best_d["durable_s"] / write_floor,
+            "durable_vs_best_dcp": best_d["durable_s"] / best_dcp_d,
+        }
+    return {
+        "state_bytes": nbytes,
+        "warm_saves": saves,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_bytes": psutil.virtual_memory().total,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
+        "contenders": rows,
+        "verdict": verdict,
+        "raw": {n: asdict(s) for n, s in stats.items()},
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1e3:.1f}"
+
+    def mib(v: int | None) -> str:
+        return "-" if v is None else f"{v / 2**20:.0f}"
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    lines = [
+        f"state dict: {report['state_bytes'] / 2**30:.2f} GiB, {report['warm_saves']} warm "
+        f"save(s) per contender, interleaved; times in ms, memory in MiB",
+        f"{'contender':26}{'blocked':>9}{'blocked':>9}{'vs copy':>9}{'durable':>9}"
+        f"{'vs write':>9}{'GB/s':>7}{'peak+':>7}{'growth':>7}{'loop lag':>9}",
+        f"{'':26}{'cold':>9}{'warm':>9}{'floor':>9}{'':>9}{'floor':>9}",
+    ]
+    for r in report["contenders"]:
+        gbps = "-" if r["throughput_gbps"] is None else f"{r['throughput_gbps']:.2f}"
+        lines.append(
+            f"{r['name']:26}{ms(r['blocked_cold_s']):>9}{ms(r['blocked_warm_s']):>9}"
+            f"{x(r['blocked_vs_copy_floor']):>9}{ms(r['durable_s']):>9}"
+            f"{x(r['durable_vs_write_floor']):>9}{gbps:>7}{mib(r['peak_extra_bytes']):>7}"
+            f"{mib(r['rss_growth_bytes']):>7}{ms(r['loop_lag_max_s']):>9}"
+        )
+    v = report["verdict"]
+    if v:
+        lines.append("")
+        lines.append(
+            f"warm blocked: {v['best_aiockpt_blocked']} at {v['blocked_vs_copy_floor']:.2f}x "
+            f"the copy floor, {v['blocked_vs_best_dcp']:.2f}x the best DCP variant"
+        )
+        lines.append(
+            f"to durable:   {v['best_aiockpt_durable']} at {v['durable_vs_write_floor']:.2f}x "
+            f"the write floor, {v['durable_vs_best_dcp']:.2f}x the best DCP variant"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Bar chart of warm blocked time and time to durable (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'aiockpt[plot]'") from exc
+    rows = report["contenders"]
+    names = [r["name"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in (
+        (axes[0], "blocked_warm_s", "training loop blocked per save (warm), ms"),
+        (axes[1], "durable_s", "time until durable, ms"),
+    ):
+        vals = [(r[key] or 0) * 1e3 for r in rows]
+        colors = [
+            "#2a7" if r["kind"] == "aiockpt" else "#999" if r["kind"] == "floor" else "#c63"
+            for r in rows
+        ]
+        ax.barh(names, vals, color=colors)
+        ax.set_title(title)
+        ax.invert_yaxis()
+    fig.suptitle(f"aiockpt bench, {report['state_bytes'] / 2**30:.2f} GiB state dict")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args: Any) -> int:
+    size = parse_size(args.size)
+    directory = tempfile.mkdtemp(prefix="aiockpt-bench-", dir=args.dir)
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        report = anyio.run(run_bench, size, args.saves, directory, args.only, progress)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"\nJSON written to {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"chart written to {args.plot}")
+    return 0

@@ -1,0 +1,106 @@
+"""The command line: bench (small sizes), verify, ls, and the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aiockpt import CheckpointManager
+from aiockpt._bench import parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aiockpt", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_parse_size() -> None:
+    assert parse_size("1GiB") == 2**30
+    assert parse_size("256MiB") == 256 * 2**20
+    assert parse_size("64M") == 64 * 2**20
+    assert parse_size("1.5KiB") == 1536
+    assert parse_size("1000") == 1000
+    with pytest.raises(ValueError, match="1GiB"):
+        parse_size("lots")
+
+
+def test_bench_small_run_reports_every_contender(tmp_path: Path) -> None:
+    out = cli("bench", "--size", "8MiB", "--saves", "2", "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[round 3/3] aiockpt (async)" in out.stderr  # progress lines
+    report = json.loads((tmp_path / "r.json").read_text())
+    names = [r["name"] for r in report["contenders"]]
+    assert names == [
+        "floor: in-place copy_",
+        "floor: raw write+fsync",
+        "torch.save",
+        "dcp.async_save (thread)",
+        "dcp.async_save (process)",
+        "aiockpt (fork)",
+        "aiockpt (persistent)",
+        "aiockpt (async)",
+    ]
+    assert abs(report["state_bytes"] - 8 * 2**20) < 0.05 * 8 * 2**20
+    rows = {r["name"]: r for r in report["contenders"]}
+    for name in names[2:]:
+        row = rows[name]
+        assert row["blocked_warm_s"] > 0 and row["durable_s"] >= row["blocked_warm_s"]
+        assert len(report["raw"][name]["durable"]) == 3
+    assert rows["aiockpt (async)"]["loop_lag_max_s"] is not None
+    assert rows["torch.save"]["loop_lag_max_s"] is None
+    assert set(report["verdict"]) >= {"blocked_vs_best_dcp", "durable_vs_write_floor"}
+    assert "warm blocked: aiockpt" in out.stdout and "vs copy" in out.stdout
+
+
+def test_bench_can_run_a_subset(tmp_path: Path) -> None:
+    out = cli("bench", "--size", "4MiB", "--saves", "2", "--only", "persistent", "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("  ")[0] for line in out.stdout.splitlines()[3:] if line.strip()]
+    assert "aiockpt (persistent)" in out.stdout and "dcp.async_save" not in out.stdout
+    assert any(r.startswith("floor: in-place copy_") for r in rows)
+
+
+def test_verify_and_ls(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path / "ck", persistent=False) as mgr:
+        for step in (100, 200):
+            mgr.save(step, {"w": torch.full((1000,), float(step))})
+        mgr.poll(blocking=True)
+    (tmp_path / "ck" / "step-000000000300").mkdir()  # an interrupted save
+    listing = cli("ls", str(tmp_path / "ck"))
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[1].startswith("step-000000000100") and " 100 " in lines[1]
+    assert lines[2].startswith("step-000000000200")
+    assert lines[3].startswith("step-000000000300") and "no (incomplete" in lines[3]
+
+    step = tmp_path / "ck" / "step-000000000200"
+    ok = cli("verify", str(step))
+    assert ok.returncode == 0 and "1 file(s) match their checksums" in ok.stdout
+    shard = step / "shard-00000-of-00001.pt"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = cli("verify", str(step))
+    assert bad.returncode == 1
+    assert "FAILED" in bad.stderr and "shard-00000-of-00001.pt" in bad.stderr
+    missing = cli("verify", str(tmp_path / "ck" / "step-000000000300"))
+    assert missing.returncode == 1 and "no committed checkpoint" in missing.stderr
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "aiockpt"
+    assert script.exists(), "pip install -e . installs the aiockpt command"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "bench" in out.stdout and "verify" in out.stdout
