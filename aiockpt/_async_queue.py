@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from typing_extensions import Self
 
 from ._dist import DEFAULT_TIMEOUT, is_distributed
 from ._engine import CallsEngine
@@ -41,7 +42,10 @@ class AsyncCheckpointQueue:
             result = await fut                     # finalized (on every rank)
 
     Takes the options of :class:`AsyncCallsQueue`, plus ``no_dist``: settle each request
-    locally even inside a torch.distributed job. Leaving the ``async with`` (or
+    locally even inside a torch.distributed job, and ``single_threaded_staging`` (default
+    True): copy host tensors on one core, leaving the others to the event loop and the
+    training step; ``False`` uses torch's intra-op threads, a faster copy that can starve
+    the loop on a machine with few cores. Leaving the ``async with`` (or
     ``aclose()``) waits for every request, runs their finalize steps, stops the worker,
     and raises the first failure that no one observed through its future or ``finalize()``.
     """
@@ -56,6 +60,7 @@ class AsyncCheckpointQueue:
         process_group: Any = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
         no_dist: bool = False,
+        single_threaded_staging: bool = True,
     ) -> None:
         self._options: dict[str, Any] = dict(
             start_method=start_method,
@@ -63,6 +68,7 @@ class AsyncCheckpointQueue:
             pin_memory=pin_memory,
             process_group=process_group,
             timeout=timeout,
+            single_threaded_staging=single_threaded_staging,
         )
         self.persistent = persistent
         self.no_dist = no_dist
@@ -292,3 +298,30 @@ class AsyncCheckpointQueue:
     ) -> None:
         self._futures.pop(fut.call_idx, None)
         fut._resolve(result, error)
+
+
+class QueueFacade:
+    """Base of the async helpers built on one :class:`AsyncCheckpointQueue` (``queue``):
+    entering, leaving, ``finalize`` and ``aclose`` are the queue's."""
+
+    queue: AsyncCheckpointQueue
+
+    async def __aenter__(self) -> Self:
+        await self.queue.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.queue.__aexit__(exc_type, exc, tb)
+
+    async def finalize(self) -> list[CheckpointResult]:
+        """Wait for every checkpoint scheduled so far; raise the first failure."""
+        return await self.queue.finalize()
+
+    async def aclose(self) -> None:
+        """Wait for every checkpoint, then stop the worker. Idempotent."""
+        await self.queue.aclose()

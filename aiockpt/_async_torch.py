@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any
 
-from ._async_queue import AsyncCheckpointQueue
-from ._futures import CheckpointFuture, CheckpointResult
+from ._async_queue import AsyncCheckpointQueue, QueueFacade
+from ._futures import CheckpointFuture
 from ._request import AsyncRequest
 from ._sharded import _save_file, sharded_request
 from ._torch_ckpt import checked_path
 
 
-class AsyncTorchCheckpoint:
+class AsyncTorchCheckpoint(QueueFacade):
     """``torch.save`` in the background, awaited::
 
         async with AsyncTorchCheckpoint() as ckpt:
@@ -25,18 +24,6 @@ class AsyncTorchCheckpoint:
 
     def __init__(self, persistent: bool = True, **queue_options: Any) -> None:
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
-
-    async def __aenter__(self) -> AsyncTorchCheckpoint:
-        await self.queue.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.queue.__aexit__(exc_type, exc, tb)
 
     async def save(
         self, state_dict: Any, path: Any, *, wait_for_staging: bool = True, **torch_save_kwargs: Any
@@ -61,11 +48,3 @@ class AsyncTorchCheckpoint:
         return await self.queue.schedule(
             request, wait_for_staging=wait_for_staging, needs_global=True
         )
-
-    async def finalize(self) -> list[CheckpointResult]:
-        """Wait for every save scheduled so far; raise the first failure."""
-        return await self.queue.finalize()
-
-    async def aclose(self) -> None:
-        """Wait for every save, then stop the worker. Idempotent."""
-        await self.queue.aclose()

@@ -72,10 +72,11 @@ class CallsEngine:
         pin_memory: bool | None = None,
         process_group: Any = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
+        single_threaded_staging: bool = False,
     ) -> None:
         self.persistent = persistent
         self.start_method = start_method
-        self.buffers = StagingBuffers(max_staging_copies, pin_memory)
+        self.buffers = StagingBuffers(max_staging_copies, pin_memory, single_threaded_staging)
         self.completion = CompletionGroup(process_group, timeout)
         self.active: deque[ActiveCall] = deque()
         self.call_idx = -1

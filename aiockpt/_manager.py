@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import re
-from types import TracebackType
 from typing import Any
 
-from ._async_queue import AsyncCheckpointQueue
+from ._async_queue import AsyncCheckpointQueue, QueueFacade
 from ._exceptions import CheckpointNotFoundError, InvalidRequestError
-from ._futures import CheckpointFuture, CheckpointResult
+from ._futures import CheckpointFuture
 from ._load import load, load_sync
 from ._queue import AsyncCallsQueue
 from ._request import AsyncRequest
@@ -90,7 +89,22 @@ class _Layout:
         return self.step_dir(step)
 
 
-class AsyncCheckpointManager:
+class _Steps:
+    """What both managers answer from the directory alone."""
+
+    layout: _Layout
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, None if there is none."""
+        committed, _ = self.layout.steps()
+        return committed[-1] if committed else None
+
+    def committed_steps(self) -> list[int]:
+        """Every committed step, oldest first."""
+        return self.layout.steps()[0]
+
+
+class AsyncCheckpointManager(_Steps, QueueFacade):
     """Numbered checkpoints in ``directory``, for async training loops::
 
         async with AsyncCheckpointManager("ckpts", keep_last=3) as mgr:
@@ -113,18 +127,6 @@ class AsyncCheckpointManager:
         self.layout = _Layout(directory, keep_last, storage)
         self.queue = AsyncCheckpointQueue(**queue_options)
 
-    async def __aenter__(self) -> AsyncCheckpointManager:
-        await self.queue.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.queue.__aexit__(exc_type, exc, tb)
-
     async def save(
         self,
         step: int,
@@ -139,28 +141,14 @@ class AsyncCheckpointManager:
             request, wait_for_staging=wait_for_staging, needs_global=True
         )
 
-    def latest_step(self) -> int | None:
-        """The newest committed step, None if there is none."""
-        committed, _ = self.layout.steps()
-        return committed[-1] if committed else None
-
-    def committed_steps(self) -> list[int]:
-        return self.layout.steps()[0]
-
     async def restore(self, step: int | None = None, **load_options: Any) -> Any:
         """Load (and verify) this rank's shard of ``step``, by default the latest committed."""
         return await load(
             self.layout.restore_dir(step), storage=self.layout.storage, **load_options
         )
 
-    async def finalize(self) -> list[CheckpointResult]:
-        return await self.queue.finalize()
 
-    async def aclose(self) -> None:
-        await self.queue.aclose()
-
-
-class CheckpointManager:
+class CheckpointManager(_Steps):
     """The blocking twin of :class:`AsyncCheckpointManager`, for plain training loops:
     call ``poll()`` every step (it never blocks) and ``close()`` at the end."""
 
@@ -183,13 +171,6 @@ class CheckpointManager:
     def poll(self, blocking: bool = False) -> list[int]:
         """Commit the checkpoints that are done; return their call indices (FIFO)."""
         return self.queue.maybe_finalize_async_calls(blocking=blocking, no_dist=True)
-
-    def latest_step(self) -> int | None:
-        committed, _ = self.layout.steps()
-        return committed[-1] if committed else None
-
-    def committed_steps(self) -> list[int]:
-        return self.layout.steps()[0]
 
     def restore(self, step: int | None = None, **load_options: Any) -> Any:
         return load_sync(self.layout.restore_dir(step), storage=self.layout.storage, **load_options)

@@ -10,6 +10,7 @@ it; a later save with the same layout reuses it and allocates nothing.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import mmap
 import os
@@ -42,6 +43,17 @@ def arena_stageable(t: torch.Tensor) -> bool:
         and t.layout == torch.strided
         and not t.is_quantized
         and t.device.type != "meta"
+    )
+
+
+def _memmove_ok(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    return (
+        src.device.type == "cpu"
+        and src.dtype == dst.dtype
+        and src.is_contiguous()
+        and src.numel() > 0
+        and not src.is_conj()
+        and not src.is_neg()
     )
 
 
@@ -130,10 +142,16 @@ class StagingBuffers:
     With ``max_copies=1`` (the default) the host holds one staging copy of the state at most.
     """
 
-    def __init__(self, max_copies: int = 1, pin_memory: bool | None = None) -> None:
+    def __init__(
+        self, max_copies: int = 1, pin_memory: bool | None = None, single_threaded: bool = False
+    ) -> None:
         if max_copies < 1:
             raise ValueError("max_copies must be at least 1")
         self.max_copies = max_copies
+        # One core for host-to-host copies (plain memmove, GIL released) instead of torch's
+        # intra-op threads: a little slower, but leaves the other cores to the caller's
+        # event loop and training. The async facade stages this way.
+        self.single_threaded = single_threaded
         self._pin = cuda_available() if pin_memory is None else pin_memory
         self._arenas: list[StagingArena] = []
         self._lock = threading.Lock()
@@ -225,7 +243,10 @@ class StagingBuffers:
             src = t.detach()
             if arena_stageable(t):
                 dst = next(views)
-                dst.copy_(src, non_blocking=bool(arena and arena.pinned and src.is_cuda))
+                if self.single_threaded and _memmove_ok(src, dst):
+                    ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
+                else:
+                    dst.copy_(src, non_blocking=bool(arena and arena.pinned and src.is_cuda))
             else:
                 dst = src.to("cpu", copy=True)
             if src.is_cuda:

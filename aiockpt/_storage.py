@@ -66,9 +66,9 @@ class _HashingWriter:
         return self._hash.hexdigest()
 
 
-def fsync_dir(directory: str) -> None:
-    """Make a rename or a new file in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: str) -> None:
+    """fsync a file, or a directory (which makes a rename or a new file in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -101,7 +101,7 @@ def write_atomic(path: str, write: Any) -> dict[str, Any]:
         if writer is not None and writer.error is not None and exc is not writer.error:
             raise writer.error from exc
         raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
     assert writer is not None
     return {"name": os.path.basename(path), "nbytes": writer.nbytes, "xxh3_64": writer.hexdigest()}
 

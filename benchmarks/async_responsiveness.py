@@ -1,6 +1,7 @@
 """Event-loop figures of the async facade, printed (not asserted):
 
-1. worst heartbeat lag: a task ticking every 1 ms while a state dict is staged and written;
+1. worst heartbeat lag: a task ticking every 1 ms while a state dict is staged and written
+   (torch keeps its default thread count, as in a training program);
 2. the caller's blocked time (``await queue.schedule`` returning) for a warm save, against an
    in-place ``copy_`` of the same tensors into preallocated buffers, in the same run;
 3. lazy staging: blocked time per checkpoint when a training step's compute (simulated by a
@@ -73,8 +74,7 @@ def gil_free_compute(seconds: float) -> None:
         a = (a @ a).tanh_()
 
 
-async def main(size_gib: float, saves: int, out_dir: str) -> None:
-    torch.set_num_threads(1)  # one core for "training", one for the worker
+async def main(size_gib: float, saves: int, out_dir: str, parallel: bool) -> None:
     state = make_state(size_gib)
     nbytes = sum(v.numel() * v.element_size() for v in state.values())
     print(f"state dict: {len(state)} tensors, {nbytes / 2**30:.2f} GiB")
@@ -82,7 +82,7 @@ async def main(size_gib: float, saves: int, out_dir: str) -> None:
     print(f"in-place copy_ floor: {floor * 1e3:.1f} ms")
     beat = Heartbeat()
     rows = []
-    async with AsyncTorchCheckpoint() as ckpt:
+    async with AsyncTorchCheckpoint(single_threaded_staging=not parallel) as ckpt:
         async with anyio.create_task_group() as tg:
             tg.start_soon(beat.run)
             for n in range(saves):
@@ -144,6 +144,9 @@ if __name__ == "__main__":
     parser.add_argument("--saves", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
+    parser.add_argument(
+        "--parallel-staging", action="store_true", help="stage with torch's intra-op threads"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        anyio.run(main, args.size_gib, args.saves, tmp, backend=args.backend)
+        anyio.run(main, args.size_gib, args.saves, tmp, args.parallel_staging, backend=args.backend)

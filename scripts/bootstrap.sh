@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) with aiockpt installed in editable mode and its test extras.
+# Creates .venv (if missing) with aiockpt installed in editable mode and its test extras;
+# reinstalls when pyproject.toml changed since the last install.
 # Torch comes first and explicitly: a bare "torch" requirement could pull a CUDA build of
 # several GB. Set AIOCKPT_TORCH_SPEC to choose another torch (any release >= 2.4 works).
 set -euo pipefail
@@ -11,6 +12,8 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install -q "${AIOCKPT_TORCH_SPEC:-torch==2.13.0}"
 fi
-if ! .venv/bin/python -c "import aiockpt, pytest, pytest_timeout, pytest_asyncio, trio" >/dev/null 2>&1; then
+stamp=$(sha1sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat .venv/.aiockpt-installed 2>/dev/null)" != "$stamp" ]; then
   .venv/bin/pip install -q -e ".[test]"
+  echo "$stamp" > .venv/.aiockpt-installed
 fi

@@ -104,3 +104,19 @@ def test_console_script_is_installed() -> None:
     assert script.exists(), "pip install -e . installs the aiockpt command"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "bench" in out.stdout and "verify" in out.stdout
+
+
+def test_plot_draws_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from aiockpt._bench import plot
+
+    rows = [
+        {"name": n, "kind": k, "blocked_warm_s": b, "durable_s": d}
+        for n, k, b, d in [
+            ("floor: in-place copy_", "floor", 0.1, None),
+            ("torch.save", "peer", 0.9, 0.9),
+            ("aiockpt (async)", "aiockpt", 0.1, 0.8),
+        ]
+    ]
+    plot({"contenders": rows, "state_bytes": 2**30}, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
