@@ -436,3 +436,25 @@ def test_checkpoint_error_is_the_base_of_every_failure() -> None:
     for cls in (WorkerError, WorkerCrashedError, FinalizeError, StagingError, QueueClosedError):
         assert issubclass(cls, CheckpointError)
     assert issubclass(InvalidRequestError, ValueError)
+
+
+@BOTH
+def test_callers_answer_the_reference_question_directly(tmp_path: Path, persistent: bool) -> None:
+    from aiockpt import PersistentAsyncCaller, TemporalAsyncCaller
+
+    def make() -> PersistentAsyncCaller | TemporalAsyncCaller:
+        return PersistentAsyncCaller() if persistent else TemporalAsyncCaller()
+
+    caller = make()
+    caller.schedule_async_call(
+        AsyncRequest(write_value, (5, str(tmp_path / "c")), [], call_idx=0)
+    )
+    assert caller.is_current_async_call_done(blocking=True) is True
+    assert load(tmp_path / "c") == 5
+    assert caller.is_current_async_call_done(blocking=False) is True  # nothing left
+    caller.close()
+    failing = make()
+    failing.schedule_async_call(AsyncRequest(raise_value_error, ({}, "direct"), [], call_idx=1))
+    with pytest.raises(WorkerError, match="direct"):
+        failing.is_current_async_call_done(blocking=True)
+    failing.close()
