@@ -97,11 +97,20 @@ class AsyncCheckpointQueue:
         if self._state != "new":
             raise QueueClosedError("an AsyncCheckpointQueue can be entered only once")
         self._thread = threading.get_ident()
-        self._engine = CallsEngine(self.persistent, **self._options)
+        # Starting the worker process takes a moment: not on the event loop.
+        engine = await anyio.to_thread.run_sync(
+            lambda: CallsEngine(self.persistent, **self._options)
+        )
+        self._engine = engine
         if is_distributed():
             # Creating the completion group is collective: do it here, where every rank
             # enters the queue in program order, not later in the poller's thread.
-            await anyio.to_thread.run_sync(self._engine.completion.group)
+            try:
+                await anyio.to_thread.run_sync(engine.completion.group)
+            except BaseException:
+                await anyio.to_thread.run_sync(engine.stop_workers)
+                self._state = "closed"
+                raise
         send, receive = anyio.create_memory_object_stream[_Staging](math.inf)
         self._stage_send = send
         self._task_group = anyio.create_task_group()
