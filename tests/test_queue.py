@@ -446,9 +446,7 @@ def test_callers_answer_the_reference_question_directly(tmp_path: Path, persiste
         return PersistentAsyncCaller() if persistent else TemporalAsyncCaller()
 
     caller = make()
-    caller.schedule_async_call(
-        AsyncRequest(write_value, (5, str(tmp_path / "c")), [], call_idx=0)
-    )
+    caller.schedule_async_call(AsyncRequest(write_value, (5, str(tmp_path / "c")), [], call_idx=0))
     assert caller.is_current_async_call_done(blocking=True) is True
     assert load(tmp_path / "c") == 5
     assert caller.is_current_async_call_done(blocking=False) is True  # nothing left
