@@ -7,8 +7,8 @@ from typing import Any
 from ._async_queue import AsyncCheckpointQueue, QueueFacade
 from ._futures import CheckpointFuture
 from ._request import AsyncRequest
-from ._sharded import _save_file, sharded_request
-from ._torch_ckpt import checked_path
+from ._sharded import sharded_request
+from ._torch_ckpt import checked_path, save_file_async
 
 
 class AsyncTorchCheckpoint(QueueFacade):
@@ -30,7 +30,9 @@ class AsyncTorchCheckpoint(QueueFacade):
     ) -> CheckpointFuture:
         """Schedule ``torch.save(state_dict, path, **torch_save_kwargs)``; see
         :meth:`AsyncCheckpointQueue.schedule` for ``wait_for_staging``."""
-        request = AsyncRequest(_save_file, (state_dict, checked_path(path)), [], torch_save_kwargs)
+        request = AsyncRequest(
+            save_file_async, (state_dict, checked_path(path)), [], torch_save_kwargs
+        )
         return await self.queue.schedule(request, wait_for_staging=wait_for_staging)
 
     async def save_sharded(

@@ -30,6 +30,7 @@ import torch
 from ._async_torch import AsyncTorchCheckpoint
 from ._storage import fsync_path
 from ._torch_ckpt import TorchAsyncCheckpoint
+from ._tree import iter_tensors
 
 _SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -65,14 +66,8 @@ def training_state(nbytes: int) -> dict[str, Any]:
     }
 
 
-def tensors_of(obj: Any) -> list[torch.Tensor]:
-    from ._tree import iter_tensors
-
-    return iter_tensors(obj)
-
-
 def state_bytes(state: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors_of(state))
+    return sum(t.numel() * t.element_size() for t in iter_tensors(state))
 
 
 class MemorySampler:
@@ -193,7 +188,7 @@ async def run_bench(
     created_pg = _ensure_process_group()
     sampler = MemorySampler()
     beat = Heartbeat()
-    flat = tensors_of(state)
+    flat = iter_tensors(state)
     copy_dst = [torch.empty_like(t) for t in flat]
 
     async def floor_copy(sd: Any, path: str) -> tuple[float, float, float | None]:

@@ -161,7 +161,7 @@ class AsyncCaller(ABC):
         if not self._current:
             return True
         call_idx = self._current[0]
-        done, _, error = settle(
+        done, error = settle(
             call_idx,
             lambda timeout: self.poll(call_idx, timeout),
             blocking,

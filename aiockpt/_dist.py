@@ -152,8 +152,8 @@ def settle(
     blocking: bool,
     distributed: bool,
     completion: CompletionGroup,
-) -> tuple[bool, LocalOutcome | None, CheckpointError | None]:
-    """Decide one request's fate: ``(done, local outcome, error)``.
+) -> tuple[bool, CheckpointError | None]:
+    """Decide one request's fate: ``(done, error)`` (error None: it succeeded everywhere).
 
     ``local(timeout)`` returns this rank's outcome (None while running; timeout None waits).
     When ``distributed``, one reduction per attempt over ``completion``'s group, which
@@ -162,8 +162,8 @@ def settle(
     outcome = local(None if blocking else 0.0)
     if not distributed:
         if outcome is None:
-            return False, None, None
-        return True, outcome, outcome.error
+            return False, None
+        return True, outcome.error
     while True:
         status = completion.reduce(
             call_idx, running=outcome is None, failed=outcome is not None and not outcome.ok
@@ -172,8 +172,8 @@ def settle(
             break
         outcome = local(None)
     if not status.done:
-        return False, outcome, None
+        return False, None
     assert outcome is not None
     if status.failed_ranks:
-        return True, outcome, remote_failure(call_idx, status.failed_ranks, outcome.error)
-    return True, outcome, None
+        return True, remote_failure(call_idx, status.failed_ranks, outcome.error)
+    return True, None

@@ -30,10 +30,10 @@ from ._staging import StagedArgs, StagingBuffers
 
 
 class ResultFinalizer:
-    """Base of finalize steps that receive what ``async_fn`` returned on this rank
-    (the plain ones take no argument, as in the reference)."""
+    """Base of finalize steps that receive what ``async_fn`` returned on this rank and the
+    request's call index (the plain ones take no argument, as in the reference)."""
 
-    def __call__(self, result: Any) -> None:
+    def __call__(self, result: Any, call_idx: int) -> None:
         raise NotImplementedError
 
 
@@ -249,7 +249,7 @@ class CallsEngine:
         call = self.active[0]
         distributed = (not no_dist or call.needs_global) and is_distributed()
         try:
-            done, _, error = settle(
+            done, error = settle(
                 call.call_idx,
                 lambda timeout: self.wait_local(call, timeout),
                 blocking,
@@ -273,7 +273,7 @@ class CallsEngine:
         for fn in call.request.finalize_fns:
             try:
                 if isinstance(fn, ResultFinalizer):
-                    fn(result)
+                    fn(result, call.call_idx)
                 else:
                     fn()
             except Exception as exc:

@@ -115,10 +115,11 @@ async def load(
     asyncio; anyio's file API elsewhere) and checked and unpickled in a worker thread."""
     storage = storage if storage is not None else LocalStorage()
     file, record = await anyio.to_thread.run_sync(resolve, path, rank, storage)
-    if isinstance(storage, LocalStorage) and _on_asyncio():
+    plain = type(storage) is LocalStorage  # a subclass may read differently: ask it
+    if plain and _on_asyncio():
         async with aiofiles.open(file, "rb") as f:
             data = await f.read()
-    elif isinstance(storage, LocalStorage):  # trio: anyio's threaded file API
+    elif plain:  # trio: anyio's threaded file API
         async with await anyio.open_file(file, "rb") as af:
             data = await af.read()
     else:

@@ -10,10 +10,8 @@ from ._dist import CompletionGroup, get_rank, get_world_size
 from ._engine import ResultFinalizer
 from ._exceptions import InvalidRequestError
 from ._request import AsyncRequest
-from ._storage import LocalStorage, Storage, save_file, shard_name
+from ._storage import LocalStorage, Storage, shard_name
 from .utils import wrap_for_async
-
-_save_file = wrap_for_async(save_file)
 
 
 class CommitSharded(ResultFinalizer):
@@ -36,8 +34,8 @@ class CommitSharded(ResultFinalizer):
         self.storage = storage
         self.after_commit = after_commit
 
-    def __call__(self, result: Any) -> None:
-        records = self.completion.all_gather_object(-1, result)
+    def __call__(self, result: Any, call_idx: int) -> None:
+        records = self.completion.all_gather_object(call_idx, result)
         failure = None
         if get_rank() == 0:
             try:
@@ -46,7 +44,7 @@ class CommitSharded(ResultFinalizer):
                     self.after_commit()
             except Exception as exc:
                 failure = f"{type(exc).__name__}: {exc}"
-        failure = self.completion.broadcast_object(-1, failure)
+        failure = self.completion.broadcast_object(call_idx, failure)
         if failure is not None:
             raise OSError(f"rank 0 could not commit {self.directory!r}: {failure}")
 

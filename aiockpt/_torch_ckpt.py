@@ -8,7 +8,12 @@ from typing import Any
 from ._exceptions import InvalidRequestError
 from ._queue import AsyncCallsQueue
 from ._request import AsyncRequest
-from ._sharded import _save_file, sharded_request
+from ._sharded import sharded_request
+from ._storage import save_file
+from .utils import wrap_for_async
+
+# The worker's function for single-file saves: atomic, fsync'd, checksummed torch.save.
+save_file_async = wrap_for_async(save_file)
 
 
 def checked_path(f: Any) -> str:
@@ -34,8 +39,9 @@ class TorchAsyncCheckpoint:
 
     ``async_save(state_dict, path, **torch_save_kwargs)`` has ``torch.save``'s signature;
     the file it writes loads with ``torch.load``. It is written under a temporary name,
-    fsync'd and renamed, so ``path`` holds either the previous file or the new one. Call ``finalize_async_save`` regularly
-    (``blocking=False`` each step) and ``finalize_async_save(blocking=True)`` at the end.
+    fsync'd and renamed, so ``path`` holds either the previous file or the new one.
+    Call ``finalize_async_save`` regularly (``blocking=False`` each step) and
+    ``finalize_async_save(blocking=True)`` at the end.
     ``persistent_queue=True`` keeps one worker process instead of forking per save.
     """
 
@@ -51,7 +57,7 @@ class TorchAsyncCheckpoint:
         if not args:
             raise InvalidRequestError("async_save needs a path to save to: async_save(sd, path)")
         path = checked_path(args[0])
-        request = AsyncRequest(_save_file, (state_dict, path, *args[1:]), [], kwargs)
+        request = AsyncRequest(save_file_async, (state_dict, path, *args[1:]), [], kwargs)
         return self._queue.schedule_async_request(request)
 
     def async_save_sharded(
