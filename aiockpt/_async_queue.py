@@ -281,7 +281,9 @@ class AsyncCheckpointQueue:
             if settled is None:
                 continue
             call = settled.call
-            fut = self._futures[call.call_idx]
+            fut = self._futures.get(call.call_idx)
+            if fut is None:  # resolved already: its scheduling failed
+                continue
             if settled.error is not None:
                 self._resolve(fut, None, settled.error)
                 continue

@@ -3,7 +3,13 @@
 ``TemporalAsyncCaller`` forks one child per request; ``PersistentAsyncCaller`` keeps one
 worker (started with spawn or forkserver) that serves requests in order across saves. Both
 report each request as a :class:`LocalOutcome`; a worker that dies is reported as a
-:class:`WorkerCrashedError` as soon as its end of the connection closes, never as success.
+:class:`WorkerCrashedError`, seen through its process sentinel (so a helper process that
+inherited the connection cannot hide the death) as well as through its connection.
+
+The engine drives a caller through a narrow protocol: ``run`` starts a request,
+``wait_objects`` are what to wait on for news, ``collect`` reads the news without blocking,
+``kill`` and ``shutdown`` stop the worker. The reference's own methods
+(``schedule_async_call``, ``is_current_async_call_done``, ``close``) sit on top of it.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import gc
 import multiprocessing as mp
 import pickle
 import signal
+import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import send_handle
@@ -26,11 +34,14 @@ from typing import Any
 from . import _transport, _worker
 from ._dist import CompletionGroup, get_rank, is_distributed, settle
 from ._exceptions import InvalidRequestError, WorkerCrashedError, WorkerError
+from ._messages import Done, DropArena, Failed, MapArena, Ready, Reply, Run, Stop
 from ._request import AsyncRequest, LocalOutcome
 from ._staging import StagingBuffers
 
-# How long a worker that closed its connection gets to exit before it counts as hung.
-_EXIT_GRACE_S = 1.0
+# How long a worker that closed its connection gets to exit before it counts as dead.
+EXIT_GRACE_S = 1.0
+# How long a stopped worker gets to exit on its own before it is killed.
+STOP_GRACE_S = 10.0
 
 _live_callers: weakref.WeakSet[AsyncCaller] = weakref.WeakSet()
 
@@ -46,6 +57,14 @@ def _close_live_callers() -> None:
 atexit.register(_close_live_callers)
 
 
+def stop_process(process: BaseProcess, grace: float) -> None:
+    """Wait up to ``grace`` seconds for ``process`` to exit, then kill it and reap it."""
+    process.join(grace)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
 def _describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "stopped answering"
@@ -57,22 +76,39 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-def outcome_from_reply(reply: tuple[Any, ...], rank: int) -> LocalOutcome:
-    """Turn a worker's ``done``/``error`` reply into a :class:`LocalOutcome`."""
-    kind, call_idx, seconds = reply[0], reply[1], reply[2]
-    if kind == "done":
-        return LocalOutcome(call_idx, result=pickle.loads(reply[3]), run_seconds=seconds)
-    exc_type, exc_message, tb = reply[3], reply[4], reply[5]
+def outcome_from_reply(reply: Reply, rank: int) -> LocalOutcome:
+    """Turn a worker's :class:`Done`/:class:`Failed` reply into a :class:`LocalOutcome`;
+    a result that cannot be unpickled here is that call's failure."""
+    call_idx = reply.call_idx
+    if isinstance(reply, Done):
+        try:
+            result = pickle.loads(reply.payload)
+        except Exception as exc:
+            return LocalOutcome(
+                call_idx,
+                error=WorkerError(
+                    f"checkpoint call {call_idx} on rank {rank} finished in the worker, but its "
+                    f"result could not be unpickled in the caller: {type(exc).__name__}: {exc}. "
+                    "Return plain values (or None) from the checkpoint function",
+                    call_idx=call_idx,
+                    rank=rank,
+                    exc_type=type(exc).__name__,
+                    exc_message=str(exc),
+                ),
+                run_seconds=reply.seconds,
+            )
+        return LocalOutcome(call_idx, result=result, run_seconds=reply.seconds)
     error = WorkerError(
         f"checkpoint call {call_idx} failed on rank {rank} in the worker process: "
-        f"{exc_type}: {exc_message}\n--- worker traceback ---\n{tb.rstrip()}",
+        f"{reply.exc_type}: {reply.exc_message}\n--- worker traceback ---\n"
+        f"{reply.traceback.rstrip()}",
         call_idx=call_idx,
         rank=rank,
-        exc_type=exc_type,
-        exc_message=exc_message,
-        worker_traceback=tb,
+        exc_type=reply.exc_type,
+        exc_message=reply.exc_message,
+        worker_traceback=reply.traceback,
     )
-    return LocalOutcome(call_idx, error=error, run_seconds=seconds)
+    return LocalOutcome(call_idx, error=error, run_seconds=reply.seconds)
 
 
 _START_HINT = (
@@ -104,10 +140,51 @@ class AsyncCaller(ABC):
     def __init__(self, completion: CompletionGroup | None = None) -> None:
         self.rank: int = get_rank()
         self.completion = completion if completion is not None else CompletionGroup()
+        self._lock = threading.Lock()  # this caller's process and connection
+        # The reference's standalone use: outcomes read but not yet acknowledged.
         self.outcomes: dict[int, LocalOutcome] = {}
         self._current: deque[int] = deque()  # scheduled, not yet acknowledged, in order
 
+    # -- the engine's protocol ----------------------------------------------------------
+
     @abstractmethod
+    def run(
+        self,
+        call_idx: int,
+        fn: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        buffers: StagingBuffers | None,
+    ) -> None:
+        """Start ``fn(*args, **kwargs)`` as ``call_idx`` in the worker; returns at once."""
+
+    @abstractmethod
+    def wait_objects(self) -> list[Any]:
+        """What ``multiprocessing.connection.wait`` sees ready when there is news."""
+
+    @abstractmethod
+    def collect(self) -> list[LocalOutcome]:
+        """The outcomes that arrived since the last call; never blocks on the worker."""
+
+    @abstractmethod
+    def in_flight(self) -> list[int]:
+        """Calls the worker still owes a report about, oldest first."""
+
+    def deadline(self) -> float | None:
+        """A ``time.monotonic()`` instant by which ``collect`` must run again, if any."""
+        return None
+
+    @abstractmethod
+    def kill(self) -> None:
+        """SIGKILL the worker now; ``collect`` then reports its calls as crashed."""
+
+    @abstractmethod
+    def shutdown(self, grace: float = STOP_GRACE_S) -> list[LocalOutcome]:
+        """Stop the worker (killed after ``grace`` seconds); returns the outcomes of calls
+        still in flight (crashed). Idempotent."""
+
+    # -- the reference's API ------------------------------------------------------------
+
     def schedule_async_call(
         self, async_req: AsyncRequest, buffers: StagingBuffers | None = None
     ) -> None:
@@ -116,35 +193,29 @@ class AsyncCaller(ABC):
         ``preload_fn`` runs here if the request still has one. ``buffers`` are the staging
         buffers the request's tensors were copied to, if any.
         """
-
-    @abstractmethod
-    def _collect(self, timeout: float | None) -> None:
-        """Read what the worker reported, waiting up to ``timeout`` seconds for news."""
-
-    @abstractmethod
-    def in_flight(self, call_idx: int) -> bool:
-        """Whether the worker still owes a report about ``call_idx``."""
-
-    @abstractmethod
-    def wait_objects(self) -> list[Any]:
-        """Objects that ``multiprocessing.connection.wait`` sees ready when there is news."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Wait for the requests in flight, then stop the worker. Idempotent."""
+        args = async_req.prepared_args()
+        self.run(async_req.call_idx, async_req.async_fn, args, async_req.async_fn_kwargs, buffers)
+        self._current.append(async_req.call_idx)
 
     def poll(self, call_idx: int, timeout: float | None = 0.0) -> LocalOutcome | None:
         """This rank's outcome of ``call_idx``: None while it runs. ``timeout=0`` never
         blocks; ``None`` waits until the worker reports or dies."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while call_idx not in self.outcomes:
-            if not self.in_flight(call_idx):
+        while True:
+            for outcome in self.collect():
+                self.outcomes[outcome.call_idx] = outcome
+            if call_idx in self.outcomes:
+                return self.outcomes[call_idx]
+            if call_idx not in self.in_flight():
                 raise InvalidRequestError(f"call {call_idx} was never scheduled on this caller")
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._collect(left)
-            if left == 0.0 and call_idx not in self.outcomes:
+            now = time.monotonic()
+            limits = [t - now for t in (deadline, self.deadline()) if t is not None]
+            left = max(0.0, min(limits)) if limits else None
+            if deadline is not None and deadline <= now:
                 return None
-        return self.outcomes[call_idx]
+            objects = self.wait_objects()
+            if objects:
+                wait(objects, left)
 
     def acknowledge(self, call_idx: int) -> None:
         """Forget ``call_idx``: its outcome has been consumed."""
@@ -175,6 +246,13 @@ class AsyncCaller(ABC):
             raise error
         return True
 
+    def close(self) -> None:
+        """Wait for the requests in flight, then stop the worker. Idempotent."""
+        for call_idx in self.in_flight():
+            self.poll(call_idx, None)
+        for outcome in self.shutdown():
+            self.outcomes[outcome.call_idx] = outcome
+
 
 class TemporalAsyncCaller(AsyncCaller):
     """Forks one child process per request (the reference's default caller).
@@ -190,90 +268,133 @@ class TemporalAsyncCaller(AsyncCaller):
         self.process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._call_idx: int | None = None
+        self._reported = False
+        self._eof_at: float | None = None  # the child closed its pipe without a reply
+        self._news: list[LocalOutcome] = []
         self.start_time: float | None = None
 
-    def schedule_async_call(
-        self, async_req: AsyncRequest, buffers: StagingBuffers | None = None
+    def run(
+        self,
+        call_idx: int,
+        fn: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        buffers: StagingBuffers | None,
     ) -> None:
-        if self._call_idx is not None:
-            raise InvalidRequestError(
-                "a TemporalAsyncCaller runs one request; create a new caller per request"
+        with self._lock:
+            if self._call_idx is not None:
+                raise InvalidRequestError(
+                    "a TemporalAsyncCaller runs one request; create a new caller per request"
+                )
+            self._call_idx = call_idx
+            self.start_time = time.monotonic()
+            if fn is None:
+                self._reported = True
+                self._news.append(LocalOutcome(call_idx))
+                return
+            ctx = mp.get_context("fork")
+            reader, writer = ctx.Pipe(duplex=False)
+            process = ctx.Process(
+                target=_worker.fork_child_main,
+                args=(writer, call_idx, fn, args, kwargs),
+                name=f"aiockpt-save-{call_idx}",
             )
-        args = async_req.prepared_args()
-        call_idx = async_req.call_idx
-        self._call_idx = call_idx
-        self._current.append(call_idx)
-        self.start_time = time.monotonic()
-        if async_req.async_fn is None:
-            self.outcomes[call_idx] = LocalOutcome(call_idx)
-            return
-        ctx = mp.get_context("fork")
-        reader, writer = ctx.Pipe(duplex=False)
-        process = ctx.Process(
-            target=_worker.fork_child_main,
-            args=(writer, call_idx, async_req.async_fn, args, async_req.async_fn_kwargs),
-            name=f"aiockpt-save-{call_idx}",
-        )
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            process.start()
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-            writer.close()
-        self.process, self._conn = process, reader
-        _live_callers.add(self)
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                process.start()
+            except BaseException:
+                reader.close()
+                raise
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+                writer.close()
+            # The child has its own copy of the arguments: do not keep the staged views.
+            process._args = ()  # type: ignore[attr-defined]
+            self.process, self._conn = process, reader
+            _live_callers.add(self)
 
-    def in_flight(self, call_idx: int) -> bool:
-        return call_idx == self._call_idx and self.process is not None
+    def in_flight(self) -> list[int]:
+        return [self._call_idx] if self._call_idx is not None and not self._reported else []
 
     def wait_objects(self) -> list[Any]:
-        if self._conn is None or self.process is None:
-            return []
-        return [self._conn, self.process.sentinel]
+        with self._lock:
+            if self._reported or self.process is None:
+                return []
+            objects: list[Any] = [self.process.sentinel]
+            if self._conn is not None and self._eof_at is None:
+                objects.append(self._conn)
+            return objects
 
-    def _collect(self, timeout: float | None) -> None:
-        if self._conn is None or self.process is None or self._call_idx is None:
-            return
-        if not wait(self.wait_objects(), timeout):
-            return
-        reply = None
-        if self._conn.poll():
-            with contextlib.suppress(EOFError, OSError):
-                reply = self._conn.recv()
-        self.process.join(_EXIT_GRACE_S if reply is None else None)
-        if self.process.is_alive():  # closed its pipe but did not exit: count it as dead
-            self.process.kill()
-            self.process.join()
-        if reply is not None:
-            outcome = outcome_from_reply(reply, self.rank)
-        else:
-            outcome = crash_outcome(self._call_idx, self.rank, self.process.exitcode, True)
-        self.outcomes[self._call_idx] = outcome
-        self._release_process()
+    def deadline(self) -> float | None:
+        return None if self._eof_at is None else self._eof_at + EXIT_GRACE_S
+
+    def collect(self) -> list[LocalOutcome]:
+        with self._lock:
+            news, self._news = self._news, []
+            process, conn = self.process, self._conn
+            if process is None or self._call_idx is None:
+                return news
+            if not self._reported and conn is not None and self._eof_at is None:
+                try:
+                    if conn.poll():
+                        news.append(outcome_from_reply(conn.recv(), self.rank))
+                        self._reported = True
+                except (EOFError, OSError):
+                    self._eof_at = time.monotonic()
+            exited = process.exitcode is not None
+            if not self._reported:
+                overdue = (
+                    self._eof_at is not None and time.monotonic() >= self._eof_at + EXIT_GRACE_S
+                )
+                if exited or overdue:
+                    if not exited:  # closed its pipe but did not exit: count it as dead
+                        stop_process(process, 0.0)
+                    news.append(crash_outcome(self._call_idx, self.rank, process.exitcode, True))
+                    self._reported = True
+                    exited = True
+            if self._reported and exited:
+                self._release_process()
+            return news
 
     def _release_process(self) -> None:
         if self._conn is not None:
             self._conn.close()
         if self.process is not None:
-            self.process.close()
+            self.process.join(0)
+            if self.process.exitcode is not None:
+                self.process.close()
         self._conn, self.process = None, None
         _live_callers.discard(self)
 
-    def close(self) -> None:
-        if self._call_idx is not None and self.process is not None:
-            self.poll(self._call_idx, None)
+    def kill(self) -> None:
+        with self._lock:
+            if self.process is not None and not self._reported:
+                self.process.kill()
+
+    def shutdown(self, grace: float = STOP_GRACE_S) -> list[LocalOutcome]:
+        with self._lock:
+            news: list[LocalOutcome] = []
+            if self.process is None:
+                return news
+            stop_process(self.process, grace)
+            if not self._reported and self._call_idx is not None:
+                news.append(crash_outcome(self._call_idx, self.rank, self.process.exitcode, True))
+                self._reported = True
+            self._release_process()
+            return news
 
 
 class PersistentAsyncCaller(AsyncCaller):
     """One long-lived worker process that serves requests in order.
 
     The worker is started (``start_method``: ``"spawn"`` or ``"forkserver"``) on the first
-    request and lives across saves, so no save pays for a fork. Requests and their results
-    cross a socket; staged tensors cross as references into shared staging buffers. The
-    request's function and arguments must be picklable (module-level functions). If the
-    worker dies, every request in flight fails and the next request starts a new worker.
+    request, or by :meth:`start`, and lives across saves, so no save pays for a fork.
+    Requests and their results cross a socket; staged tensors cross as references into
+    shared staging buffers. The request's function and arguments must be picklable
+    (module-level functions). If the worker dies, every request in flight fails and the
+    next request starts a new worker.
     """
 
     def __init__(
@@ -291,40 +412,64 @@ class PersistentAsyncCaller(AsyncCaller):
         self._inflight: deque[int] = deque()
         self._mapped: set[int] = set()
         self._ready = False  # the current worker has said hello
+        self._eof_at: float | None = None
+        self._news: list[LocalOutcome] = []
         self.starts = 0  # workers started so far
 
     def start(self) -> None:
         """Start the worker now rather than at the first request (it imports torch)."""
-        self._ensure_worker()
+        with self._lock:
+            self._ensure_worker()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Start the worker if needed and wait until it has imported what it needs;
+        returns whether it is ready. Call before the first save to keep it fast."""
+        with self._lock:
+            conn = self._ensure_worker()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._ready:
+                left = None if deadline is None else deadline - time.monotonic()
+                if (left is not None and left <= 0) or not conn.poll(left):
+                    return False
+                self._read_one(conn)
+                if self._conn is None:
+                    return False
+            return True
 
     def _ensure_worker(self) -> Connection:
-        if self._conn is not None and self.process is not None and self.process.is_alive():
+        if self._conn is not None and self.process is not None and self.process.exitcode is None:
             return self._conn
         if self._conn is not None:
-            self._worker_died()
+            self._worker_gone()
         ctx = mp.get_context(self.start_method)
         parent_end, child_end = ctx.Pipe(duplex=True)
         process = ctx.Process(  # type: ignore[attr-defined]
             target=_worker.persistent_main, args=(child_end,), name="aiockpt-worker"
         )
-        process.start()
-        # Our copy of the child's end must go, or a dead worker would never read as EOF.
-        child_end.close()
+        try:
+            process.start()
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            # Our copy of the child's end must go, or a dead worker would never read as EOF.
+            child_end.close()
         self.process, self._conn, self._mapped = process, parent_end, set()
-        self._ready = False
+        self._ready, self._eof_at = False, None
         self.starts += 1
         _live_callers.add(self)
         return parent_end
 
-    def schedule_async_call(
-        self, async_req: AsyncRequest, buffers: StagingBuffers | None = None
+    def run(
+        self,
+        call_idx: int,
+        fn: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        buffers: StagingBuffers | None,
     ) -> None:
-        args = async_req.prepared_args()
-        call_idx = async_req.call_idx
         try:
-            payload = _transport.dumps(
-                (async_req.async_fn, args, async_req.async_fn_kwargs), buffers
-            )
+            payload = _transport.dumps((fn, args, kwargs), buffers)
         except Exception as exc:
             raise InvalidRequestError(
                 f"call {call_idx} cannot be sent to the persistent worker: {exc}. Its function "
@@ -333,94 +478,103 @@ class PersistentAsyncCaller(AsyncCaller):
                 call_idx=call_idx,
                 rank=self.rank,
             ) from exc
-        for attempt in (1, 2):
-            conn = self._ensure_worker()
-            try:
-                self._sync_arenas(conn, buffers)
-                conn.send(("run", call_idx, payload))
-                break
-            except OSError:  # the worker died since we last looked: start a fresh one
-                self._worker_died()
-                if attempt == 2:
-                    raise
-        self._inflight.append(call_idx)
-        self._current.append(call_idx)
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._ensure_worker()
+                try:
+                    self._sync_arenas(conn, buffers)
+                    conn.send(Run(call_idx, payload))
+                    break
+                except OSError:  # the worker died since we last looked: start a fresh one
+                    self._worker_gone()
+                    if attempt == 2:
+                        raise
+            self._inflight.append(call_idx)
 
     def _sync_arenas(self, conn: Connection, buffers: StagingBuffers | None) -> None:
         live = {a.id: a for a in buffers.arenas} if buffers is not None else {}
         for arena_id in self._mapped - live.keys():
-            conn.send(("drop", arena_id))
+            conn.send(DropArena(arena_id))
             self._mapped.discard(arena_id)
         assert self.process is not None and self.process.pid is not None
         for arena_id, arena in live.items():
             if arena_id not in self._mapped:
-                conn.send(("arena", arena_id, arena.nbytes))
+                conn.send(MapArena(arena_id, arena.nbytes))
                 send_handle(conn, arena.fd, self.process.pid)
                 self._mapped.add(arena_id)
 
-    def in_flight(self, call_idx: int) -> bool:
-        return call_idx in self._inflight
+    def in_flight(self) -> list[int]:
+        return list(self._inflight)
 
     def wait_objects(self) -> list[Any]:
-        return [self._conn] if self._conn is not None and self._inflight else []
+        with self._lock:
+            if self.process is None or not self._inflight:
+                return []
+            objects: list[Any] = [self.process.sentinel]
+            if self._conn is not None and self._eof_at is None:
+                objects.append(self._conn)
+            return objects
 
-    def _collect(self, timeout: float | None) -> None:
-        conn = self._conn
-        if conn is None or not self._inflight:
-            return
-        if not wait([conn], timeout):
-            return
+    def deadline(self) -> float | None:
+        return None if self._eof_at is None else self._eof_at + EXIT_GRACE_S
+
+    def _read_one(self, conn: Connection) -> None:
         try:
-            while conn.poll():
-                reply = conn.recv()
-                if reply[0] == "ready":
-                    self._ready = True
-                elif reply[0] in ("done", "error"):
-                    self._inflight.remove(reply[1])
-                    self.outcomes[reply[1]] = outcome_from_reply(reply, self.rank)
+            msg = conn.recv()
         except (EOFError, OSError):
-            self._worker_died()
+            self._eof_at = time.monotonic()
+            return
+        if isinstance(msg, Ready):
+            self._ready = True
+        elif isinstance(msg, Done | Failed):
+            with contextlib.suppress(ValueError):
+                self._inflight.remove(msg.call_idx)
+            self._news.append(outcome_from_reply(msg, self.rank))
 
-    def _worker_died(self) -> None:
-        """The worker's end closed: every request in flight failed; forget the worker."""
+    def collect(self) -> list[LocalOutcome]:
+        with self._lock:
+            conn, process = self._conn, self.process
+            if conn is not None and process is not None:
+                while self._eof_at is None and conn.poll():
+                    self._read_one(conn)
+                overdue = (
+                    self._eof_at is not None and time.monotonic() >= self._eof_at + EXIT_GRACE_S
+                )
+                if process.exitcode is not None or overdue:
+                    self._worker_gone()
+            news, self._news = self._news, []
+            return news
+
+    def _worker_gone(self) -> None:
+        """The worker died (or stopped answering): every request in flight failed."""
         exitcode = None
         if self.process is not None:
-            self.process.join(_EXIT_GRACE_S)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join()
+            stop_process(self.process, 0.0 if self._eof_at is None else EXIT_GRACE_S)
             exitcode = self.process.exitcode
         hint = "" if self._ready else _START_HINT
         for position, call_idx in enumerate(self._inflight):
-            self.outcomes[call_idx] = crash_outcome(
-                call_idx, self.rank, exitcode, position == 0, hint
-            )
+            self._news.append(crash_outcome(call_idx, self.rank, exitcode, position == 0, hint))
         self._inflight.clear()
         if self._conn is not None:
             self._conn.close()
         if self.process is not None:
             self.process.close()
-        self.process, self._conn, self._mapped = None, None, set()
-        _live_callers.discard(self)
-
-    def close(self) -> None:
-        while self._inflight:
-            self._collect(None)
-        if self.process is None or self._conn is None:
-            return
-        with contextlib.suppress(OSError):
-            self._conn.send(("stop",))
-        self.process.join(10.0)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self._conn.close()
-        self.process.close()
-        self.process, self._conn = None, None
+        self.process, self._conn, self._mapped, self._eof_at = None, None, set(), None
         _live_callers.discard(self)
 
     def kill(self) -> None:
-        """Kill the worker at once (SIGKILL), failing the requests in flight."""
-        if self.process is not None:
-            self.process.kill()
-            self._worker_died()
+        """Kill the worker at once (SIGKILL); its requests in flight fail."""
+        with self._lock:
+            if self.process is not None:
+                self.process.kill()
+
+    def shutdown(self, grace: float = STOP_GRACE_S) -> list[LocalOutcome]:
+        with self._lock:
+            if self.process is not None and self._conn is not None:
+                with contextlib.suppress(OSError):
+                    self._conn.send(Stop())
+                stop_process(self.process, grace if not self._inflight else 0.0)
+            if self.process is not None:
+                self._worker_gone()
+            news, self._news = self._news, []
+            return news

@@ -46,6 +46,7 @@ class GlobalStatus:
 
     done: bool
     failed_ranks: tuple[int, ...] = ()
+    rank_errors: dict[int, str] | None = None  # each failing rank's error, first line
 
 
 class CompletionGroup:
@@ -68,8 +69,11 @@ class CompletionGroup:
                 self._group = dist.new_group(backend="gloo", timeout=self.timeout)
             return self._group
 
-    def reduce(self, call_idx: int, running: bool, failed: bool) -> GlobalStatus:
-        """One all-reduce over the group; must be called in the same order on every rank."""
+    def reduce(
+        self, call_idx: int, running: bool, failed: bool, error: str | None = None
+    ) -> GlobalStatus:
+        """One all-reduce over the group; must be called in the same order on every rank.
+        When some rank failed, one more collective gathers every rank's ``error``."""
         group = self.group()
         t = torch.tensor([int(running), int(failed), call_idx, -call_idx], dtype=torch.int64)
         self._collective(call_idx, lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group))
@@ -86,16 +90,15 @@ class CompletionGroup:
             return GlobalStatus(done=False)
         if not any_failed:
             return GlobalStatus(done=True)
-        flags = torch.zeros(dist.get_world_size(group), dtype=torch.int64)
-        mine = torch.tensor([int(failed)], dtype=torch.int64)
-        parts = list(torch.split(flags, 1))
-        self._collective(call_idx, lambda: dist.all_gather(parts, mine, group=group))
-        failed_ranks = tuple(
-            dist.get_global_rank(group, i) if group is not None else i
-            for i, part in enumerate(parts)
-            if int(part.item())
-        )
-        return GlobalStatus(done=True, failed_ranks=failed_ranks)
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        mine = (failed, error if failed else None)
+        self._collective(call_idx, lambda: dist.all_gather_object(gathered, mine, group=group))
+        errors = {
+            dist.get_global_rank(group, i) if group is not None else i: message or "unknown error"
+            for i, (rank_failed, message) in enumerate(gathered)
+            if rank_failed
+        }
+        return GlobalStatus(done=True, failed_ranks=tuple(sorted(errors)), rank_errors=errors)
 
     def all_gather_object(self, call_idx: int, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (``[obj]`` outside a distributed job)."""
@@ -130,17 +133,22 @@ class CompletionGroup:
 
 
 def remote_failure(
-    call_idx: int, failed_ranks: tuple[int, ...], local: CheckpointError | None
+    call_idx: int,
+    failed_ranks: tuple[int, ...],
+    local: CheckpointError | None,
+    rank_errors: dict[int, str] | None = None,
 ) -> DistributedCheckpointError:
-    """The error every rank raises for a request that failed on ``failed_ranks``; on a
-    failing rank its own error is the cause and is quoted."""
-    mine = f" This rank's error: {local.message.splitlines()[0]}" if local is not None else ""
+    """The error every rank raises for a request that failed on ``failed_ranks``; it
+    quotes each failing rank's error, and on a failing rank its own error is the cause."""
+    rank_errors = rank_errors or {}
+    quoted = "".join(f"\n  rank {r}: {rank_errors[r]}" for r in failed_ranks if r in rank_errors)
     err = DistributedCheckpointError(
         f"checkpoint call {call_idx} failed on rank(s) {list(failed_ranks)}; no finalize step "
-        f"ran on any rank.{mine} See the failing ranks' errors for the cause",
+        f"ran on any rank.{quoted}",
         call_idx=call_idx,
         rank=get_rank(),
         failed_ranks=failed_ranks,
+        rank_errors=rank_errors,
     )
     err.__cause__ = local
     return err
@@ -165,8 +173,12 @@ def settle(
             return False, None
         return True, outcome.error
     while True:
+        error = outcome.error if outcome is not None else None
         status = completion.reduce(
-            call_idx, running=outcome is None, failed=outcome is not None and not outcome.ok
+            call_idx,
+            running=outcome is None,
+            failed=error is not None,
+            error=error.message.splitlines()[0] if error is not None else None,
         )
         if status.done or not blocking:
             break
@@ -175,5 +187,7 @@ def settle(
         return False, None
     assert outcome is not None
     if status.failed_ranks:
-        return True, remote_failure(call_idx, status.failed_ranks, outcome.error)
+        return True, remote_failure(
+            call_idx, status.failed_ranks, outcome.error, status.rank_errors
+        )
     return True, None

@@ -1,32 +1,50 @@
-"""The engine: requests in flight, staged, started, settled and finalized in FIFO order.
+"""The engine: requests staged, started, reported, settled and finalized in FIFO order.
 
-Both facades drive this one object: the blocking ``AsyncCallsQueue`` and the asyncio
-``AsyncCheckpointQueue``. It imports no asyncio. Waiting happens outside its lock (on the
-worker's connection or process sentinel), so one thread may wait for a request while
-another schedules the next.
+Both facades drive this one object: the blocking ``AsyncCallsQueue`` and the async
+``AsyncCheckpointQueue``. It imports no asyncio. Each request's life is a :class:`Call`
+(``_calls.py``); the engine is the only writer of its state.
+
+One reader of worker replies: whichever thread holds the engine's lock while no other
+thread is blocked on the workers reads what is there; a thread that must wait becomes *the*
+reader and blocks on every running call's connection and process sentinel (plus a wake-up
+pipe, so a newly scheduled call joins the wait). Whoever reads news notifies the others, and
+writes to the *news* pipe that an event loop can watch (:meth:`wait_handles`).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import logging
+import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any
 
 from ._callers import AsyncCaller, PersistentAsyncCaller, TemporalAsyncCaller
-from ._dist import DEFAULT_TIMEOUT, CompletionGroup, get_rank, is_distributed, settle
+from ._calls import Call, CallState, describe_target
+from ._dist import CompletionGroup, get_rank, is_distributed, settle
 from ._exceptions import (
     CheckpointError,
     FinalizeError,
     InvalidRequestError,
     QueueClosedError,
+    SaveTimeoutError,
     StagingError,
 )
+from ._options import QueueOptions
 from ._request import AsyncRequest, LocalOutcome
 from ._staging import StagedArgs, StagingBuffers
+
+logger = logging.getLogger("aiockpt")
+
+# Engines not stopped yet, held strongly: a queue dropped with saves pending still has
+# them waited for and reported at exit.
+_live_engines: set[CallsEngine] = set()
 
 
 class ResultFinalizer:
@@ -38,58 +56,67 @@ class ResultFinalizer:
 
 
 @dataclass
-class ActiveCall:
-    """A scheduled request, from staging until it is settled."""
-
-    call_idx: int
-    caller: AsyncCaller
-    request: AsyncRequest
-    staged_bytes: int
-    stage_seconds: float
-    scheduled_at: float
-    outcome: LocalOutcome | None = None
-    needs_global: bool = False  # settle across ranks even when the caller says no_dist
-
-
-@dataclass
 class Settled:
     """A request whose fate is known on every rank: ``error`` is None if it succeeded."""
 
-    call: ActiveCall
+    call: Call
     error: CheckpointError | None
     settled_at: float
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def _ping(fd: int) -> None:
+    if fd < 0:  # closed with the engine
+        return
+    with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending anyway
+        os.write(fd, b"\0")
+
+
+def _drain(fd: int) -> None:
+    if fd < 0:
+        return
+    with contextlib.suppress(BlockingIOError, OSError):
+        while os.read(fd, 4096):
+            pass
 
 
 class CallsEngine:
     """Schedules requests on callers and settles them, oldest first."""
 
     def __init__(
-        self,
-        persistent: bool = True,
-        *,
-        start_method: str = "spawn",
-        max_staging_copies: int = 1,
-        pin_memory: bool | None = None,
-        process_group: Any = None,
-        timeout: timedelta = DEFAULT_TIMEOUT,
-        single_threaded_staging: bool = False,
+        self, persistent: bool = True, *, options: QueueOptions | None = None, **kwargs: Any
     ) -> None:
-        self.persistent = persistent
-        self.start_method = start_method
-        self.buffers = StagingBuffers(max_staging_copies, pin_memory, single_threaded_staging)
-        self.completion = CompletionGroup(process_group, timeout)
-        self.active: deque[ActiveCall] = deque()
+        self.options = options if options is not None else QueueOptions(persistent, **kwargs)
+        opts = self.options
+        self.persistent = opts.persistent
+        self.buffers = StagingBuffers(
+            opts.max_staging_copies, opts.pin_memory, opts.single_threaded_staging
+        )
+        self.completion = CompletionGroup(opts.process_group, opts.timeout)
+        self.active: deque[Call] = deque()  # not settled yet, oldest first
+        self._running: dict[int, Call] = {}  # sent, not reported yet
+        self._callers: list[AsyncCaller] = []  # callers that may still have news
         self.call_idx = -1
         self.closed = False
-        self._lock = threading.Lock()  # engine state and every caller's connection
-        self._changed = threading.Condition(self._lock)  # news from a worker was collected
-        self._reading = False  # a thread is blocked on the workers' pipes
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()  # engine state only; each caller locks its own process
+        self._changed = threading.Condition(self._lock)
+        self._reading = False  # a thread is blocked on the workers' connections
         self._schedule_lock = threading.Lock()  # one schedule at a time, in call order
+        self._wake_r, self._wake_w = _pipe()  # wakes the blocked reader: a new call to watch
+        self._news_r, self._news_w = _pipe()  # tells an event loop: something changed
         self._persistent_caller: PersistentAsyncCaller | None = None
-        if persistent:
+        if opts.persistent:
             # Started now, so that the first save does not wait for the worker to import torch.
-            self._persistent_caller = PersistentAsyncCaller(start_method, self.completion)
+            self._persistent_caller = PersistentAsyncCaller(opts.start_method, self.completion)
             self._persistent_caller.start()
+        _live_engines.add(self)
 
     def _caller(self) -> AsyncCaller:
         if self._persistent_caller is not None:
@@ -102,16 +129,29 @@ class CallsEngine:
 
     # -- scheduling ---------------------------------------------------------------------
 
+    def reserve(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+        """Allocate staging memory for a request with these arguments ahead of its first
+        save (and let the persistent worker finish starting), so that save is a warm one."""
+        self.check_open()
+        self.buffers.reserve(tuple(args), dict(kwargs or {}))
+        if self._persistent_caller is not None:
+            self._persistent_caller.wait_ready(60.0)
+
     def schedule(
-        self, request: AsyncRequest, call_idx: int | None = None, needs_global: bool = False
-    ) -> ActiveCall:
+        self,
+        request: AsyncRequest,
+        call_idx: int | None = None,
+        needs_global: bool = False,
+        ready_event: Any = None,
+    ) -> Call:
         """Stage the request's tensors and start it; returns once staging is done.
 
         ``call_idx`` is the index to give the request (a facade that hands out indices
-        before staging reserves them); by default the next one. ``needs_global`` requests
-        (a sharded checkpoint whose metadata commits it) always settle across all ranks.
-        Schedules run one at a time; the copy runs without the engine's lock, so another
-        thread can settle earlier requests meanwhile.
+        before staging reserves them); by default the next one. The index is consumed even
+        if staging fails, so that every rank numbers its requests alike. ``needs_global``
+        requests (a sharded checkpoint whose metadata commits it) always settle across all
+        ranks. ``ready_event`` is a CUDA event the staging copy waits for (recorded on the
+        caller's stream when staging runs in another thread).
         """
         self.check_open()
         if not isinstance(request, AsyncRequest):
@@ -123,130 +163,244 @@ class CallsEngine:
                 call_idx = self.call_idx + 1
             elif call_idx <= self.call_idx:
                 raise InvalidRequestError(f"call index {call_idx} was already used")
-            start = time.perf_counter()
-            staged = self._stage(call_idx, request)
-            stage_seconds = time.perf_counter() - start
-            to_run = request._replace(
-                async_fn_args=staged.args,
-                async_fn_kwargs=staged.kwargs,
-                preload_fn=None,
-                finalize_fns=[],
-                is_frozen=True,
-                call_idx=call_idx,
-            )
-            with self._lock:
-                caller = self._caller()
-                try:
-                    caller.schedule_async_call(to_run, self.buffers)
-                except BaseException:
-                    self.buffers.release(call_idx)
-                    raise
+            if call_idx in self._cancelled:
+                self._cancelled.discard(call_idx)
                 self.call_idx = call_idx
-                call = ActiveCall(
-                    call_idx,
-                    caller,
-                    request.freeze(),
-                    staged.nbytes,
-                    stage_seconds,
-                    time.time(),
-                    needs_global=needs_global,
-                )
+                raise InvalidRequestError(f"call {call_idx} was cancelled before it started")
+            call = Call(
+                call_idx,
+                list(request.finalize_fns),
+                describe_target(request.async_fn, tuple(request.async_fn_args)),
+                needs_global,
+                self.buffers.release,
+            )
+            self.call_idx = call_idx
+            with self._lock:
                 self.active.append(call)
-                self._changed.notify_all()  # a reader may now wait on this call's worker too
+            caller: AsyncCaller | None = None
+            start = time.perf_counter()
+            try:
+                staged = self._stage(call, request, ready_event)
+                caller = self._caller()
+                caller.run(call_idx, request.async_fn, staged.args, staged.kwargs, self.buffers)
+            except BaseException as exc:
+                self._schedule_failed(call, caller, exc, start)
+                raise
+            with self._lock:
+                call.sent(caller, time.perf_counter() - start, staged.nbytes)
+                self._running[call_idx] = call
+                if caller not in self._callers:
+                    self._callers.append(caller)
+            _ping(self._wake_w)
+            _ping(self._news_w)
             return call
 
-    def _stage(self, call_idx: int, request: AsyncRequest) -> StagedArgs:
-        rank = get_rank()
+    def _schedule_failed(
+        self, call: Call, caller: AsyncCaller | None, exc: BaseException, start: float
+    ) -> None:
+        error = (
+            exc
+            if isinstance(exc, CheckpointError)
+            else StagingError(
+                f"scheduling call {call.call_idx} on rank {get_rank()} was interrupted by "
+                f"{type(exc).__name__}",
+                call_idx=call.call_idx,
+                rank=get_rank(),
+            )
+        )
+        with self._lock:
+            if caller is not None and call.call_idx in caller.in_flight():
+                # Interrupted after the worker got it: it runs, and reads its buffers.
+                call.sent(caller, time.perf_counter() - start, 0)
+                self._running[call.call_idx] = call
+                if caller not in self._callers:
+                    self._callers.append(caller)
+            call.failed(error)
+            call.error_raised = True  # raised to the caller of schedule right now
+        _ping(self._news_w)
+
+    def _stage(self, call: Call, request: AsyncRequest, ready_event: Any) -> StagedArgs:
+        rank, call_idx = get_rank(), call.call_idx
         try:
             args = request.prepared_args()
         except Exception as exc:
             raise StagingError(
                 f"preload_fn of call {call_idx} on rank {rank} raised "
-                f"{type(exc).__name__}: {exc}; nothing was scheduled",
+                f"{type(exc).__name__}: {exc}; nothing was written",
                 call_idx=call_idx,
                 rank=rank,
             ) from exc
         kwargs = dict(request.async_fn_kwargs)
-        _, nbytes = self.buffers.plan(args, kwargs)
-        while not self.buffers.has_free(nbytes):
-            # Every staging copy is still read by a worker: wait for the oldest to finish.
-            with self._lock:
-                holder = next(c for c in self.active if c.outcome is None)
-            self.wait_local(holder, None)
         try:
-            return self.buffers.stage(call_idx, args, kwargs)
+            plan = self.buffers.plan(args, kwargs)
+            if not self.buffers.has_free(plan.nbytes):
+                # Every staging copy is still read by a worker: wait for one to report.
+                self.wait_until(lambda: self.buffers.has_free(plan.nbytes), None)
+            if ready_event is not None:
+                import torch
+
+                torch.cuda.current_stream(ready_event.device).wait_event(ready_event)
+            return self.buffers.stage(call_idx, args, kwargs, plan)
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise StagingError(
                 f"copying the tensors of call {call_idx} on rank {rank} to host staging "
-                f"buffers failed: {type(exc).__name__}: {exc}; nothing was scheduled",
+                f"buffers failed: {type(exc).__name__}: {exc}; nothing was written",
                 call_idx=call_idx,
                 rank=rank,
             ) from exc
 
-    # -- local completion ---------------------------------------------------------------
+    def cancel(self, call_idx: int) -> bool:
+        """Withdraw ``call_idx`` if it has not been scheduled yet (True); False once it
+        has started (its worker may be writing)."""
+        with self._schedule_lock:
+            if call_idx > self.call_idx:
+                self._cancelled.add(call_idx)
+                return True
+            return False
 
-    def _poll_locked(self, call: ActiveCall) -> LocalOutcome | None:
-        if call.outcome is None:
-            call.outcome = call.caller.poll(call.call_idx, 0.0)
-            if call.outcome is not None:
-                self.buffers.release(call.call_idx)
-        return call.outcome
+    # -- reading the workers ------------------------------------------------------------
 
-    def poll_local(self, call: ActiveCall) -> LocalOutcome | None:
-        """This rank's outcome of ``call``, without blocking."""
+    def _collect_locked(self) -> bool:
+        """Read every worker's news (never blocks); True if any call was reported."""
+        news = False
+        for caller in list(self._callers):
+            for outcome in caller.collect():
+                call = self._running.pop(outcome.call_idx, None)
+                if call is None:
+                    continue
+                if call.timed_out:
+                    outcome = self._timeout_outcome(call)
+                call.reported(outcome)
+                news = True
+            if not caller.in_flight() and getattr(caller, "process", None) is None:
+                self._callers.remove(caller)
+        self._enforce_deadlines()
+        if news:
+            self._changed.notify_all()
+            _ping(self._news_w)
+        return news
+
+    def _timeout_outcome(self, call: Call, within: str = "") -> LocalOutcome:
+        within = within or f"save_timeout={self.options.save_timeout}s"
+        return LocalOutcome(
+            call.call_idx,
+            error=SaveTimeoutError(
+                f"checkpoint call {call.call_idx} ({call.target}) on rank {get_rank()} did not "
+                f"finish within {within}; its worker was killed and the checkpoint was not "
+                "written. Check the storage; the next request starts a fresh worker",
+                call_idx=call.call_idx,
+                rank=get_rank(),
+            ),
+        )
+
+    def _enforce_deadlines(self) -> None:
+        limit = self.options.save_timeout
+        if limit is None:
+            return
+        now = time.monotonic()
+        for call in self._running.values():
+            if not call.timed_out and call.sent_at is not None and now >= call.sent_at + limit:
+                call.timed_out = True
+                call.caller.kill()
+
+    def _next_deadline_locked(self) -> float | None:
+        instants = [d for c in self._callers if (d := c.deadline()) is not None]
+        limit = self.options.save_timeout
+        if limit is not None:
+            instants += [
+                c.sent_at + limit for c in self._running.values() if c.sent_at and not c.timed_out
+            ]
+        return min(instants) if instants else None
+
+    def next_deadline(self) -> float | None:
+        """Seconds until :meth:`collect` must run to apply a deadline (None: no deadline)."""
         with self._lock:
-            return self._poll_locked(call)
+            instant = self._next_deadline_locked()
+        return None if instant is None else max(0.0, instant - time.monotonic())
 
-    def wait_local(self, call: ActiveCall, timeout: float | None) -> LocalOutcome | None:
-        """Wait up to ``timeout`` seconds (None: until the worker reports or dies).
+    def collect(self) -> None:
+        """Read every worker reply available now, without blocking (a no-op while another
+        thread is blocked reading: that thread collects and notifies)."""
+        with self._lock:
+            _drain(self._news_r)
+            if not self._reading:
+                self._collect_locked()
 
-        Several threads may wait at once (the poller, a schedule waiting for a staging
-        buffer): one of them, the reader, blocks on every unfinished request's pipe and
-        process sentinel; it wakes the others whenever something arrived, so none of them
-        can sleep on a pipe whose news another thread already consumed.
-        """
+    def wait_handles(self) -> list[int]:
+        """File descriptors that become readable when there may be news: the running
+        calls' connections and process sentinels, and the engine's news pipe."""
+        with self._lock:
+            objects = [o for c in self._callers for o in c.wait_objects()]
+        return [self._news_r, *(o if isinstance(o, int) else o.fileno() for o in objects)]
+
+    def wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until ``done()`` (checked under the engine's lock) or ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while True:
-                outcome = self._poll_locked(call)
+                if not self._reading:
+                    self._collect_locked()
+                if done():
+                    return True
                 left = None if deadline is None else deadline - time.monotonic()
-                if outcome is not None or (left is not None and left <= 0):
-                    return outcome
+                if left is not None and left <= 0:
+                    return False
                 if self._reading:
                     self._changed.wait(left)
                     continue
-                objects = list(
-                    {
-                        id(o): o
-                        for c in self.active
-                        if c.outcome is None
-                        for o in c.caller.wait_objects()
-                    }.values()
-                )
+                objects: list[Any] = [self._wake_r] if self._wake_r >= 0 else []
+                objects += [o for c in self._callers for o in c.wait_objects()]
+                due = self._next_deadline_locked()
+                if due is not None:
+                    to_due = max(0.0, due - time.monotonic())
+                    left = to_due if left is None else min(left, to_due)
                 self._reading = True
                 self._lock.release()
                 try:
-                    if objects:
-                        wait(objects, left)
-                except (OSError, ValueError):  # a pipe closed under us: poll again
+                    wait(objects, left)
+                    _drain(self._wake_r)
+                except (OSError, ValueError):  # a connection closed under us: look again
                     pass
                 finally:
                     self._lock.acquire()
                     self._reading = False
                     self._changed.notify_all()
 
+    def wait_local(self, call: Call, timeout: float | None) -> LocalOutcome | None:
+        """This rank's outcome of ``call``, waiting up to ``timeout`` seconds (None: until
+        the worker reports or dies)."""
+        if timeout == 0:
+            with self._lock:
+                if not self._reading:
+                    self._collect_locked()
+                return call.local_outcome()
+        self.wait_until(lambda: call.local_outcome() is not None, timeout)
+        return call.local_outcome()
+
+    poll_local = wait_local
+
     # -- global completion and finalization ---------------------------------------------
+
+    def front_ready(self) -> bool:
+        """Whether the oldest unsettled call has this rank's outcome."""
+        with self._lock:
+            return bool(self.active) and self.active[0].local_outcome() is not None
 
     def settle_front(self, blocking: bool, no_dist: bool) -> Settled | None:
         """Decide the oldest request's fate on all ranks, or None if it is still running.
 
         In a distributed job (unless ``no_dist``) this issues the completion reduction,
         so every rank must call it the same number of times; ``blocking=True`` waits for
-        the local worker first and then reduces once.
+        the local worker first and then reduces once. An error of the check itself fails
+        the request (its lease stays with it until its worker reports); an interrupt
+        leaves it in place.
         """
-        if not self.active:
-            return None
-        call = self.active[0]
+        with self._lock:
+            if not self.active:
+                return None
+            call = self.active[0]
         distributed = (not no_dist or call.needs_global) and is_distributed()
         try:
             done, error = settle(
@@ -261,43 +415,128 @@ class CallsEngine:
         if not done:
             return None
         with self._lock:
-            self.active.popleft()
-            call.caller.acknowledge(call.call_idx)
+            if self.active and self.active[0] is call:
+                self.active.popleft()
+            if error is None:
+                call.settled()
+            else:
+                call.failed(error)
         return Settled(call, error, time.time())
 
-    @staticmethod
-    def finalize(settled: Settled) -> None:
+    def finalize(self, settled: Settled) -> None:
         """Run the finalize steps of a successful request, in order."""
         call = settled.call
         result = call.outcome.result if call.outcome is not None else None
-        for fn in call.request.finalize_fns:
+        for fn in call.finalize_fns:
             try:
                 if isinstance(fn, ResultFinalizer):
                     fn(result, call.call_idx)
                 else:
                     fn()
             except Exception as exc:
-                name = getattr(fn, "__qualname__", repr(fn))
-                raise FinalizeError(
-                    f"finalize step {name} of checkpoint call {call.call_idx} on rank "
-                    f"{get_rank()} raised {type(exc).__name__}: {exc}; the steps after it "
-                    "did not run",
+                name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+                error = FinalizeError(
+                    f"finalize step {name} of checkpoint call {call.call_idx} "
+                    f"({call.target}) on rank {get_rank()} raised {type(exc).__name__}: {exc}; "
+                    "the steps after it did not run",
                     call_idx=call.call_idx,
                     rank=get_rank(),
-                ) from exc
+                )
+                with self._lock:
+                    call.failed(error)
+                raise error from exc
+        with self._lock:
+            call.finalized()
 
-    def stop_workers(self) -> None:
-        """Stop the worker processes and free the staging buffers (after settling)."""
+    # -- shutting down ------------------------------------------------------------------
+
+    def running(self) -> list[Call]:
+        """Calls whose worker has not reported yet, oldest first."""
+        with self._lock:
+            return sorted(self._running.values(), key=lambda c: c.call_idx)
+
+    def stop_workers(self, timeout: float | None = None) -> list[Call]:
+        """Wait up to ``timeout`` seconds (None: the save deadline, if any) for running
+        calls, then stop every worker (killing those still running) and free the staging
+        buffers. Returns the calls that were still running and were killed. Idempotent."""
         with self._lock:
             self.closed = True
-            for call in self.active:
-                call.caller.close()
-            if self._persistent_caller is not None:
-                self._persistent_caller.close()
-            self.buffers.close()
+        if timeout is None:
+            timeout = self.options.save_timeout
+        self.wait_until(lambda: not self._running, timeout)
+        killed = self.running()
+        with self._lock:
+            callers = list(self._callers)
+            if self._persistent_caller is not None and self._persistent_caller not in callers:
+                callers.append(self._persistent_caller)
+        for caller in callers:
+            caller.shutdown(0.0 if caller.in_flight() else 10.0)
+        with self._lock:
+            self._collect_locked()
+            for caller in callers:
+                for call in [c for c in self._running.values() if c.caller is caller]:
+                    self._running.pop(call.call_idx)
+                    call.reported(self._timeout_outcome(call, f"{timeout}s of closing the queue"))
+            self._callers.clear()
+        self.buffers.close()
+        self._close_pipes()
+        _live_engines.discard(self)
+        return killed
 
     def kill_worker(self) -> None:
         """Kill the persistent worker (tests and emergencies); its requests fail."""
+        if self._persistent_caller is not None:
+            self._persistent_caller.kill()
+
+    def report_unfinished(self) -> None:
+        """Log, through the ``aiockpt`` logger, every request that was never finalized:
+        failures at ERROR with their error, unfinalized successes at WARNING."""
         with self._lock:
-            if self._persistent_caller is not None:
-                self._persistent_caller.kill()
+            calls = list(self.active)
+        for call in calls:
+            if call.error_raised:
+                continue
+            outcome = call.local_outcome()
+            if outcome is not None and outcome.error is not None:
+                logger.error(
+                    "checkpoint call %d (%s) failed and was never finalized: %s",
+                    call.call_idx,
+                    call.target,
+                    outcome.error,
+                )
+            elif call.state is not CallState.FINALIZED:
+                logger.warning(
+                    "checkpoint call %d (%s) was %s but never finalized: its finalize steps "
+                    "did not run. Finalize (maybe_finalize_async_calls(blocking=True), "
+                    "close(), or await queue.finalize()) before the program exits",
+                    call.call_idx,
+                    call.target,
+                    "written" if outcome is not None else "still running at exit",
+                )
+
+    def _close_pipes(self) -> None:
+        with self._lock:
+            for name in ("_wake_r", "_wake_w", "_news_r", "_news_w"):
+                fd = getattr(self, name, -1)
+                if fd >= 0:
+                    setattr(self, name, -1)
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._close_pipes()
+
+
+def _report_at_exit() -> None:
+    # Registered after the callers' own exit handler, so it runs first: it waits for the
+    # running saves (bounded by their deadline), then says what never got finalized.
+    for engine in list(_live_engines):
+        with contextlib.suppress(Exception):
+            if engine.closed:
+                continue
+            engine.stop_workers()
+            engine.report_unfinished()
+
+
+atexit.register(_report_at_exit)

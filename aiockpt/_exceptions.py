@@ -2,10 +2,12 @@
 
     CheckpointError                   base class: catch this to handle any checkpoint failure
     ├── InvalidRequestError           bad input, rejected at the call (also a ValueError)
-    ├── QueueClosedError              the queue was closed, or is used from the wrong place
+    ├── QueueClosedError              the queue was closed
+    ├── QueueMisuseError              wrong thread, wrong API, or not entered (a RuntimeError)
     ├── StagingError                  copying tensors to host buffers (or preload_fn) failed
     ├── WorkerError                   the checkpoint function raised in the worker process
     ├── WorkerCrashedError            the worker process died before it reported a result
+    │   └── SaveTimeoutError          the worker passed the save deadline and was killed
     ├── FinalizeError                 a finalize step raised in the caller's process
     ├── DistributedCheckpointError    another rank failed, or ranks stopped agreeing in time
     ├── CheckpointNotFoundError       no committed checkpoint where one was asked for
@@ -122,8 +124,9 @@ class FinalizeError(CheckpointError):
 
 class DistributedCheckpointError(CheckpointError):
     """Raised on every rank when the request failed on some rank (``failed_ranks`` names
-    them), or when ranks did not reach the completion check within the timeout (a rank died
-    or stopped calling the queue). No finalize step ran anywhere."""
+    them, ``rank_errors`` maps each to the first line of its error), or when ranks did not
+    reach the completion check within the timeout (a rank died or stopped calling the
+    queue). No finalize step ran anywhere."""
 
     def __init__(
         self,
@@ -132,9 +135,11 @@ class DistributedCheckpointError(CheckpointError):
         call_idx: int | None = None,
         rank: int | None = None,
         failed_ranks: tuple[int, ...] = (),
+        rank_errors: dict[int, str] | None = None,
     ):
         super().__init__(message, call_idx=call_idx, rank=rank)
         self.failed_ranks = failed_ranks
+        self.rank_errors = dict(rank_errors or {})
 
 
 class CheckpointNotFoundError(CheckpointError):
@@ -157,3 +162,16 @@ class UnsafeCheckpointError(CheckpointError):
     """Raised by ``load`` when the file holds pickled objects other than tensors and plain
     containers, which ``weights_only=True`` (the default) refuses to unpickle. Pass
     ``weights_only=False`` only for files you trust: unpickling can run arbitrary code."""
+
+
+class SaveTimeoutError(WorkerCrashedError):
+    """Raised when a request's worker did not report within the queue's ``save_timeout``
+    (a write stuck on a dead network filesystem, say): the worker was killed and the
+    checkpoint was not written. Check the storage, then save again; the next request starts
+    a fresh worker."""
+
+
+class QueueMisuseError(CheckpointError, RuntimeError):
+    """Raised when a queue is used in a way it does not support: from a thread or event
+    loop it does not belong to, through the other facade's API, or before it was entered.
+    Nothing was scheduled; the message says which API to use instead."""

@@ -8,6 +8,7 @@ from typing import Any
 from ._dist import DEFAULT_TIMEOUT
 from ._engine import CallsEngine
 from ._exceptions import CheckpointError
+from ._options import QueueOptions
 from ._request import AsyncRequest
 
 
@@ -24,6 +25,9 @@ class AsyncCallsQueue:
         process_group: the group completion checks reduce over (default: a dedicated gloo
             group over all ranks, created on first use).
         timeout: how long a completion check waits for the other ranks before it raises.
+        save_timeout: seconds a worker may spend on one request before it is killed and
+            the request fails with :class:`SaveTimeoutError` (default: no limit).
+        options: a :class:`QueueOptions` instead of the keywords above.
 
     In a torch.distributed job every rank must schedule the same requests and call
     ``maybe_finalize_async_calls`` with ``no_dist=False`` the same number of times.
@@ -38,15 +42,20 @@ class AsyncCallsQueue:
         pin_memory: bool | None = None,
         process_group: Any = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
+        save_timeout: float | None = None,
+        options: QueueOptions | None = None,
     ) -> None:
-        self._engine = CallsEngine(
-            persistent,
-            start_method=start_method,
-            max_staging_copies=max_staging_copies,
-            pin_memory=pin_memory,
-            process_group=process_group,
-            timeout=timeout,
-        )
+        if options is None:
+            options = QueueOptions(
+                persistent,
+                start_method=start_method,
+                max_staging_copies=max_staging_copies,
+                pin_memory=pin_memory,
+                process_group=process_group,
+                timeout=timeout,
+                save_timeout=save_timeout,
+            )
+        self._engine = CallsEngine(options=options)
 
     @property
     def persistent(self) -> bool:
@@ -62,6 +71,11 @@ class AsyncCallsQueue:
         """The :class:`StagingBuffers` this queue copies tensors into."""
         return self._engine.buffers
 
+    def reserve(self, state_dict: Any) -> None:
+        """Prepare staging memory for saves of ``state_dict`` (and wait for the persistent
+        worker to start), so the first save is as fast as a warm one. Optional."""
+        self._engine.reserve((state_dict,))
+
     def schedule_async_request(
         self, async_request: AsyncRequest, *, needs_global: bool = False
     ) -> int:
@@ -69,7 +83,8 @@ class AsyncCallsQueue:
 
         Returns once every tensor in the request's arguments is copied to host staging
         buffers: the caller may modify its tensors from then on.
-        Raises :class:`InvalidRequestError` or :class:`StagingError` with nothing scheduled.
+        Raises :class:`InvalidRequestError` or :class:`StagingError` with nothing written
+        (the call index is used up all the same, on every rank alike).
         ``needs_global=True`` settles the request across all ranks even when finalizing
         with ``no_dist=True`` (for requests whose finalize steps commit shared state).
         """
@@ -80,10 +95,12 @@ class AsyncCallsQueue:
     ) -> list[int]:
         """Finalize the requests that are done, oldest first; return their call indices.
 
-        ``blocking=True`` waits for every request in flight. A request that failed (on any
-        rank) raises its :class:`CheckpointError` once settled, its finalize steps skipped;
+        Never waits for a worker with ``blocking=False``; ``blocking=True`` waits for every
+        request in flight. A request that failed (on any rank) raises its
+        :class:`CheckpointError` once settled, its finalize steps skipped;
         ``error.finalized_call_idxs`` lists the requests finalized before it in this call.
-        Requests after it stay queued for the next call.
+        Requests after it stay queued for the next call. A request whose scheduling already
+        raised is settled silently.
         """
         engine = self._engine
         finalized: list[int] = []
@@ -91,6 +108,8 @@ class AsyncCallsQueue:
             settled = engine.settle_front(blocking, no_dist)
             if settled is None:
                 break
+            if settled.call.error_raised:
+                continue
             try:
                 if settled.error is not None:
                     raise settled.error
@@ -102,14 +121,16 @@ class AsyncCallsQueue:
         return finalized
 
     def get_num_unfinalized_calls(self) -> int:
-        """How many scheduled requests are not finalized yet."""
-        return len(self._engine.active)
+        """How many scheduled requests are not finalized yet (those whose scheduling raised
+        do not count)."""
+        return sum(not call.error_raised for call in self._engine.active)
 
     def close(self, no_dist: bool = False) -> None:
         """Finalize every pending request, then stop the worker. Idempotent.
 
         Raises the first :class:`CheckpointError` met while finalizing, after the worker
-        has been stopped either way.
+        has been stopped either way. With a ``save_timeout``, a worker that does not answer
+        is killed after it and its request fails.
         """
         if self._engine.closed:
             return

@@ -1,8 +1,10 @@
 """Sending a staged request to a persistent worker without copying its tensors.
 
-Staged tensors are pickled as references into a shared arena (id, offset, dtype, shape);
-the worker maps each arena once, from the file descriptor the caller sent it, and rebuilds
-the tensors as views of the same pages. Everything else is pickled as usual.
+Staged tensors are pickled as references into a shared arena (arena id, the byte range of
+their storage, dtype, size, stride, storage offset); the worker maps each arena once, from
+the file descriptor the caller sent it, and rebuilds the tensors as views of the same pages.
+Tensors that shared a storage in the caller share one in the worker. Everything else is
+pickled as usual.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ._staging import StagingBuffers
 
 # Arenas mapped in this (worker) process, by arena id.
 _MAPPED: dict[int, mmap.mmap] = {}
+# Storages rebuilt while unpickling one request: the same byte range is one storage.
+_STORAGES: dict[tuple[int, int, int], torch.UntypedStorage] = {}
 
 
 class _RequestPickler(pickle.Pickler):
@@ -27,10 +31,11 @@ class _RequestPickler(pickle.Pickler):
         self._buffers = buffers
 
     def reducer_override(self, obj: Any) -> Any:
-        if self._buffers is not None and isinstance(obj, torch.Tensor):
+        if self._buffers is not None and type(obj) is torch.Tensor:
             where = self._buffers.locate(obj)
             if where is not None:
-                return _rebuild_staged, (*where, obj.dtype, tuple(obj.shape))
+                spec = (obj.dtype, tuple(obj.shape), tuple(obj.stride()), obj.storage_offset())
+                return _rebuild_staged, (*where, *spec)
         return NotImplemented
 
 
@@ -39,6 +44,15 @@ def dumps(obj: Any, buffers: StagingBuffers | None) -> bytes:
     out = io.BytesIO()
     _RequestPickler(out, buffers).dump(obj)
     return out.getvalue()
+
+
+def loads(payload: bytes) -> Any:
+    """Worker side: unpickle a request made by :func:`dumps`."""
+    _STORAGES.clear()
+    try:
+        return pickle.loads(payload)
+    finally:
+        _STORAGES.clear()
 
 
 def map_arena(arena_id: int, fd: int, nbytes: int) -> None:
@@ -55,12 +69,18 @@ def unmap_arena(arena_id: int) -> None:
 
 
 def _rebuild_staged(
-    arena_id: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
+    arena_id: int,
+    offset: int,
+    nbytes: int,
+    dtype: torch.dtype,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    storage_offset: int,
 ) -> torch.Tensor:
-    count = 1
-    for dim in shape:
-        count *= dim
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    mm = _MAPPED[arena_id]
-    return torch.frombuffer(mm, dtype=dtype, count=count, offset=offset).view(shape)
+    key = (arena_id, offset, nbytes)
+    storage = _STORAGES.get(key)
+    if storage is None:
+        mm = _MAPPED[arena_id]
+        slot = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
+        storage = _STORAGES[key] = slot.untyped_storage()
+    return torch.empty(0, dtype=dtype).set_(storage, storage_offset, size, stride)

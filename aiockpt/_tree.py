@@ -1,8 +1,10 @@
-"""Walking the nested containers of a state dict (dicts, lists, tuples) to reach its tensors."""
+"""Walking the nested containers of a state dict to reach its tensors: mappings (dict and its
+subclasses), lists, tuples (named ones too) and dataclass instances."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +15,8 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """Return ``obj`` with every tensor ``t`` inside it replaced by ``fn(t)``.
 
     Dicts keep their type and attributes (``model.state_dict()``'s ``_metadata`` survives),
-    named tuples stay named tuples; other objects are returned as they are.
+    named tuples stay named tuples, dataclass instances are copied with their fields mapped;
+    other objects are returned as they are.
     """
     if isinstance(obj, torch.Tensor):
         return fn(obj)
@@ -27,12 +30,27 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(obj, tuple):
         items = [map_tensors(v, fn) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = copy.copy(obj)  # type: ignore[arg-type]
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name, None)
+            object.__setattr__(out, f.name, map_tensors(value, fn))
+        return out
     return obj
+
+
+def _children(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return obj.values()
+    if isinstance(obj, list | tuple):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
+    return ()
 
 
 def iter_tensors(obj: Any) -> list[torch.Tensor]:
     """Every tensor inside ``obj``, in traversal order (a tensor reached twice appears twice)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else ()
-    return [t for value in values for t in iter_tensors(value)]
+    return [t for value in _children(obj) for t in iter_tensors(value)]

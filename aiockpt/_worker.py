@@ -1,6 +1,6 @@
 """What runs inside checkpoint worker processes: a forked child for one request, or the
-persistent worker's loop. Both report every request as ``done`` (with the pickled result)
-or ``error`` (with the exception's type, message and traceback text), never silently."""
+persistent worker's loop. Both report every request as :class:`Done` (with the pickled
+result) or :class:`Failed` (the exception's type, message and traceback), never silently."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -19,8 +20,12 @@ from multiprocessing.reduction import recv_handle
 from typing import Any
 
 from . import _transport
+from ._messages import Done, DropArena, Failed, MapArena, Ready, Reply, Run, Stop
 
-Reply = tuple[Any, ...]
+
+def _failure(call_idx: int, seconds: float, exc: BaseException, prefix: str = "") -> Failed:
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+    return Failed(call_idx, seconds, name, f"{prefix}{exc}", traceback.format_exc())
 
 
 def run_request(
@@ -32,15 +37,8 @@ def run_request(
         result = fn(*args, **kwargs) if fn is not None else None
         payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException as exc:
-        return (
-            "error",
-            call_idx,
-            time.perf_counter() - start,
-            f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
-            str(exc),
-            traceback.format_exc(),
-        )
-    return ("done", call_idx, time.perf_counter() - start, payload)
+        return _failure(call_idx, time.perf_counter() - start, exc)
+    return Done(call_idx, time.perf_counter() - start, payload)
 
 
 def fork_child_main(
@@ -60,12 +58,15 @@ def fork_child_main(
     conn.close()
 
 
+_EOF = object()  # the caller's end closed, or reading from it failed
+
+
 def persistent_main(conn: Connection) -> None:
     """Entry point of the persistent worker: serve requests in order until told to stop or
     until the caller's end of the connection closes (the caller exited or died)."""
     # Ctrl-C reaches the whole process group; the caller decides what happens to a save.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    jobs: queue.SimpleQueue[Reply] = queue.SimpleQueue()
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def read() -> None:
         # Drain the connection at all times, so the caller never blocks on a full pipe
@@ -73,30 +74,33 @@ def persistent_main(conn: Connection) -> None:
         try:
             while True:
                 msg = conn.recv()
-                if msg[0] == "arena":
-                    _transport.map_arena(msg[1], recv_handle(conn), msg[2])
+                if isinstance(msg, MapArena):
+                    _transport.map_arena(msg.arena_id, recv_handle(conn), msg.nbytes)
                     continue
                 jobs.put(msg)
-                if msg[0] == "stop":
+                if isinstance(msg, Stop):
                     return
         except (EOFError, OSError):
-            jobs.put(("eof",))
+            jobs.put(_EOF)
+        except BaseException:
+            # Anything else would leave the worker waiting forever: say why, then stop so
+            # that the caller sees the worker die and fails what was in flight.
+            traceback.print_exc(file=sys.stderr)
+            jobs.put(_EOF)
 
     try:
-        conn.send(("ready", os.getpid()))
+        conn.send(Ready(os.getpid()))
     except OSError:  # the caller is already gone
         return
     threading.Thread(target=read, name="aiockpt-worker-reader", daemon=True).start()
     while True:
         msg = jobs.get()
-        kind = msg[0]
-        if kind in ("stop", "eof"):
+        if msg is _EOF or isinstance(msg, Stop):
             break
-        if kind == "drop":
-            _transport.unmap_arena(msg[1])
-        elif kind == "run":
-            _, call_idx, payload = msg
-            reply = _run_payload(call_idx, payload)
+        if isinstance(msg, DropArena):
+            _transport.unmap_arena(msg.arena_id)
+        elif isinstance(msg, Run):
+            reply = _run_payload(msg.call_idx, msg.payload)
             try:
                 conn.send(reply)
             except OSError:
@@ -106,14 +110,7 @@ def persistent_main(conn: Connection) -> None:
 
 def _run_payload(call_idx: int, payload: bytes) -> Reply:
     try:
-        fn, args, kwargs = pickle.loads(payload)
+        fn, args, kwargs = _transport.loads(payload)
     except BaseException as exc:
-        return (
-            "error",
-            call_idx,
-            0.0,
-            type(exc).__qualname__,
-            f"could not unpickle the request in the worker: {exc}",
-            traceback.format_exc(),
-        )
+        return _failure(call_idx, 0.0, exc, "could not unpickle the request in the worker: ")
     return run_request(call_idx, fn, args, kwargs)

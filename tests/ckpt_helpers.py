@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import time
 from typing import Any
 
 import torch
@@ -17,10 +18,23 @@ def write_value(state: Any, path: str) -> str:
     return path
 
 
+# A worker parked on a gate gives up after this long, so that a failing test (which never
+# opens its gates) cannot keep the queue's close() waiting beyond the test's own timeout.
+GATE_TIMEOUT_S = 60.0
+
+
+def wait_gate(gate: str, timeout: float = GATE_TIMEOUT_S) -> None:
+    """Block until the test opens ``gate``; raise TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {gate} was never opened")
+        time.sleep(0.005)
+
+
 def wait_then_write(state: Any, gate: str, path: str) -> str:
-    """Block until the test writes to the FIFO ``gate``, then save ``state`` to ``path``."""
-    with open(gate) as f:
-        f.read()
+    """Block until the test opens ``gate``, then save ``state`` to ``path``."""
+    wait_gate(gate)
     torch.save(state, path)
     return path
 
@@ -38,11 +52,9 @@ def kill_self(state: Any) -> None:
 
 
 def report_pid(state: Any, gate: str, pid_path: str) -> None:
-    """Write this worker's pid, then block on the FIFO ``gate`` (to be killed meanwhile)."""
-    with open(pid_path, "w") as f:
-        f.write(str(os.getpid()))
-    with open(gate) as f:
-        f.read()
+    """Write this worker's pid, then block on ``gate`` (to be killed meanwhile)."""
+    write_pid(pid_path)
+    wait_gate(gate)
 
 
 def gc_enabled(state: Any) -> bool:
@@ -51,17 +63,29 @@ def gc_enabled(state: Any) -> bool:
     return gc.isenabled()
 
 
+def write_pid(pid_path: str) -> None:
+    """Publish this process's pid atomically (a reader never sees a partial file)."""
+    with open(pid_path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pid_path + ".tmp", pid_path)
+
+
+def read_pid(pid_path: str, timeout: float = GATE_TIMEOUT_S) -> int:
+    """The pid a worker published with ``write_pid`` (waits for it, bounded)."""
+    wait_gate(pid_path, timeout)
+    with open(pid_path) as f:
+        return int(f.read())
+
+
 def make_gate(directory: str, name: str) -> str:
-    path = os.path.join(directory, name)
-    os.mkfifo(path)
-    return path
+    """A closed gate: a path that does not exist yet."""
+    return os.path.join(directory, name)
 
 
 def open_gate(path: str) -> None:
-    """Release a worker blocked in ``wait_then_write``/``report_pid`` on this FIFO."""
-    fd = os.open(path, os.O_WRONLY)
-    os.write(fd, b"go")
-    os.close(fd)
+    """Release a worker blocked in ``wait_gate`` on ``path``."""
+    with open(path, "w"):
+        pass
 
 
 from aiockpt import LocalStorage  # noqa: E402
@@ -98,10 +122,8 @@ class StallingStorage(LocalStorage):
     def write_file(self, state_dict: Any, path: str) -> dict[str, Any]:
         def half_then_stall(f: Any) -> None:
             f.write(b"\0" * 100_000)
-            with open(self.pid_path, "w") as p:
-                p.write(str(os.getpid()))
-            with open(self.gate) as g:
-                g.read()
+            write_pid(self.pid_path)
+            wait_gate(self.gate)
 
         return write_atomic(path, half_then_stall)
 
@@ -111,3 +133,60 @@ class Opaque:
 
     def __init__(self, value: int) -> None:
         self.value = value
+
+
+def crash_leaving_grandchild(state: Any, gate: str, pid_path: str) -> None:
+    """Fork a helper that inherits the worker's connection and parks on ``gate``, then die:
+    the worker's death must be seen although its connection stays open in the helper."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            write_pid(pid_path)
+            wait_gate(gate)
+        finally:
+            os._exit(0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def reply_then_linger(state: Any, gate: str) -> str:
+    """Return at once, but keep the process from exiting until ``gate`` opens (a
+    non-daemon thread is joined at exit)."""
+    import threading
+
+    threading.Thread(target=wait_gate, args=(gate,), daemon=False).start()
+    return "replied"
+
+
+def _refuse_to_load() -> None:
+    raise ImportError("this result's class is not importable here")
+
+
+class FailsToLoad:
+    """Pickles fine in the worker; unpickling it in the caller raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, ())
+
+
+def return_unloadable(state: Any) -> FailsToLoad:
+    return FailsToLoad()
+
+
+import dataclasses  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+
+@dataclasses.dataclass
+class TrainState:
+    weights: Any
+    step: int
+
+
+class Pair(NamedTuple):
+    first: Any
+    second: Any
+
+
+class Ordered(OrderedDict):  # type: ignore[type-arg]
+    """An OrderedDict subclass, as some optimizers keep their state."""
