@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,11 @@ def test_blocking_manager_saves_prunes_and_restores(tmp_path: Path) -> None:
         for bad in ("../x", -1, 1.5, True):
             with pytest.raises(InvalidRequestError, match="non-negative int"):
                 mgr.save(bad, sd(0))  # type: ignore[arg-type]
-    assert sorted(os.listdir(tmp_path)) == ["step-000000000004", "step-000000000005"]
+    assert sorted(os.listdir(tmp_path)) == [
+        ".aiockpt.lock",
+        "step-000000000004",
+        "step-000000000005",
+    ]
     verify(str(tmp_path / "step-000000000005"))
 
 
@@ -135,16 +141,26 @@ def test_worker_killed_mid_write_leaves_no_committed_checkpoint(tmp_path: Path) 
         mgr.poll(blocking=True)
         assert mgr.committed_steps() == [2]
         # The next commit removed the interrupted step and its temporary file.
-        assert os.listdir(ckdir) == ["step-000000000002"]
+        assert sorted(os.listdir(ckdir)) == [".aiockpt.lock", "step-000000000002"]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=60)
+    return proc.pid
 
 
 def test_retrying_a_step_cleans_its_temporary_files(tmp_path: Path) -> None:
     step_dir = tmp_path / "step-000000000003"
     step_dir.mkdir()
-    stale = step_dir / ".shard-00000-of-00001.pt.tmp-999-deadbeef"
+    host = socket.gethostname()
+    stale = step_dir / f".shard-00000-of-00001.pt.tmp-{host}-{dead_pid()}-deadbeef"
     stale.write_bytes(b"half a checkpoint")
+    live = step_dir / f".shard-00000-of-00001.pt.tmp-{host}-{os.getpid()}-0badcafe"
+    live.write_bytes(b"a write still running in this process")
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(3, sd(3))
         assert not stale.exists()
         mgr.poll(blocking=True)
-    assert sorted(os.listdir(step_dir)) == ["metadata.json", "shard-00000-of-00001.pt"]
+    assert sorted(os.listdir(step_dir)) == [live.name, "metadata.json", "shard-00000-of-00001.pt"]
