@@ -148,7 +148,11 @@ class StepDirectory:
         self.storage.makedirs(self.directory)
         if get_rank() == 0 and isinstance(self.storage, LocalStorage):
             self.lock.acquire()
-        committed = self.scan().committed
+        try:
+            committed = self.scan().committed
+        except BaseException:
+            self.lock.release()
+            raise
         self._newest = committed[-1] if committed else -1
 
     def close(self) -> None:

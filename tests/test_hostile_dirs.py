@@ -179,3 +179,24 @@ def test_a_second_writer_in_the_same_directory_is_refused(tmp_path: Path) -> Non
         assert "DirectoryLockedError" in second.stderr
         assert f"pid {os.getpid()} on host" in second.stderr
         assert first.latest_step() == 1
+
+
+def test_a_planted_lock_link_is_refused_not_followed(tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (ckpts / ".aiockpt.lock").symlink_to(victim)
+    with pytest.raises(UntrustedEntryError, match=r"\.aiockpt\.lock' is a symlink"):
+        CheckpointManager(ckpts)
+    assert victim.read_text() == "precious"
+    (ckpts / ".aiockpt.lock").unlink()
+    os.mkfifo(ckpts / ".aiockpt.lock")
+    with pytest.raises(UntrustedEntryError, match="is a FIFO"):
+        CheckpointManager(ckpts)
+
+
+def test_a_manager_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("not a directory")
+    with pytest.raises(UntrustedEntryError, match="is a regular file, not a directory"):
+        CheckpointManager(tmp_path / "plain")

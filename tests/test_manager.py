@@ -24,10 +24,13 @@ from aiockpt import (
     AsyncCheckpointManager,
     CheckpointManager,
     CheckpointNotFoundError,
+    FinalizeError,
     InvalidRequestError,
     LocalStorage,
+    TorchAsyncCheckpoint,
     WorkerCrashedError,
     WorkerError,
+    load_sync,
     verify,
 )
 from aiockpt._exceptions import DirectoryLockedError, StorageError
@@ -393,3 +396,38 @@ async def test_async_manager_makes_no_filesystem_call_on_the_loop(
             _watch.clear()
         assert _loop_fs_calls == []
         assert mgr.latest_step() is None and mgr.committed_steps() == []
+
+
+def test_a_sharded_save_into_a_committed_directory_is_refused(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    ckpt = TorchAsyncCheckpoint(persistent_queue=False)
+    try:
+        ckpt.async_save_sharded({"w": torch.ones(4)}, ck, {"tag": "first"})
+        ckpt.finalize_async_save(blocking=True)
+        before = {n: (ck / n).read_bytes() for n in os.listdir(ck)}
+        with pytest.raises(InvalidRequestError, match="already holds a committed checkpoint"):
+            ckpt.async_save_sharded({"w": torch.zeros(4)}, ck)
+        assert {n: (ck / n).read_bytes() for n in os.listdir(ck)} == before
+        assert torch.equal(load_sync(ck)["w"], torch.ones(4))
+    finally:
+        ckpt.close()
+
+
+def test_a_newer_step_committed_meanwhile_blocks_the_commit(tmp_path: Path) -> None:
+    gate = make_gate(str(tmp_path), "gate")
+    ckdir = tmp_path / "ckpts"
+    storage = StallingStorage(gate, str(tmp_path / "pid"))
+    with CheckpointManager(ckdir, storage=storage, persistent=False) as mgr:
+        mgr.save(5, sd(5))
+        fd = os.open(gate, os.O_WRONLY)  # the worker is inside the write of step 5
+        # Step 9 appears, committed (restored from a backup by hand, say).
+        committed = ckdir / "step-000000000009"
+        committed.mkdir()
+        record = LocalStorage().write_file(sd(9), str(committed / "shard-00000-of-00001.pt"))
+        LocalStorage().commit(str(committed), [record], {"step": 9})
+        os.write(fd, b"go")
+        os.close(fd)
+        with pytest.raises(FinalizeError, match="step 9 is committed there already"):
+            mgr.poll(blocking=True)
+        assert mgr.committed_steps() == [9]
+        assert mgr.restore()["step"] == 9
