@@ -108,18 +108,15 @@ def _load_fd(fd: int, path: str, record: dict[str, Any] | None, verify: bool, **
 
 
 def _load_local(path: str, rank: Any, verify: bool, nofollow: bool, **opts: Any) -> Any:
-    parent, name = os.path.split(os.path.abspath(path))
-    try:
-        if nofollow:
-            with opened(open_dir(parent)) as pfd:
-                dfd = open_dir(path, dir_fd=pfd, name=name)
-        else:
-            dfd = open_dir(path)
-    except CheckpointNotFoundError:
-        if nofollow or not os.path.lexists(path) or os.path.isdir(path):
-            raise
+    if not nofollow and not os.path.isdir(path):  # a file (the caller's path: links resolve)
         with opened(open_file(path, follow=True)) as fd:
             return _load_fd(fd, path, None, verify, **opts)
+    if nofollow:
+        parent, name = os.path.split(os.path.abspath(path))
+        with opened(open_dir(parent)) as pfd:
+            dfd = open_dir(path, dir_fd=pfd, name=name)
+    else:
+        dfd = open_dir(path)
     with opened(dfd):
         meta = read_metadata(path, dir_fd=dfd)
         record = meta["files"][choose_rank(path, meta["world_size"], rank)]

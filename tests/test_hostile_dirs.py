@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from aiockpt import CheckpointManager, CheckpointNotFoundError, load_sync, verify
+from aiockpt import (
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    load_sync,
+    verify,
+)
 from aiockpt._exceptions import UntrustedEntryError
 from aiockpt._storage import save_file, write_metadata
 
@@ -200,3 +206,22 @@ def test_a_manager_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "plain").write_text("not a directory")
     with pytest.raises(UntrustedEntryError, match="is a regular file, not a directory"):
         CheckpointManager(tmp_path / "plain")
+
+
+def test_failed_and_successful_loads_leave_no_descriptor_open(tmp_path: Path) -> None:
+    good = committed(tmp_path / "good", 1.0)
+    fifo = committed(tmp_path / "fifo", 2.0)
+    (fifo / SHARD).unlink()
+    os.mkfifo(fifo / SHARD)
+    flipped = committed(tmp_path / "flipped", 3.0)
+    data = bytearray((flipped / SHARD).read_bytes())
+    data[-100] ^= 1
+    (flipped / SHARD).write_bytes(bytes(data))
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assert float(load_sync(good)["w"][0]) == 1.0
+        verify(str(good))
+        for bad in (fifo, flipped, tmp_path / "missing"):
+            with pytest.raises((CorruptCheckpointError, CheckpointNotFoundError)):
+                load_sync(bad)
+    assert sorted(os.listdir("/proc/self/fd")) == before
