@@ -17,9 +17,14 @@ MAX_METADATA_BYTES = 64 * 2**20  # a million ranks' records fit; a hostile huge 
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
 
 
+def shard_name(rank: int, world_size: int) -> str:
+    """File name of ``rank``'s part of a sharded checkpoint."""
+    return f"shard-{rank:05d}-of-{world_size:05d}.pt"
+
+
 def expected_names(world_size: int) -> list[str]:
     """The shard file names of a checkpoint written by ``world_size`` ranks, by rank."""
-    return [f"shard-{rank:05d}-of-{world_size:05d}.pt" for rank in range(world_size)]
+    return [shard_name(rank, world_size) for rank in range(world_size)]
 
 
 def check_extra(extra: Any) -> dict[str, Any]:

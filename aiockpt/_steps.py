@@ -26,7 +26,12 @@ from typing import Any
 
 from ._dirlock import DirectoryLock
 from ._dist import get_rank, is_distributed
-from ._exceptions import CheckpointError, CheckpointNotFoundError, InvalidRequestError
+from ._exceptions import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    InvalidRequestError,
+    QueueClosedError,
+)
 from ._files import entry_kind, open_dir, opened
 from ._metadata import METADATA, check_extra
 from ._request import AsyncRequest
@@ -139,6 +144,7 @@ class StepDirectory:
         self._mutex = threading.Lock()
         self._in_flight: set[int] = set()  # scheduled, outcome not yet known here
         self._newest = -1  # newest committed step known (-1: none)
+        self._open = False
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -154,8 +160,10 @@ class StepDirectory:
             self.lock.release()
             raise
         self._newest = committed[-1] if committed else -1
+        self._open = True
 
     def close(self) -> None:
+        self._open = False
         self.lock.release()
 
     # -- reading -----------------------------------------------------------------------
@@ -271,6 +279,11 @@ class StepDirectory:
         mid-way leaves the directory as if rolled back less far). Collective in a
         distributed job: every rank calls it; rank 0 deletes. Returns the steps deleted."""
         to_step = check_step(to_step)
+        if not self._open:
+            raise QueueClosedError(
+                f"the manager of {self.directory!r} is not open (or closed): roll back inside "
+                "`async with` / before close(), while it holds the directory's lock"
+            )
         with self._mutex:
             if self._in_flight:
                 raise InvalidRequestError(

@@ -32,7 +32,7 @@ import torch.utils.serialization
 from ._checksum import HashingWriter, read_trailer
 from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from ._files import entry_kind, fsync_dir, hash_prefix, open_dir, open_file, opened
-from ._metadata import FORMAT_VERSION, METADATA, read_metadata, safe_join
+from ._metadata import FORMAT_VERSION, METADATA, read_metadata, safe_join, shard_name
 
 __all__ = [
     "METADATA",
@@ -54,11 +54,6 @@ __all__ = [
 
 TMP_MARKER = ".tmp-"
 _HOST = socket.gethostname().replace("/", "_")
-
-
-def shard_name(rank: int, world_size: int) -> str:
-    """File name of ``rank``'s part of a sharded checkpoint."""
-    return f"shard-{rank:05d}-of-{world_size:05d}.pt"
 
 
 def fsync_path(path: str) -> None:

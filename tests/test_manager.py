@@ -27,6 +27,7 @@ from aiockpt import (
     FinalizeError,
     InvalidRequestError,
     LocalStorage,
+    QueueClosedError,
     TorchAsyncCheckpoint,
     WorkerCrashedError,
     WorkerError,
@@ -431,3 +432,16 @@ def test_a_newer_step_committed_meanwhile_blocks_the_commit(tmp_path: Path) -> N
             mgr.poll(blocking=True)
         assert mgr.committed_steps() == [9]
         assert mgr.restore()["step"] == 9
+
+
+@pytest.mark.anyio
+async def test_rollback_needs_an_open_manager(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, persistent=False) as mgr:
+        mgr.save(1, sd(1))
+        mgr.poll(blocking=True)
+    with pytest.raises(QueueClosedError, match="not open"):
+        mgr.rollback(0)
+    unopened = AsyncCheckpointManager(tmp_path)
+    with pytest.raises(QueueClosedError, match="not open"):
+        await unopened.rollback(0)
+    assert unopened.committed_steps() == [1]
