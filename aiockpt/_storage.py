@@ -351,13 +351,18 @@ class LocalStorage:
         make_dir(directory)
 
     def remove_tree(self, path: str) -> None:
+        """Delete a checkpoint directory (un-committed first); :class:`StorageError` if
+        it cannot be deleted. A missing one is not an error."""
         try:
             remove_checkpoint(path)
         except CheckpointNotFoundError:
             pass
         except OSError as exc:
             if exc.errno != errno.ENOENT:
-                raise
+                raise StorageError(
+                    f"cannot delete checkpoint {path!r}: {exc.strerror or exc}",
+                    path=path,
+                ) from exc
 
     def remove_temporaries(self, directory: str, prefix: str) -> list[str]:
         return remove_temporaries(directory, prefix)

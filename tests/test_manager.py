@@ -445,3 +445,14 @@ async def test_rollback_needs_an_open_manager(tmp_path: Path) -> None:
     with pytest.raises(QueueClosedError, match="not open"):
         await unopened.rollback(0)
     assert unopened.committed_steps() == [1]
+
+
+def test_a_step_that_cannot_be_deleted_fails_rollback_with_a_typed_error(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, persistent=False) as mgr:
+        mgr.save(1, sd(1))
+        mgr.poll(blocking=True)
+        step1 = tmp_path / "step-000000000001"
+        with unwritable(step1), pytest.raises(StorageError, match="cannot delete checkpoint"):
+            mgr.rollback(0)
+        assert mgr.committed_steps() == [1]  # nothing was un-committed
+        assert mgr.rollback(0) == [1]
