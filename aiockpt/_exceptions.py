@@ -171,10 +171,12 @@ class UntrustedEntryError(CorruptCheckpointError):
 
 
 class DirectoryLockedError(CheckpointError):
-    """Raised when a checkpoint manager is opened on a directory another manager holds
-    (``holder`` says which process, as ``pid@host``). One process writes a directory at a
-    time; the lock is released when its holder closes its manager or dies. Stop the other
-    job (or its lingering worker processes), or use another directory."""
+    """Raised when a checkpoint manager is opened on a directory another manager holds,
+    or when a save finds another live process on this host writing the same file (a
+    worker that outlived its job, say). ``holder`` names it ("pid 1234 on host node7").
+    One process writes a directory at a time; the lock is released when its holder closes
+    its manager or dies. Stop the other job (or its lingering worker processes), or use
+    another directory."""
 
     def __init__(self, message: str, *, holder: str = "", **kwargs: int | None) -> None:
         super().__init__(message, **kwargs)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from ._dist import CompletionGroup, get_rank, get_world_size
 from ._engine import ResultFinalizer
-from ._exceptions import InvalidRequestError
+from ._exceptions import DirectoryLockedError, InvalidRequestError
 from ._metadata import METADATA, check_extra
 from ._request import AsyncRequest
-from ._storage import LocalStorage, Storage, shard_name
+from ._storage import LocalStorage, Storage, live_writers, shard_name
 from .utils import wrap_for_async
 
 logger = logging.getLogger("aiockpt")
@@ -98,8 +99,9 @@ def sharded_request(
 
     Raises :class:`InvalidRequestError` at the call if ``extra`` is not JSON or
     ``directory`` already holds a committed checkpoint (its files are never overwritten:
-    save to a new directory), :class:`UntrustedEntryError` if ``directory`` is a link or a
-    file, :class:`StorageError` if it cannot be created. Makes filesystem calls: run it
+    save to a new directory), :class:`DirectoryLockedError` if a live process on this host
+    is writing this rank's file there, :class:`UntrustedEntryError` if ``directory`` is a
+    link or a file, :class:`StorageError` if it cannot be created. Makes filesystem calls: run it
     off the event loop."""
     if not isinstance(directory, str | os.PathLike):
         raise InvalidRequestError(f"directory must be a path, not {type(directory).__name__}")
@@ -116,6 +118,15 @@ def sharded_request(
         )
     name = shard_name(get_rank(), get_world_size())
     storage.remove_temporaries(path, name)  # left by a killed earlier attempt
+    if isinstance(storage, LocalStorage):
+        writers = live_writers(path, name)
+        if writers:
+            raise DirectoryLockedError(
+                f"{name} in {path!r} is being written by pid {writers[0]} on this host, "
+                "perhaps a worker of an earlier job that outlived it: wait for it to finish "
+                "or stop it, then save again",
+                holder=f"pid {writers[0]} on host {socket.gethostname()}",
+            )
     return AsyncRequest(
         wrap_for_async(storage.write_file),
         (state_dict, os.path.join(path, name)),

@@ -70,20 +70,38 @@ def temp_path(path: str) -> str:
     return os.path.join(directory, f".{name}{TMP_MARKER}{token}")
 
 
-def _writer_is_dead(token: str) -> bool:
+def _writer_state(token: str) -> tuple[str, int]:
+    """("dead" | "alive" | "unknown", pid) of the writer named in a temporary file's token."""
     parts = token.rsplit("-", 2)
     if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
-        return False  # another host's, or of an older format: cannot tell, leave it
+        return "unknown", -1  # another host's, or of an older format: cannot tell
     pid = int(parts[1])
     if pid == os.getpid():
-        return False
+        return "alive", pid
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"  # killed, not reaped
+            zombie = f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"  # killed, not reaped
     except FileNotFoundError:
-        return True
+        return "dead", pid
     except OSError:
-        return False
+        return "unknown", pid
+    return ("dead" if zombie else "alive"), pid
+
+
+def live_writers(directory: str, prefix: str) -> list[int]:
+    """Pids of processes on this host that are writing a file named ``prefix`` in
+    ``directory`` right now (they hold a temporary file of it)."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    pids = []
+    for name in names:
+        if name.startswith("." + prefix) and TMP_MARKER in name:
+            state, pid = _writer_state(name.rsplit(TMP_MARKER, 1)[1])
+            if state == "alive":
+                pids.append(pid)
+    return sorted(pids)
 
 
 def remove_temporaries(directory: str, prefix: str = "") -> list[str]:
@@ -98,7 +116,7 @@ def remove_temporaries(directory: str, prefix: str = "") -> list[str]:
     for name in names:
         if not name.startswith("." + prefix) or TMP_MARKER not in name:
             continue
-        if _writer_is_dead(name.rsplit(TMP_MARKER, 1)[1]):
+        if _writer_state(name.rsplit(TMP_MARKER, 1)[1])[0] == "dead":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
                 removed.append(name)

@@ -167,13 +167,56 @@ def test_retrying_a_step_cleans_its_temporary_files(tmp_path: Path) -> None:
     host = socket.gethostname()
     stale = step_dir / f".shard-00000-of-00001.pt.tmp-{host}-{dead_pid()}-deadbeef"
     stale.write_bytes(b"half a checkpoint")
-    live = step_dir / f".shard-00000-of-00001.pt.tmp-{host}-{os.getpid()}-0badcafe"
-    live.write_bytes(b"a write still running in this process")
+    foreign = step_dir / ".shard-00000-of-00001.pt.tmp-otherhost-12-0badcafe"
+    foreign.write_bytes(b"another host's write: cannot tell if it is over")
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(3, sd(3))
         assert not stale.exists()
         mgr.poll(blocking=True)
-    assert sorted(os.listdir(step_dir)) == [live.name, "metadata.json", "shard-00000-of-00001.pt"]
+    assert sorted(os.listdir(step_dir)) == [
+        foreign.name,
+        "metadata.json",
+        "shard-00000-of-00001.pt",
+    ]
+
+
+LINGERING_WRITER = """
+import os, sys
+from aiockpt._storage import write_atomic
+def stall(f):
+    f.write(b"x" * 1000)
+    print("writing", flush=True)
+    os.read(0, 1)  # blocks until killed
+write_atomic(sys.argv[1], stall)
+"""
+
+
+def test_a_lingering_writer_of_the_same_shard_blocks_the_save(tmp_path: Path) -> None:
+    step_dir = tmp_path / "step-000000000003"
+    step_dir.mkdir()
+    shard = step_dir / "shard-00000-of-00001.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LINGERING_WRITER, str(shard)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"writing\n"
+        with CheckpointManager(tmp_path, persistent=False) as mgr:
+            with pytest.raises(DirectoryLockedError, match=f"being written by pid {proc.pid}"):
+                mgr.save(3, sd(3))
+            proc.kill()
+            proc.wait(timeout=60)
+            mgr.save(3, sd(3))  # its writer is gone: the leftover is removed, the save goes on
+            mgr.poll(blocking=True)
+            assert mgr.committed_steps() == [3]
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        for pipe in (proc.stdin, proc.stdout):
+            assert pipe is not None
+            pipe.close()
+    assert sorted(os.listdir(step_dir)) == ["metadata.json", "shard-00000-of-00001.pt"]
 
 
 # -- saves go forward; rollback goes back ------------------------------------------------------
