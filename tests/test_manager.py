@@ -409,7 +409,8 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
         return
     if event in ("open", "os.listdir", "os.scandir", "os.mkdir", "os.remove", "os.rename"):
         target = args[0] if args else None
-        if isinstance(target, int) or str(target).startswith(_watch["root"]):
+        listing_fd = isinstance(target, int) and event in ("os.listdir", "os.scandir")
+        if listing_fd or str(target).startswith(_watch["root"]):
             _loop_fs_calls.append((event, target))
 
 
