@@ -72,13 +72,19 @@ def _unpickle(path: str, source: Any, weights_only: bool, map_location: Any) -> 
     try:
         return torch.load(source, weights_only=weights_only, map_location=map_location, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if weights_only and "Unsupported global" in str(exc):
+        # torch's message suggests weights_only=False whatever the cause: keep its reason.
+        text = str(exc)
+        _, found, rest = text.partition("WeightsUnpickler error:")
+        reason = " ".join(rest.split("Check the documentation")[0].split())
+        reason = reason if found and reason else " ".join(text.split())[:300]
+        if weights_only and "Unsupported global" in reason:
             raise UnsafeCheckpointError(
                 f"{path!r} holds pickled objects that weights_only=True refuses to load "
-                f"({str(exc).splitlines()[0]}); pass weights_only=False only if you trust "
-                "the file",
+                f"({reason}); pass weights_only=False only if you trust the file",
             ) from exc
-        raise CorruptCheckpointError(f"{path!r} cannot be unpickled: {exc}", path=path) from exc
+        raise CorruptCheckpointError(
+            f"{path!r} cannot be unpickled: it is damaged ({reason})", path=path
+        ) from exc
     except _UNREADABLE as exc:
         raise CorruptCheckpointError(
             f"{path!r} is not a readable checkpoint: {exc}", path=path

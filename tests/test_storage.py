@@ -322,3 +322,21 @@ def test_oversized_metadata_is_refused_without_reading_it_all(tmp_path: Path) ->
         f.truncate(65 * 2**20)  # sparse: costs no disk
     with pytest.raises(CorruptCheckpointError, match="larger than"):
         load_sync(ck, rank=0)
+
+
+def test_a_damaged_pickle_in_a_valid_archive_is_corrupt_without_unsafe_advice(
+    tmp_path: Path,
+) -> None:
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(damaged, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name.endswith("data.pkl"):
+                data = data[:10] + b"\xff\xff"  # an opcode no unpickler knows
+            dst.writestr(name, data)
+    with pytest.raises(CorruptCheckpointError, match="it is damaged") as info:
+        load_sync(damaged)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+    assert "weights_only" not in str(info.value)
