@@ -15,6 +15,7 @@ from ._exceptions import CheckpointError
 from ._futures import CheckpointFuture
 from ._load import in_thread, load_path
 from ._queue import AsyncCallsQueue
+from ._request import AsyncRequest
 from ._steps import StepDirectory
 from ._storage import Storage
 
@@ -103,16 +104,29 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         ``step`` must be above every committed step and every step being saved;
         ``extra`` must be JSON. Both are checked here, before anything is written."""
         completion = self.queue.engine.completion
-        request, number = await in_thread(
-            lambda: self.steps.request(step, state_dict, extra, completion)
-        )
+        reserved: list[int] = []
+
+        def build() -> AsyncRequest:
+            request, number = self.steps.request(step, state_dict, extra, completion)
+            reserved.append(number)
+            return request
+
+        try:
+            request = await in_thread(build)
+        except BaseException:  # cancelled while the thread ran: nothing was scheduled
+            for number in reserved:
+                self.steps.settled(number)
+            raise
+        (number,) = reserved
         try:
             fut = await self.queue.schedule(
                 request, wait_for_staging=wait_for_staging, needs_global=True
             )
-        except BaseException:
-            self.steps.settled(number)
+        except CheckpointError:
+            self.steps.settled(number)  # refused or staging failed: it will not run
             raise
+        # Cancelled while staging, the save still runs: its step stays reserved (a commit
+        # releases it), so that no other save can write the same directory meanwhile.
         fut.add_done_callback(lambda _: self.steps.settled(number))
         return fut
 
@@ -165,8 +179,8 @@ class CheckpointManager(_Steps):
         request, number = self.steps.request(step, state_dict, extra, self.queue._engine.completion)
         try:
             idx = self.queue.schedule_async_request(request, needs_global=True)
-        except BaseException:
-            self.steps.settled(number)
+        except CheckpointError:
+            self.steps.settled(number)  # refused or staging failed: it will not run
             raise
         self._step_of[idx] = number
         return idx

@@ -28,6 +28,7 @@ from aiockpt import (
     InvalidRequestError,
     LocalStorage,
     QueueClosedError,
+    StagingError,
     TorchAsyncCheckpoint,
     WorkerCrashedError,
     WorkerError,
@@ -500,3 +501,16 @@ def test_a_step_that_cannot_be_deleted_fails_rollback_with_a_typed_error(tmp_pat
             mgr.rollback(0)
         assert mgr.committed_steps() == [1]  # nothing was un-committed
         assert mgr.rollback(0) == [1]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_save_that_fails_to_stage_releases_its_step(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    async with AsyncCheckpointManager(tmp_path) as mgr:
+        with pytest.raises(StagingError, match="meta tensor"):
+            await mgr.save(1, {"w": torch.ones(2, device="meta")})
+        await (await mgr.save(1, sd(1)))  # the same step again: nothing holds it
+        assert await mgr.acommitted_steps() == [1]
+        assert await mgr.rollback(0) == [1]  # and nothing is left pending
