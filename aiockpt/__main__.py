@@ -23,7 +23,7 @@ def _ls_row(directory: str, name: str) -> str:
     try:
         meta = read_metadata(os.path.join(directory, name))
     except CheckpointNotFoundError:
-        return f"{_clean(name, 24):24}{'':>10}{'':>7}{'':>12}  no (incomplete or in progress)"
+        return f"{_clean(name, 24):24}{'':>20}{'':>7}{'':>12}  no (incomplete or in progress)"
     except CheckpointError as err:
         return f"{_clean(name, 24):24}  BAD: {_clean(err, 200)}"
     size = sum(f["nbytes"] for f in meta["files"])
@@ -34,7 +34,7 @@ def _ls_row(directory: str, name: str) -> str:
     except (TypeError, ValueError, OverflowError, OSError):
         when = _clean(created, 20)
     return (
-        f"{_clean(name, 24):24}{_clean(step, 10):>10}{meta['world_size']:>7}"
+        f"{_clean(name, 24):24}{_clean(step, 20):>20}{meta['world_size']:>7}"
         f"{size / 2**20:>9.1f} MiB  {when}"
     )
 
@@ -52,7 +52,7 @@ def _ls(directory: str) -> int:
     else:
         print(f"aiockpt ls: {_clean(directory, 200)!r} is not a directory", file=sys.stderr)
         return 2
-    print(f"{'checkpoint':24}{'step':>10}{'ranks':>7}{'size':>12}  committed")
+    print(f"{'checkpoint':24}{'step':>20}{'ranks':>7}{'size':>12}  committed")
     for name in names:
         path = os.path.join(directory, name)
         if os.path.islink(path) or not os.path.isdir(path):

@@ -225,3 +225,14 @@ def test_failed_and_successful_loads_leave_no_descriptor_open(tmp_path: Path) ->
             with pytest.raises((CorruptCheckpointError, CheckpointNotFoundError)):
                 load_sync(bad)
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_ls_lists_steps_in_numeric_order(tmp_path: Path) -> None:
+    ckpts = managed(tmp_path, [2 * 10**11, 10**12])  # lexically, 10^12 would come first
+    listing = cli("ls", str(ckpts))
+    assert listing.returncode == 0, listing.stderr
+    rows = [line.split() for line in listing.stdout.splitlines()[1:]]
+    assert [row[:2] for row in rows] == [
+        ["step-200000000000", "200000000000"],
+        ["step-1000000000000", "1000000000000"],
+    ]
