@@ -42,8 +42,8 @@ class DirectoryLock:
             if exc.errno == errno.ELOOP:
                 open_file(self.path)  # raises UntrustedEntryError naming what is there
             raise StorageError(
-                f"cannot create the lock file {self.path!r}: {exc.strerror or exc}; the "
-                "checkpoint directory must be writable",
+                f"cannot create or open the lock file {self.path!r}: {exc.strerror or exc}; "
+                "the checkpoint directory must be writable, and that name free or a file",
                 path=self.path,
             ) from exc
         parent = os.path.dirname(os.path.abspath(self.path))

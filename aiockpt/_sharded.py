@@ -113,8 +113,9 @@ def sharded_request(
     storage.makedirs(path)
     if METADATA in storage.list_dir(path):
         raise InvalidRequestError(
-            f"{path!r} already holds a committed checkpoint; its files are never overwritten "
-            "in place. Save to a new directory (or delete this one first)"
+            f"{path!r} already holds a committed checkpoint (or something named {METADATA}); "
+            "its files are never overwritten in place. Save to a new directory (or delete "
+            "this one first)"
         )
     name = shard_name(get_rank(), get_world_size())
     storage.remove_temporaries(path, name)  # left by a killed earlier attempt
