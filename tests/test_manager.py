@@ -32,6 +32,7 @@ from aiockpt import (
     TorchAsyncCheckpoint,
     WorkerCrashedError,
     WorkerError,
+    load,
     load_sync,
     verify,
 )
@@ -437,6 +438,7 @@ async def test_async_manager_makes_no_filesystem_call_on_the_loop(
             assert await mgr.alatest_step() == 3
             assert await mgr.acommitted_steps() == [3]
             assert (await mgr.restore())["step"] == 3
+            assert (await load(tmp_path / "step-000000000003"))["step"] == 3
             assert await mgr.rollback(0) == [3]
         finally:
             _watch.clear()

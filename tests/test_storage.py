@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -343,3 +344,25 @@ def test_a_damaged_pickle_in_a_valid_archive_is_corrupt_without_unsafe_advice(
         load_sync(damaged)
     assert not isinstance(info.value, UnsafeCheckpointError)
     assert "weights_only" not in str(info.value)
+
+
+def test_trailer_does_not_depend_on_how_torch_splits_its_writes(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(300.0), "b": torch.ones(3)}, buffer)
+    archive = buffer.getvalue()
+    expected = (tmp_path / "whole.pt").as_posix()
+    record = write_atomic(expected, lambda f: f.write(archive), trailer=True)
+    want = Path(expected).read_bytes()
+    rng = random.Random(7)
+    for attempt in range(30):
+        cuts = sorted(rng.sample(range(1, len(archive)), rng.randint(1, 60)))
+        pieces = [archive[a:b] for a, b in zip([0, *cuts], [*cuts, len(archive)], strict=True)]
+        path = (tmp_path / f"split{attempt}.pt").as_posix()
+        got = write_atomic(
+            path, lambda f, pieces=pieces: [f.write(p) for p in pieces], trailer=True
+        )
+        assert Path(path).read_bytes() == want and got["xxh3_64"] == record["xxh3_64"]
+    assert torch.equal(load_sync(expected)["w"], torch.arange(300.0))
+    with pytest.raises(ValueError, match="not a zip archive"):
+        write_atomic((tmp_path / "raw.pt").as_posix(), lambda f: f.write(b"raw"), trailer=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []
