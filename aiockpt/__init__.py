@@ -13,12 +13,17 @@ from ._callers import TemporalAsyncCaller as TemporalAsyncCaller
 from ._exceptions import CheckpointError as CheckpointError
 from ._exceptions import CheckpointNotFoundError as CheckpointNotFoundError
 from ._exceptions import CorruptCheckpointError as CorruptCheckpointError
+from ._exceptions import DirectoryLockedError as DirectoryLockedError
 from ._exceptions import DistributedCheckpointError as DistributedCheckpointError
 from ._exceptions import FinalizeError as FinalizeError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import QueueClosedError as QueueClosedError
+from ._exceptions import QueueMisuseError as QueueMisuseError
+from ._exceptions import SaveTimeoutError as SaveTimeoutError
 from ._exceptions import StagingError as StagingError
+from ._exceptions import StorageError as StorageError
 from ._exceptions import UnsafeCheckpointError as UnsafeCheckpointError
+from ._exceptions import UntrustedEntryError as UntrustedEntryError
 from ._exceptions import WorkerCrashedError as WorkerCrashedError
 from ._exceptions import WorkerError as WorkerError
 from ._futures import CheckpointFuture as CheckpointFuture
@@ -27,6 +32,7 @@ from ._load import load as load
 from ._load import load_sync as load_sync
 from ._manager import AsyncCheckpointManager as AsyncCheckpointManager
 from ._manager import CheckpointManager as CheckpointManager
+from ._options import QueueOptions as QueueOptions
 from ._queue import AsyncCallsQueue as AsyncCallsQueue
 from ._request import AsyncRequest as AsyncRequest
 from ._staging import StagingBuffers as StagingBuffers
@@ -52,18 +58,24 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointResult",
     "CorruptCheckpointError",
+    "DirectoryLockedError",
     "DistributedCheckpointError",
     "FinalizeError",
     "InvalidRequestError",
     "LocalStorage",
     "PersistentAsyncCaller",
     "QueueClosedError",
+    "QueueMisuseError",
+    "QueueOptions",
+    "SaveTimeoutError",
     "StagingBuffers",
     "StagingError",
     "Storage",
+    "StorageError",
     "TemporalAsyncCaller",
     "TorchAsyncCheckpoint",
     "UnsafeCheckpointError",
+    "UntrustedEntryError",
     "WorkerCrashedError",
     "WorkerError",
     "load",

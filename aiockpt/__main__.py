@@ -7,36 +7,60 @@ import datetime
 import os
 import sys
 
-from ._exceptions import CheckpointError
+from ._exceptions import CheckpointError, CheckpointNotFoundError
+
+
+def _clean(value: object, width: int = 40) -> str:
+    """``value`` safe to print: control characters (terminal escapes) shown escaped."""
+    text = str(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _ls_row(directory: str, name: str) -> str:
+    from ._metadata import read_metadata
+
+    try:
+        meta = read_metadata(os.path.join(directory, name))
+    except CheckpointNotFoundError:
+        return f"{_clean(name, 24):24}{'':>20}{'':>7}{'':>12}  no (incomplete or in progress)"
+    except CheckpointError as err:
+        return f"{_clean(name, 24):24}  BAD: {_clean(err, 200)}"
+    size = sum(f["nbytes"] for f in meta["files"])
+    step = meta["extra"].get("step", "") if isinstance(meta.get("extra"), dict) else ""
+    created = meta.get("created", 0)
+    try:
+        when = datetime.datetime.fromtimestamp(float(created)).isoformat(" ", "seconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        when = _clean(created, 20)
+    return (
+        f"{_clean(name, 24):24}{_clean(step, 20):>20}{meta['world_size']:>7}"
+        f"{size / 2**20:>9.1f} MiB  {when}"
+    )
 
 
 def _ls(directory: str) -> int:
-    from ._storage import METADATA, read_metadata
+    from ._metadata import METADATA
+    from ._steps import parse_step_name
 
-    entries = []
-    if os.path.exists(os.path.join(directory, METADATA)):
-        entries = [os.path.basename(os.path.normpath(directory))]
+    if os.path.isfile(os.path.join(directory, METADATA)):
+        names = [os.path.basename(os.path.normpath(directory))]
         directory = os.path.dirname(os.path.normpath(directory)) or "."
     elif os.path.isdir(directory):
-        entries = sorted(os.listdir(directory))
+        named = {n: parse_step_name(n) for n in os.listdir(directory)}
+        names = sorted(named, key=lambda n: (named[n] is None, named[n] or 0, n))  # numeric
     else:
-        print(f"aiockpt ls: {directory!r} is not a directory", file=sys.stderr)
+        print(f"aiockpt ls: {_clean(directory, 200)!r} is not a directory", file=sys.stderr)
         return 2
-    print(f"{'checkpoint':24}{'step':>10}{'ranks':>7}{'size':>12}  committed")
-    for name in entries:
+    print(f"{'checkpoint':24}{'step':>20}{'ranks':>7}{'size':>12}  committed")
+    for name in names:
         path = os.path.join(directory, name)
-        if not os.path.isdir(path):
-            continue
-        try:
-            meta = read_metadata(path)
-        except CheckpointError:
+        if os.path.islink(path) or not os.path.isdir(path):
             if name.startswith("step-"):
-                print(f"{name:24}{'':>10}{'':>7}{'':>12}  no (incomplete or in progress)")
+                kind = "a link" if os.path.islink(path) else "not a directory"
+                print(f"{_clean(name, 24):24}  BAD: {kind}, not a checkpoint (ignored)")
             continue
-        size = sum(int(f.get("nbytes", 0)) for f in meta["files"])
-        step = meta.get("extra", {}).get("step", "")
-        when = datetime.datetime.fromtimestamp(meta.get("created", 0)).isoformat(" ", "seconds")
-        print(f"{name:24}{step!s:>10}{meta['world_size']:>7}{size / 2**20:>9.1f} MiB  {when}")
+        print(_ls_row(directory, name))
     return 0
 
 
@@ -46,11 +70,12 @@ def _verify(path: str) -> int:
     try:
         checked = verify(path)
     except CheckpointError as err:
-        print(f"FAILED: {err}", file=sys.stderr)
+        print(f"FAILED: {_clean(err, 500)}", file=sys.stderr)
         return 1
     for file in checked:
-        print(f"ok  {file}")
-    print(f"{path}: {len(checked)} file(s) match their checksums")
+        print(f"ok  {_clean(file, 200)}")
+    what = "file(s) match their checksums" if os.path.isdir(path) else "file matches its checksum"
+    print(f"{_clean(path, 200)}: {len(checked)} {what}")
     return 0
 
 
@@ -70,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default=None, help="also write the report as JSON here")
     bench.add_argument("--plot", default=None, help="also draw a PNG chart (needs matplotlib)")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    verify = sub.add_parser("verify", help="check a committed checkpoint's checksums")
+    verify = sub.add_parser(
+        "verify", help="check a committed checkpoint directory or a file against its checksums"
+    )
     verify.add_argument("path")
     ls = sub.add_parser("ls", help="list the checkpoints in a directory")
     ls.add_argument("directory")

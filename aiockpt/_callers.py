@@ -3,7 +3,7 @@
 ``TemporalAsyncCaller`` forks one child per request; ``PersistentAsyncCaller`` keeps one
 worker (started with spawn or forkserver) that serves requests in order across saves. Both
 report each request as a :class:`LocalOutcome`; a worker that dies is reported as a
-:class:`WorkerCrashedError`, seen through its process sentinel (so a helper process that
+:class:`WorkerCrashedError`, seen through a pidfd of the worker process (so a helper process that
 inherited the connection cannot hide the death) as well as through its connection.
 
 The engine drives a caller through a narrow protocol: ``run`` starts a request,
@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import gc
 import multiprocessing as mp
+import os
 import pickle
 import signal
 import threading
@@ -63,6 +64,35 @@ def stop_process(process: BaseProcess, grace: float) -> None:
     if process.is_alive():
         process.kill()
         process.join()
+
+
+# Without pidfds, how often a running worker's liveness is checked (waitpid) at the least.
+LIVENESS_POLL_S = 0.5
+
+
+class DeathWatch:
+    """What becomes ready when a child process dies, whatever it passed on to its own
+    children: a pidfd where the kernel has them. (``Process.sentinel`` is a pipe that a
+    grandchild inherits, so it stays open while the grandchild lives.) Without pidfds,
+    :meth:`deadline` asks for a ``waitpid`` check every :data:`LIVENESS_POLL_S` seconds."""
+
+    def __init__(self, process: BaseProcess) -> None:
+        self.process = process
+        self.fd: int | None = None
+        if hasattr(os, "pidfd_open") and process.pid is not None:
+            with contextlib.suppress(OSError):
+                self.fd = os.pidfd_open(process.pid)
+
+    def wait_object(self) -> Any:
+        return self.fd if self.fd is not None else self.process.sentinel
+
+    def deadline(self) -> float | None:
+        return None if self.fd is not None else time.monotonic() + LIVENESS_POLL_S
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -175,6 +205,11 @@ class AsyncCaller(ABC):
         return None
 
     @abstractmethod
+    def running_since(self, call_idx: int) -> float | None:
+        """When the worker began ``call_idx`` (``time.monotonic()``), None while it waits
+        for the worker to start or to finish the calls before it."""
+
+    @abstractmethod
     def kill(self) -> None:
         """SIGKILL the worker now; ``collect`` then reports its calls as crashed."""
 
@@ -266,6 +301,7 @@ class TemporalAsyncCaller(AsyncCaller):
     def __init__(self, completion: CompletionGroup | None = None) -> None:
         super().__init__(completion)
         self.process: BaseProcess | None = None
+        self._watch: DeathWatch | None = None
         self._conn: Connection | None = None
         self._call_idx: int | None = None
         self._reported = False
@@ -312,23 +348,30 @@ class TemporalAsyncCaller(AsyncCaller):
                 writer.close()
             # The child has its own copy of the arguments: do not keep the staged views.
             process._args = ()  # type: ignore[attr-defined]
-            self.process, self._conn = process, reader
+            self.process, self._conn, self._watch = process, reader, DeathWatch(process)
             _live_callers.add(self)
 
     def in_flight(self) -> list[int]:
         return [self._call_idx] if self._call_idx is not None and not self._reported else []
 
+    def running_since(self, call_idx: int) -> float | None:
+        return self.start_time if call_idx == self._call_idx else None
+
     def wait_objects(self) -> list[Any]:
         with self._lock:
-            if self._reported or self.process is None:
+            if self._reported or self._watch is None:
                 return []
-            objects: list[Any] = [self.process.sentinel]
+            objects: list[Any] = [self._watch.wait_object()]
             if self._conn is not None and self._eof_at is None:
                 objects.append(self._conn)
             return objects
 
     def deadline(self) -> float | None:
-        return None if self._eof_at is None else self._eof_at + EXIT_GRACE_S
+        if self._reported or self._watch is None:
+            return None
+        if self._eof_at is not None:
+            return self._eof_at + EXIT_GRACE_S
+        return self._watch.deadline()
 
     def collect(self) -> list[LocalOutcome]:
         with self._lock:
@@ -359,6 +402,9 @@ class TemporalAsyncCaller(AsyncCaller):
             return news
 
     def _release_process(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._conn is not None:
             self._conn.close()
         if self.process is not None:
@@ -408,10 +454,12 @@ class PersistentAsyncCaller(AsyncCaller):
         super().__init__(completion)
         self.start_method = start_method
         self.process: BaseProcess | None = None
+        self._watch: DeathWatch | None = None
         self._conn: Connection | None = None
         self._inflight: deque[int] = deque()
         self._mapped: set[int] = set()
         self._ready = False  # the current worker has said hello
+        self._head_since: float | None = None  # when the oldest call in flight began
         self._eof_at: float | None = None
         self._news: list[LocalOutcome] = []
         self.starts = 0  # workers started so far
@@ -455,6 +503,7 @@ class PersistentAsyncCaller(AsyncCaller):
             # Our copy of the child's end must go, or a dead worker would never read as EOF.
             child_end.close()
         self.process, self._conn, self._mapped = process, parent_end, set()
+        self._watch = DeathWatch(process)
         self._ready, self._eof_at = False, None
         self.starts += 1
         _live_callers.add(self)
@@ -484,6 +533,8 @@ class PersistentAsyncCaller(AsyncCaller):
                 try:
                     self._sync_arenas(conn, buffers)
                     conn.send(Run(call_idx, payload))
+                    if not self._inflight:
+                        self._head_since = time.monotonic()
                     break
                 except OSError:  # the worker died since we last looked: start a fresh one
                     self._worker_gone()
@@ -506,17 +557,24 @@ class PersistentAsyncCaller(AsyncCaller):
     def in_flight(self) -> list[int]:
         return list(self._inflight)
 
+    def running_since(self, call_idx: int) -> float | None:
+        if self._inflight and self._inflight[0] == call_idx and self._ready:
+            return self._head_since
+        return None
+
     def wait_objects(self) -> list[Any]:
         with self._lock:
-            if self.process is None or not self._inflight:
+            if self._watch is None or not self._inflight:
                 return []
-            objects: list[Any] = [self.process.sentinel]
+            objects: list[Any] = [self._watch.wait_object()]
             if self._conn is not None and self._eof_at is None:
                 objects.append(self._conn)
             return objects
 
     def deadline(self) -> float | None:
-        return None if self._eof_at is None else self._eof_at + EXIT_GRACE_S
+        if self._eof_at is not None:
+            return self._eof_at + EXIT_GRACE_S
+        return self._watch.deadline() if self._watch is not None and self._inflight else None
 
     def _read_one(self, conn: Connection) -> None:
         try:
@@ -526,9 +584,11 @@ class PersistentAsyncCaller(AsyncCaller):
             return
         if isinstance(msg, Ready):
             self._ready = True
+            self._head_since = time.monotonic()
         elif isinstance(msg, Done | Failed):
             with contextlib.suppress(ValueError):
                 self._inflight.remove(msg.call_idx)
+            self._head_since = time.monotonic()  # the worker moves on to the next call
             self._news.append(outcome_from_reply(msg, self.rank))
 
     def collect(self) -> list[LocalOutcome]:
@@ -555,11 +615,14 @@ class PersistentAsyncCaller(AsyncCaller):
         for position, call_idx in enumerate(self._inflight):
             self._news.append(crash_outcome(call_idx, self.rank, exitcode, position == 0, hint))
         self._inflight.clear()
+        if self._watch is not None:
+            self._watch.close()
         if self._conn is not None:
             self._conn.close()
         if self.process is not None:
             self.process.close()
         self.process, self._conn, self._mapped, self._eof_at = None, None, set(), None
+        self._watch = None
         _live_callers.discard(self)
 
     def kill(self) -> None:

@@ -301,7 +301,8 @@ class CallsEngine:
             return
         now = time.monotonic()
         for call in self._running.values():
-            if not call.timed_out and call.sent_at is not None and now >= call.sent_at + limit:
+            since = call.caller.running_since(call.call_idx)
+            if not call.timed_out and since is not None and now >= since + limit:
                 call.timed_out = True
                 call.caller.kill()
 
@@ -309,9 +310,10 @@ class CallsEngine:
         instants = [d for c in self._callers if (d := c.deadline()) is not None]
         limit = self.options.save_timeout
         if limit is not None:
-            instants += [
-                c.sent_at + limit for c in self._running.values() if c.sent_at and not c.timed_out
-            ]
+            for call in self._running.values():
+                since = call.caller.running_since(call.call_idx)
+                if since is not None and not call.timed_out:
+                    instants.append(since + limit)
         return min(instants) if instants else None
 
     def next_deadline(self) -> float | None:

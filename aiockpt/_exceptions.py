@@ -12,7 +12,10 @@
     ├── DistributedCheckpointError    another rank failed, or ranks stopped agreeing in time
     ├── CheckpointNotFoundError       no committed checkpoint where one was asked for
     ├── CorruptCheckpointError        a file's checksum or size does not match its metadata
-    └── UnsafeCheckpointError         loading would unpickle arbitrary objects
+    │   └── UntrustedEntryError       a symlink, FIFO or device where a file or directory belongs
+    ├── UnsafeCheckpointError         loading would unpickle arbitrary objects
+    ├── DirectoryLockedError          another manager (process) writes to the directory
+    └── StorageError                  the checkpoint directory cannot be created or written
 
 Exceptions that are built in a worker process and carried to the caller define
 ``__reduce__`` so that they survive pickling with all their attributes.
@@ -175,3 +178,34 @@ class QueueMisuseError(CheckpointError, RuntimeError):
     """Raised when a queue is used in a way it does not support: from a thread or event
     loop it does not belong to, through the other facade's API, or before it was entered.
     Nothing was scheduled; the message says which API to use instead."""
+
+
+class UntrustedEntryError(CorruptCheckpointError):
+    """Raised by ``load``/``verify``/the managers/``aiockpt ls`` when a checkpoint directory
+    holds a symlink, FIFO, socket or device (or a plain file named like a step directory)
+    where a regular file or a real directory belongs. aiockpt never follows or opens such
+    entries. ``path`` names it: remove it, or stop sharing the directory with whoever
+    planted it."""
+
+
+class DirectoryLockedError(CheckpointError):
+    """Raised when a checkpoint manager is opened on a directory another manager holds,
+    or when a save finds another live process on this host writing the same file (a
+    worker that outlived its job, say). ``holder`` names it ("pid 1234 on host node7").
+    One process writes a directory at a time; the lock is released when its holder closes
+    its manager or dies. Stop the other job (or its lingering worker processes), or use
+    another directory."""
+
+    def __init__(self, message: str, *, holder: str = "", **kwargs: int | None) -> None:
+        super().__init__(message, **kwargs)
+        self.holder = holder
+
+
+class StorageError(CheckpointError):
+    """Raised at the call when the checkpoint directory cannot be created, locked or
+    written (a read-only filesystem, missing permission). ``path`` names it; the original
+    ``OSError`` is the ``__cause__``. Fix the mount or permissions, or choose another path."""
+
+    def __init__(self, message: str, *, path: str = "", **kwargs: int | None) -> None:
+        super().__init__(message, **kwargs)
+        self.path = path

@@ -1,80 +1,140 @@
-"""Loading checkpoints back: checked against their metadata, ``weights_only`` by default,
-blocking (``load_sync``) or without blocking the event loop (``await load``)."""
+"""Loading checkpoints back: checked before anything is unpickled, ``weights_only`` by
+default, memory-mapped so that a load costs about the tensors and no copy of the file.
+
+One path for every caller: ``load_sync`` does the work; ``await load`` runs it in a worker
+thread (behind its own capacity limiter), so the event loop keeps running.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import io
+import numbers
 import os
 import pickle
-from typing import Any
+import struct
+import zipfile
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-import aiofiles
 import anyio
 import torch
+import xxhash
 
+from ._checksum import read_trailer
 from ._dist import get_rank, get_world_size
-from ._exceptions import CorruptCheckpointError, InvalidRequestError, UnsafeCheckpointError
-from ._storage import LocalStorage, Storage, check_bytes, safe_join
+from ._exceptions import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidRequestError,
+    UnsafeCheckpointError,
+)
+from ._files import hash_prefix, open_dir, open_file, opened
+from ._metadata import read_metadata, safe_join
+from ._storage import LocalStorage, Storage, check_record
+
+T = TypeVar("T")
+_ZIP_MAGIC = b"PK\x03\x04"
+_UNREADABLE = (
+    RuntimeError,
+    EOFError,
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    OverflowError,
+    struct.error,
+    zipfile.BadZipFile,
+    OSError,  # torch maps a damaged archive and fails (EINVAL) reading it
+)
 
 
-def _on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def resolve(path: Any, rank: int | None, storage: Storage) -> tuple[str, dict[str, Any] | None]:
-    """The file to read for ``path`` (a file, or a checkpoint directory and a rank), and
-    the metadata record to check it against (None for a plain file)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        return path, None
-    files = storage.read_metadata(path)["files"]
+def choose_rank(path: str, world_size: int, rank: Any) -> int:
+    """The shard to load: ``rank`` if given, else this process's rank when the checkpoint
+    has one shard per rank of this job, else the only shard."""
     if rank is None:
-        if len(files) == get_world_size():
-            rank = get_rank()
-        elif len(files) == 1:
-            rank = 0
-        else:
-            raise InvalidRequestError(
-                f"{path!r} has {len(files)} shards and this job {get_world_size()} rank(s): "
-                "pass rank= to choose the shard to load"
-            )
-    if not 0 <= rank < len(files):
-        raise InvalidRequestError(f"{path!r} has no shard for rank {rank} ({len(files)} shards)")
-    record = files[rank]
-    return safe_join(path, record["name"]), record
+        if world_size == get_world_size():
+            return get_rank()
+        if world_size == 1:
+            return 0
+        raise InvalidRequestError(
+            f"{path!r} has {world_size} shards and this job {get_world_size()} rank(s): "
+            "pass rank= to choose the shard to load"
+        )
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise InvalidRequestError(f"rank must be an int, not {rank!r}")
+    if not 0 <= int(rank) < world_size:
+        raise InvalidRequestError(f"{path!r} has no shard for rank {rank} ({world_size} shards)")
+    return int(rank)
 
 
-def decode(
-    path: str,
-    data: bytes,
-    record: dict[str, Any] | None,
-    *,
-    verify: bool,
-    weights_only: bool,
-    map_location: Any,
-) -> Any:
-    """Check ``data`` against ``record`` (if any), then unpickle it with ``torch.load``."""
-    if record is not None and verify:
-        check_bytes(path, data, record)
+def _unpickle(path: str, source: Any, weights_only: bool, map_location: Any) -> Any:
+    mmap = isinstance(source, str)  # a file is mapped; bytes from another backend are not
     try:
-        return torch.load(io.BytesIO(data), weights_only=weights_only, map_location=map_location)
+        return torch.load(source, weights_only=weights_only, map_location=map_location, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if weights_only:
+        # torch's message suggests weights_only=False whatever the cause: keep its reason.
+        text = str(exc)
+        _, found, rest = text.partition("WeightsUnpickler error:")
+        reason = " ".join(rest.split("Check the documentation")[0].split())
+        reason = reason if found and reason else " ".join(text.split())[:300]
+        if weights_only and "Unsupported global" in reason:
             raise UnsafeCheckpointError(
                 f"{path!r} holds pickled objects that weights_only=True refuses to load "
-                f"({str(exc).splitlines()[0]}); pass weights_only=False only if you trust "
-                "the file",
+                f"({reason}); pass weights_only=False only if you trust the file",
             ) from exc
-        raise CorruptCheckpointError(f"{path!r} cannot be unpickled: {exc}", path=path) from exc
-    except (RuntimeError, EOFError, ValueError) as exc:
+        raise CorruptCheckpointError(
+            f"{path!r} cannot be unpickled: it is damaged ({reason})", path=path
+        ) from exc
+    except _UNREADABLE as exc:
         raise CorruptCheckpointError(
             f"{path!r} is not a readable checkpoint: {exc}", path=path
         ) from exc
+
+
+def _load_fd(fd: int, path: str, record: dict[str, Any] | None, verify: bool, **opts: Any) -> Any:
+    """Check the open file (against ``record``, else its own trailer), then map it."""
+    size = os.fstat(fd).st_size
+    if verify and record is not None:
+        check_record(fd, path, record)
+    elif verify:
+        found = read_trailer(fd, size, path)
+        if found is not None and hash_prefix(fd, found[0], path) != found[1]:
+            raise CorruptCheckpointError(
+                f"{path!r} is corrupt: its xxh3-64 checksum does not match its trailer",
+                path=path,
+            )
+    if os.pread(fd, 4, 0) != _ZIP_MAGIC:
+        raise CorruptCheckpointError(
+            f"{path!r} is not a torch.save file (no zip header): it is damaged, or not a "
+            "checkpoint",
+            path=path,
+        )
+    # Through the descriptor, not the name: torch maps exactly the file that was checked.
+    return _unpickle(path, f"/proc/self/fd/{fd}", **opts)
+
+
+def _load_local(path: str, rank: Any, verify: bool, nofollow: bool, **opts: Any) -> Any:
+    if not nofollow and not os.path.isdir(path):  # a file (the caller's path: links resolve)
+        with opened(open_file(path, follow=True)) as fd:
+            return _load_fd(fd, path, None, verify, **opts)
+    if nofollow:
+        parent, name = os.path.split(os.path.abspath(path))
+        with opened(open_dir(parent)) as pfd:
+            dfd = open_dir(path, dir_fd=pfd, name=name)
+    else:
+        dfd = open_dir(path)
+    with opened(dfd):
+        meta = read_metadata(path, dir_fd=dfd)
+        record = meta["files"][choose_rank(path, meta["world_size"], rank)]
+        file = safe_join(path, record["name"])
+        try:
+            fd = open_file(file, dir_fd=dfd, name=record["name"])
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{file!r} is missing from the committed checkpoint {path!r}"
+            ) from None
+    with opened(fd):
+        return _load_fd(fd, file, record, verify, **opts)
 
 
 def load_sync(
@@ -89,17 +149,60 @@ def load_sync(
     """Load a checkpoint file, or this rank's shard of a checkpoint directory.
 
     A directory must be committed (have its metadata); the shard is checked against the
-    recorded size and checksum before it is unpickled (``verify=False`` skips that).
+    recorded size and checksum before it is unpickled, a single file against its checksum
+    trailer if it has one (``verify=False`` skips both). The file is then memory-mapped
+    (``torch.load(mmap=True)``): tensors are read from the page cache as they are used.
     ``weights_only=True`` refuses files holding arbitrary pickled objects.
-    Raises :class:`CheckpointNotFoundError`, :class:`CorruptCheckpointError` (naming the
-    file) or :class:`UnsafeCheckpointError`.
+
+    Raises :class:`CheckpointNotFoundError` (no such path, never committed, missing shard),
+    :class:`CorruptCheckpointError` (damaged bytes or metadata, naming the file),
+    :class:`UntrustedEntryError` (a link, FIFO or device inside the checkpoint),
+    :class:`UnsafeCheckpointError`, or :class:`InvalidRequestError` (a bad ``rank``).
     """
-    storage = storage if storage is not None else LocalStorage()
-    file, record = resolve(path, rank, storage)
-    data = storage.read_bytes(file)
-    return decode(
-        file, data, record, verify=verify, weights_only=weights_only, map_location=map_location
+    return load_path(
+        os.fspath(path),
+        rank,
+        verify,
+        storage,
+        nofollow=False,
+        weights_only=weights_only,
+        map_location=map_location,
     )
+
+
+def load_path(
+    path: str,
+    rank: Any = None,
+    verify: bool = True,
+    storage: Storage | None = None,
+    *,
+    nofollow: bool,
+    weights_only: bool = True,
+    map_location: Any = "cpu",
+) -> Any:
+    """``load_sync``; ``nofollow=True`` also refuses a link as ``path`` itself (for a step
+    directory found by listing a directory that others may write to)."""
+    opts = {"weights_only": weights_only, "map_location": map_location}
+    if storage is None or isinstance(storage, LocalStorage):
+        return _load_local(path, rank, verify, nofollow, **opts)
+    # Another backend: its bytes, checked against the metadata, unpickled from memory.
+    meta = storage.read_metadata(path)
+    record = meta["files"][choose_rank(path, meta["world_size"], rank)]
+    file = safe_join(path, record["name"])
+    data = storage.read_bytes(file)
+    if verify and (
+        len(data) != record["nbytes"] or xxhash.xxh3_64_hexdigest(data) != record["xxh3_64"]
+    ):
+        raise CorruptCheckpointError(
+            f"{file!r} does not match the size and checksum its metadata records", path=file
+        )
+    return _unpickle(file, io.BytesIO(data), **opts)
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a worker thread of its own: never a token of anyio's default limiter,
+    which the checkpoint queue's tasks use."""
+    return await anyio.to_thread.run_sync(fn, limiter=anyio.CapacityLimiter(1))
 
 
 async def load(
@@ -111,21 +214,15 @@ async def load(
     map_location: Any = "cpu",
     storage: Storage | None = None,
 ) -> Any:
-    """``load_sync`` without blocking the event loop: the file is read with aiofiles (on
-    asyncio; anyio's file API elsewhere) and checked and unpickled in a worker thread."""
-    storage = storage if storage is not None else LocalStorage()
-    file, record = await anyio.to_thread.run_sync(resolve, path, rank, storage)
-    plain = type(storage) is LocalStorage  # a subclass may read differently: ask it
-    if plain and _on_asyncio():
-        async with aiofiles.open(file, "rb") as f:
-            data = await f.read()
-    elif plain:  # trio: anyio's threaded file API
-        async with await anyio.open_file(file, "rb") as af:
-            data = await af.read()
-    else:
-        data = await anyio.to_thread.run_sync(storage.read_bytes, file)
-    return await anyio.to_thread.run_sync(
-        lambda: decode(
-            file, data, record, verify=verify, weights_only=weights_only, map_location=map_location
+    """``load_sync`` in a worker thread, so the event loop keeps running (any anyio
+    backend); the same code path. Raises what ``load_sync`` raises."""
+    return await in_thread(
+        lambda: load_sync(
+            path,
+            rank=rank,
+            verify=verify,
+            weights_only=weights_only,
+            map_location=map_location,
+            storage=storage,
         )
     )

@@ -1,119 +1,57 @@
 """Checkpoint managers for training loops: numbered steps in one directory, retention,
-latest and restore. ``AsyncCheckpointManager`` for async code, ``CheckpointManager`` for a
-plain loop; both write sharded, committed checkpoints through the queues."""
+latest, restore and rollback. ``AsyncCheckpointManager`` for async code (it makes no
+filesystem call on the event loop), ``CheckpointManager`` for a plain loop; both write
+sharded, committed checkpoints through the queues. The rules live in ``_steps``."""
 
 from __future__ import annotations
 
-import os
-import re
+from types import TracebackType
 from typing import Any
 
+from typing_extensions import Self
+
 from ._async_queue import AsyncCheckpointQueue, QueueFacade
-from ._exceptions import CheckpointNotFoundError, InvalidRequestError
+from ._exceptions import CheckpointError
 from ._futures import CheckpointFuture
-from ._load import load, load_sync
+from ._load import in_thread, load_path
 from ._queue import AsyncCallsQueue
 from ._request import AsyncRequest
-from ._sharded import sharded_request
-from ._storage import METADATA, LocalStorage, Storage
-
-_STEP_DIR = re.compile(r"^step-(\d{12})$")
+from ._steps import StepDirectory
+from ._storage import Storage
 
 
-class _Layout:
-    """Where steps live in the manager's directory, which are committed, what to prune."""
-
-    def __init__(self, directory: Any, keep_last: int | None, storage: Storage | None) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise InvalidRequestError("keep_last must be at least 1 (or None to keep all)")
-        self.directory = os.fspath(directory)
-        self.keep_last = keep_last
-        self.storage = storage if storage is not None else LocalStorage()
-        self.storage.makedirs(self.directory)
-
-    def step_dir(self, step: int) -> str:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise InvalidRequestError(f"step must be a non-negative int, not {step!r}")
-        return os.path.join(self.directory, f"step-{step:012d}")
-
-    def steps(self) -> tuple[list[int], list[int]]:
-        """(committed steps, uncommitted steps), each ascending."""
-        committed: list[int] = []
-        partial: list[int] = []
-        for name in self.storage.list_dir(self.directory):
-            match = _STEP_DIR.match(name)
-            if match is None:
-                continue
-            has_meta = METADATA in self.storage.list_dir(os.path.join(self.directory, name))
-            (committed if has_meta else partial).append(int(match.group(1)))
-        return committed, partial
-
-    def request(
-        self, step: int, state_dict: Any, extra: dict[str, Any] | None, queue_engine: Any
-    ) -> AsyncRequest:
-        directory = self.step_dir(step)
-        if step in self.steps()[0]:
-            raise InvalidRequestError(
-                f"step {step} is already committed in {directory!r}; save under a new step"
-            )
-        return sharded_request(
-            state_dict,
-            directory,
-            {"step": step, **(extra or {})},
-            queue_engine.completion,
-            self.storage,
-            after_commit=lambda: self.prune(step),
-        )
-
-    def prune(self, committed_step: int) -> None:
-        """After ``committed_step`` is committed: drop committed steps beyond the newest
-        ``keep_last``, and uncommitted leftovers of older steps (crashed saves)."""
-        committed, partial = self.steps()
-        doomed = [s for s in partial if s < committed_step]
-        if self.keep_last is not None:
-            doomed += committed[: max(0, len(committed) - self.keep_last)]
-        for step in doomed:
-            self.storage.remove_tree(self.step_dir(step))
-
-    def restore_dir(self, step: int | None) -> str:
-        committed, _ = self.steps()
-        if step is None:
-            if not committed:
-                raise CheckpointNotFoundError(f"no committed checkpoint in {self.directory!r}")
-            step = committed[-1]
-        elif step not in committed:
-            raise CheckpointNotFoundError(
-                f"step {step} has no committed checkpoint in {self.directory!r} "
-                f"(committed: {committed})"
-            )
-        return self.step_dir(step)
+def _restore(steps: StepDirectory, step: Any, **load_options: Any) -> Any:
+    path = steps.restore_path(step)
+    return load_path(path, storage=steps.storage, nofollow=True, **load_options)
 
 
 class _Steps:
-    """What both managers answer from the directory alone."""
+    """What both managers answer from the directory alone (blocking calls)."""
 
-    layout: _Layout
+    steps: StepDirectory
 
     def latest_step(self) -> int | None:
         """The newest committed step, None if there is none."""
-        committed, _ = self.layout.steps()
+        committed = self.steps.scan().committed
         return committed[-1] if committed else None
 
     def committed_steps(self) -> list[int]:
-        """Every committed step, oldest first."""
-        return self.layout.steps()[0]
+        """Every committed step, oldest first (numeric order)."""
+        return self.steps.scan().committed
 
 
 class AsyncCheckpointManager(_Steps, QueueFacade):
     """Numbered checkpoints in ``directory``, for async training loops::
 
         async with AsyncCheckpointManager("ckpts", keep_last=3) as mgr:
-            state = await mgr.restore() if mgr.latest_step() is not None else None
+            state = await mgr.restore() if await mgr.alatest_step() is not None else None
             ...
             fut = await mgr.save(step, {"model": model.state_dict()})
 
     Each step is a directory committed by its metadata; older steps beyond ``keep_last``
-    are deleted only after a newer one is committed. Queue options pass through.
+    are deleted only after a newer one is committed. Saves must go forward (see
+    :meth:`rollback`). Entering takes the directory's lock (:class:`DirectoryLockedError`
+    if another manager holds it). Queue options pass through.
     """
 
     def __init__(
@@ -124,8 +62,35 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         storage: Storage | None = None,
         **queue_options: Any,
     ) -> None:
-        self.layout = _Layout(directory, keep_last, storage)
+        self.steps = StepDirectory(directory, keep_last, storage)
         self.queue = AsyncCheckpointQueue(**queue_options)
+
+    async def __aenter__(self) -> Self:
+        await in_thread(self.steps.open)
+        try:
+            await self.queue.__aenter__()
+        except BaseException:
+            self.steps.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.queue.__aexit__(exc_type, exc, tb)
+        finally:
+            self.steps.close()
+
+    async def aclose(self) -> None:
+        """Wait for every checkpoint, stop the worker, release the directory. Idempotent."""
+        try:
+            await self.queue.aclose()
+        finally:
+            self.steps.close()
 
     async def save(
         self,
@@ -135,22 +100,61 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         *,
         wait_for_staging: bool = True,
     ) -> CheckpointFuture:
-        """Schedule the checkpoint of ``step``; its future resolves once it is committed."""
-        request = self.layout.request(step, state_dict, extra, self.queue.engine)
-        return await self.queue.schedule(
-            request, wait_for_staging=wait_for_staging, needs_global=True
-        )
+        """Schedule the checkpoint of ``step``; its future resolves once it is committed.
+        ``step`` must be above every committed step and every step being saved;
+        ``extra`` must be JSON. Both are checked here, before anything is written."""
+        completion = self.queue.engine.completion
+        reserved: list[int] = []
+
+        def build() -> AsyncRequest:
+            request, number = self.steps.request(step, state_dict, extra, completion)
+            reserved.append(number)
+            return request
+
+        try:
+            request = await in_thread(build)
+        except BaseException:  # cancelled while the thread ran: nothing was scheduled
+            for number in reserved:
+                self.steps.settled(number)
+            raise
+        (number,) = reserved
+        try:
+            fut = await self.queue.schedule(
+                request, wait_for_staging=wait_for_staging, needs_global=True
+            )
+        except CheckpointError:
+            self.steps.settled(number)  # refused or staging failed: it will not run
+            raise
+        # Cancelled while staging, the save still runs: its step stays reserved (a commit
+        # releases it), so that no other save can write the same directory meanwhile.
+        fut.add_done_callback(lambda _: self.steps.settled(number))
+        return fut
 
     async def restore(self, step: int | None = None, **load_options: Any) -> Any:
-        """Load (and verify) this rank's shard of ``step``, by default the latest committed."""
-        return await load(
-            self.layout.restore_dir(step), storage=self.layout.storage, **load_options
-        )
+        """Load (and verify) this rank's shard of ``step``, by default the newest committed.
+        Options are :func:`aiockpt.load`'s."""
+        return await in_thread(lambda: _restore(self.steps, step, **load_options))
+
+    async def alatest_step(self) -> int | None:
+        """:meth:`latest_step` without blocking the event loop."""
+        return await in_thread(self.latest_step)
+
+    async def acommitted_steps(self) -> list[int]:
+        """:meth:`committed_steps` without blocking the event loop."""
+        return await in_thread(self.committed_steps)
+
+    async def rollback(self, to_step: int) -> list[int]:
+        """Un-commit and delete the steps above ``to_step`` so that saving resumes from
+        there; returns them. Refused while saves are pending (await them first).
+        In a distributed job every rank calls it."""
+        return await in_thread(lambda: self.steps.rollback(to_step))
 
 
 class CheckpointManager(_Steps):
     """The blocking twin of :class:`AsyncCheckpointManager`, for plain training loops:
-    call ``poll()`` every step (it never blocks) and ``close()`` at the end."""
+    call ``poll()`` every step (it never blocks) and ``close()`` at the end. Creating it
+    takes the directory's lock (:class:`DirectoryLockedError` if another manager holds it).
+    """
 
     def __init__(
         self,
@@ -160,23 +164,59 @@ class CheckpointManager(_Steps):
         storage: Storage | None = None,
         **queue_options: Any,
     ) -> None:
-        self.layout = _Layout(directory, keep_last, storage)
-        self.queue = AsyncCallsQueue(**queue_options)
+        self.steps = StepDirectory(directory, keep_last, storage)
+        self.steps.open()
+        try:
+            self.queue = AsyncCallsQueue(**queue_options)
+        except BaseException:
+            self.steps.close()
+            raise
+        self._step_of: dict[int, int] = {}  # call index -> step, until it is settled
 
     def save(self, step: int, state_dict: Any, extra: dict[str, Any] | None = None) -> int:
-        """Schedule the checkpoint of ``step``; returns its call index."""
-        request = self.layout.request(step, state_dict, extra, self.queue._engine)
-        return self.queue.schedule_async_request(request, needs_global=True)
+        """Schedule the checkpoint of ``step``; returns its call index. ``step`` must be
+        above every committed step and every step being saved; ``extra`` must be JSON."""
+        request, number = self.steps.request(step, state_dict, extra, self.queue._engine.completion)
+        try:
+            idx = self.queue.schedule_async_request(request, needs_global=True)
+        except CheckpointError:
+            self.steps.settled(number)  # refused or staging failed: it will not run
+            raise
+        self._step_of[idx] = number
+        return idx
+
+    def _settle(self, idxs: list[int]) -> None:
+        for idx in idxs:
+            number = self._step_of.pop(idx, None)
+            if number is not None:
+                self.steps.settled(number)
 
     def poll(self, blocking: bool = False) -> list[int]:
         """Commit the checkpoints that are done; return their call indices (FIFO)."""
-        return self.queue.maybe_finalize_async_calls(blocking=blocking, no_dist=True)
+        try:
+            done = self.queue.maybe_finalize_async_calls(blocking=blocking, no_dist=True)
+        except CheckpointError as err:
+            failed = [] if err.call_idx is None else [err.call_idx]
+            self._settle([*err.finalized_call_idxs, *failed])
+            raise
+        self._settle(done)
+        return done
 
     def restore(self, step: int | None = None, **load_options: Any) -> Any:
-        return load_sync(self.layout.restore_dir(step), storage=self.layout.storage, **load_options)
+        """Load (and verify) this rank's shard of ``step``, by default the newest committed."""
+        return _restore(self.steps, step, **load_options)
+
+    def rollback(self, to_step: int) -> list[int]:
+        """Un-commit and delete the steps above ``to_step``; returns them (see
+        :meth:`AsyncCheckpointManager.rollback`)."""
+        return self.steps.rollback(to_step)
 
     def close(self) -> None:
-        self.queue.close(no_dist=True)
+        """Finalize pending saves, stop the worker, release the directory. Idempotent."""
+        try:
+            self.queue.close(no_dist=True)
+        finally:
+            self.steps.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

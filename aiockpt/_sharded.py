@@ -3,22 +3,34 @@ file is durable, rank 0 commits the checkpoint by writing its metadata."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+from collections.abc import Callable
 from typing import Any
 
 from ._dist import CompletionGroup, get_rank, get_world_size
 from ._engine import ResultFinalizer
-from ._exceptions import InvalidRequestError
+from ._exceptions import DirectoryLockedError, InvalidRequestError
+from ._metadata import METADATA, check_extra
 from ._request import AsyncRequest
-from ._storage import LocalStorage, Storage, shard_name
+from ._storage import LocalStorage, Storage, live_writers, shard_name
 from .utils import wrap_for_async
+
+logger = logging.getLogger("aiockpt")
+
+Hook = Callable[[], object]
 
 
 class CommitSharded(ResultFinalizer):
     """Finalize step of a sharded save, run on every rank after global success: gathers
     the file records (name, size, checksum) and has rank 0 write the metadata. Every rank
     learns whether the commit succeeded, so none reports a checkpoint that is not there.
-    ``after_commit`` (rank 0 only) runs once the metadata is durable: retention."""
+
+    Hooks: ``before_commit`` (rank 0) may raise to refuse the commit; ``on_committed``
+    runs on every rank once the commit is known; ``after_commit`` (rank 0, retention) runs
+    once the metadata is durable, and its failure is logged: the checkpoint stays committed.
+    """
 
     def __init__(
         self,
@@ -26,27 +38,50 @@ class CommitSharded(ResultFinalizer):
         extra: dict[str, Any],
         completion: CompletionGroup,
         storage: Storage,
-        after_commit: Any = None,
+        after_commit: Hook | None = None,
+        *,
+        before_commit: Hook | None = None,
+        on_committed: Hook | None = None,
     ) -> None:
         self.directory = directory
         self.extra = extra
         self.completion = completion
         self.storage = storage
         self.after_commit = after_commit
+        self.before_commit = before_commit
+        self.on_committed = on_committed
+
+    def _commit(self, records: list[Any]) -> None:
+        if self.before_commit is not None:
+            self.before_commit()
+        if METADATA in self.storage.list_dir(self.directory):
+            raise InvalidRequestError(
+                f"{self.directory!r} was committed by another save meanwhile; not replacing it"
+            )
+        self.storage.commit(self.directory, records, self.extra)
 
     def __call__(self, result: Any, call_idx: int) -> None:
         records = self.completion.all_gather_object(call_idx, result)
         failure = None
         if get_rank() == 0:
             try:
-                self.storage.commit(self.directory, records, self.extra)
-                if self.after_commit is not None:
-                    self.after_commit()
+                self._commit(records)
             except Exception as exc:
                 failure = f"{type(exc).__name__}: {exc}"
         failure = self.completion.broadcast_object(call_idx, failure)
         if failure is not None:
             raise OSError(f"rank 0 could not commit {self.directory!r}: {failure}")
+        if self.on_committed is not None:
+            self.on_committed()
+        if get_rank() == 0 and self.after_commit is not None:
+            try:
+                self.after_commit()
+            except Exception:
+                logger.warning(
+                    "checkpoint %r is committed, but cleaning up after it failed",
+                    self.directory,
+                    exc_info=True,
+                )
 
 
 def sharded_request(
@@ -55,19 +90,56 @@ def sharded_request(
     extra: dict[str, Any] | None,
     completion: CompletionGroup,
     storage: Storage | None = None,
-    after_commit: Any = None,
+    after_commit: Hook | None = None,
+    *,
+    before_commit: Hook | None = None,
+    on_committed: Hook | None = None,
 ) -> AsyncRequest:
-    """The request that writes this rank's shard of a checkpoint in ``directory``."""
+    """The request that writes this rank's shard of a checkpoint in ``directory``.
+
+    Raises :class:`InvalidRequestError` at the call if ``extra`` is not JSON or
+    ``directory`` already holds a committed checkpoint (its files are never overwritten:
+    save to a new directory), :class:`DirectoryLockedError` if a live process on this host
+    is writing this rank's file there, :class:`UntrustedEntryError` if ``directory`` is a
+    link or a file, :class:`StorageError` if it cannot be created. Makes filesystem calls: run it
+    off the event loop."""
     if not isinstance(directory, str | os.PathLike):
         raise InvalidRequestError(f"directory must be a path, not {type(directory).__name__}")
     path = os.fspath(directory)
-    assert isinstance(path, str)
+    if not isinstance(path, str):
+        raise InvalidRequestError(f"directory must be a str path, not {path!r}")
+    extra = check_extra(extra)
     storage = storage if storage is not None else LocalStorage()
     storage.makedirs(path)
+    if METADATA in storage.list_dir(path):
+        raise InvalidRequestError(
+            f"{path!r} already holds a committed checkpoint (or something named {METADATA}); "
+            "its files are never overwritten in place. Save to a new directory (or delete "
+            "this one first)"
+        )
     name = shard_name(get_rank(), get_world_size())
-    storage.remove_temporaries(path, name)  # left by an interrupted earlier attempt
+    storage.remove_temporaries(path, name)  # left by a killed earlier attempt
+    if isinstance(storage, LocalStorage):
+        writers = live_writers(path, name)
+        if writers:
+            raise DirectoryLockedError(
+                f"{name} in {path!r} is being written by pid {writers[0]} on this host, "
+                "perhaps a worker of an earlier job that outlived it: wait for it to finish "
+                "or stop it, then save again",
+                holder=f"pid {writers[0]} on host {socket.gethostname()}",
+            )
     return AsyncRequest(
         wrap_for_async(storage.write_file),
         (state_dict, os.path.join(path, name)),
-        [CommitSharded(path, extra or {}, completion, storage, after_commit)],
+        [
+            CommitSharded(
+                path,
+                extra,
+                completion,
+                storage,
+                after_commit,
+                before_commit=before_commit,
+                on_committed=on_committed,
+            )
+        ],
     )

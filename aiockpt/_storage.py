@@ -1,12 +1,13 @@
 """The on-disk format: files ``torch.load`` reads, written atomically, with checksums.
 
-A single-file checkpoint is one file. A sharded checkpoint is a directory with one file per
-rank and a ``metadata.json`` written last, by rank 0, once every rank's file is durable: the
-metadata is the commit marker, so a directory without it is not a checkpoint.
+A single-file checkpoint is one file carrying its own xxh3-64 checksum in a trailer
+``torch.load`` ignores (see ``_checksum``). A sharded checkpoint is a directory with one
+file per rank and a ``metadata.json`` written last, by rank 0, once every rank's file is
+durable: the metadata is the commit marker, so a directory without it is not a checkpoint.
 
 Every file is written under a temporary name in its final directory, fsync'd, renamed into
-place, and the directory is fsync'd: a crash leaves the old file or the new one. The xxh64
-checksum of the bytes is computed as they are written, never by reading them back.
+place, and the directory is fsync'd: a crash leaves the old file or the new one. Checksums
+are computed as the bytes are written, never by reading them back.
 
 This module knows nothing of queues, workers or event loops.
 """
@@ -14,107 +15,167 @@ This module knows nothing of queues, workers or event loops.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import socket
+import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
 import torch.utils.serialization
-import xxhash
 
-from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError
+from ._checksum import HashingWriter, read_trailer
+from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from ._files import entry_kind, fsync_dir, hash_prefix, open_dir, open_file, opened
+from ._metadata import FORMAT_VERSION, METADATA, read_metadata, safe_join, shard_name
 
-METADATA = "metadata.json"
-FORMAT_VERSION = 1
+__all__ = [
+    "METADATA",
+    "TMP_MARKER",
+    "LocalStorage",
+    "Storage",
+    "fsync_path",
+    "make_dir",
+    "read_metadata",
+    "remove_temporaries",
+    "safe_join",
+    "save_file",
+    "shard_name",
+    "verify",
+    "verify_file",
+    "write_atomic",
+    "write_metadata",
+]
+
 TMP_MARKER = ".tmp-"
-
-
-def shard_name(rank: int, world_size: int) -> str:
-    """File name of ``rank``'s part of a sharded checkpoint."""
-    return f"shard-{rank:05d}-of-{world_size:05d}.pt"
-
-
-class _HashingWriter:
-    """A write-only file object that hashes and counts the bytes passing through."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-        self._hash = xxhash.xxh3_64()
-        self.nbytes = 0
-        # torch.save turns a failed write into a vague RuntimeError; keep the real cause.
-        self.error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self._hash.update(view)
-        self.nbytes += view.nbytes
-        try:
-            written: int = self._raw.write(view)
-        except OSError as exc:
-            self.error = exc
-            raise
-        return written
-
-    def flush(self) -> None:
-        self._raw.flush()
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+_HOST = socket.gethostname().replace("/", "_")
 
 
 def fsync_path(path: str) -> None:
     """fsync a file, or a directory (which makes a rename or a new file in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with opened(os.open(path, os.O_RDONLY | os.O_CLOEXEC)) as fd:
         os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def temp_path(path: str) -> str:
-    """A unique temporary name beside ``path`` (hidden, recognisable for clean-up)."""
+    """A unique temporary name beside ``path``: hidden, and naming the writer's host and
+    pid so that a later save can tell a dead writer's leftover from a live write."""
     directory, name = os.path.split(path)
-    return os.path.join(directory, f".{name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    token = f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return os.path.join(directory, f".{name}{TMP_MARKER}{token}")
 
 
-def write_atomic(path: str, write: Any) -> dict[str, Any]:
-    """Call ``write(file)`` on a temporary file, then fsync and rename it to ``path``.
+def _writer_state(token: str) -> tuple[str, int]:
+    """("dead" | "alive" | "unknown", pid) of the writer named in a temporary file's token."""
+    parts = token.rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+        return "unknown", -1  # another host's, or of an older format: cannot tell
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return "alive", pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            zombie = f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"  # killed, not reaped
+    except FileNotFoundError:
+        return "dead", pid
+    except OSError:
+        return "unknown", pid
+    return ("dead" if zombie else "alive"), pid
 
-    Returns ``{"name", "nbytes", "xxh3_64"}`` of what was written. On any failure the
-    temporary file is removed and ``path`` is left as it was.
+
+def live_writers(directory: str, prefix: str) -> list[int]:
+    """Pids of processes on this host that are writing a file named ``prefix`` in
+    ``directory`` right now (they hold a temporary file of it)."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    pids = []
+    for name in names:
+        if name.startswith("." + prefix) and TMP_MARKER in name:
+            state, pid = _writer_state(name.rsplit(TMP_MARKER, 1)[1])
+            if state == "alive":
+                pids.append(pid)
+    return sorted(pids)
+
+
+def remove_temporaries(directory: str, prefix: str = "") -> list[str]:
+    """Delete temporary files that writers on this host left in ``directory`` when they
+    were killed (names starting with ``.`` + ``prefix``, writer no longer running);
+    returns the names removed. A live writer's temporary file is left alone."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for name in names:
+        if not name.startswith("." + prefix) or TMP_MARKER not in name:
+            continue
+        if _writer_state(name.rsplit(TMP_MARKER, 1)[1])[0] == "dead":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+def _mode_of(path: str) -> int | None:
+    """Permission bits of the regular file at ``path`` (None if there is none)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+
+
+def write_atomic(
+    path: str, write: Callable[[Any], object], *, trailer: bool = False
+) -> dict[str, Any]:
+    """Call ``write(file)`` on a new temporary file, fsync it, rename it to ``path`` (keeping
+    the permission bits of the file it replaces) and fsync the directory.
+
+    Returns ``{"name", "nbytes", "xxh3_64"}`` of the whole file. ``trailer=True`` appends the
+    checksum trailer of a zip archive. On any failure the temporary file is removed and
+    ``path`` is left as it was.
     """
     tmp = temp_path(path)
-    writer: _HashingWriter | None = None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o666)
+    writer = HashingWriter(fd, trailer=trailer)
     try:
-        with open(tmp, "wb", buffering=0) as raw:
-            writer = _HashingWriter(raw)
+        try:
+            mode = _mode_of(path)
+            if mode is not None:
+                os.fchmod(fd, mode)
             write(writer)
-            os.fsync(raw.fileno())
+            digest = writer.finish()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if writer is not None and writer.error is not None and exc is not writer.error:
+        if writer.error is not None and exc is not writer.error:
             raise writer.error from exc
         raise
-    fsync_path(os.path.dirname(os.path.abspath(path)))
-    assert writer is not None
-    return {"name": os.path.basename(path), "nbytes": writer.nbytes, "xxh3_64": writer.hexdigest()}
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return {"name": os.path.basename(path), "nbytes": writer.nbytes, "xxh3_64": digest}
 
 
 @contextlib.contextmanager
 def _no_crc32() -> Iterator[None]:
-    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    config = getattr(torch.utils.serialization, "config", None)
     save_config = getattr(config, "save", None)
-    if save_config is None or not hasattr(save_config, "compute_crc32"):  # torch < 2.6
-        yield
+    if save_config is None or not hasattr(save_config, "compute_crc32"):
+        yield  # a torch without the switch computes CRC32 as always
         return
     before = save_config.compute_crc32
-    save_config.compute_crc32 = False
+    save_config.compute_crc32 = False  # xxh3 replaces it, at a fraction of the cost
     try:
         yield
     finally:
@@ -122,9 +183,15 @@ def _no_crc32() -> Iterator[None]:
 
 
 def save_file(state_dict: Any, path: str, **torch_save_kwargs: Any) -> dict[str, Any]:
-    """``torch.save(state_dict, path)``, atomically and durably; returns the file record."""
+    """``torch.save(state_dict, path)``, atomically and durably, with a checksum trailer;
+    returns the file record. Temporary files of earlier writers of ``path`` on this host
+    that were killed are removed first."""
+    directory, name = os.path.split(os.path.abspath(path))
+    remove_temporaries(directory, name)
     with _no_crc32():
-        return write_atomic(path, lambda f: torch.save(state_dict, f, **torch_save_kwargs))
+        return write_atomic(
+            path, lambda f: torch.save(state_dict, f, **torch_save_kwargs), trailer=True
+        )
 
 
 def write_metadata(directory: str, files: list[dict[str, Any]], extra: dict[str, Any]) -> str:
@@ -137,106 +204,123 @@ def write_metadata(directory: str, files: list[dict[str, Any]], extra: dict[str,
         "files": files,
         "extra": extra,
     }
-    data = json.dumps(meta, indent=1, sort_keys=True).encode()
+    data = json.dumps(meta, indent=1, sort_keys=True, allow_nan=False).encode()
     path = os.path.join(directory, METADATA)
     write_atomic(path, lambda f: f.write(data))
     return path
 
 
-def safe_join(directory: str, name: object) -> str:
-    """``directory/name`` for a plain file name; anything that could leave ``directory``
-    (a separator, ``..``, an absolute path, a NUL) is refused."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or "/" in name
-        or "\\" in name
-        or "\x00" in name
-        or os.path.isabs(name)
-    ):
+def verify_file(path: str) -> int:
+    """Check a single-file checkpoint against its checksum trailer; returns its size.
+
+    Raises :class:`CorruptCheckpointError` if it does not match or carries no checksum,
+    :class:`CheckpointNotFoundError` if it is missing, :class:`UntrustedEntryError` if it is
+    not a regular file."""
+    with opened(open_file(path, follow=True)) as fd:
+        size = os.fstat(fd).st_size
+        found = read_trailer(fd, size, path)
+        if found is None:
+            raise CorruptCheckpointError(
+                f"{path!r} carries no aiockpt checksum (it was not written by aiockpt): "
+                "nothing to verify it against",
+                path=path,
+            )
+        nbytes, expected = found
+        digest = hash_prefix(fd, nbytes, path)
+    if digest != expected:
         raise CorruptCheckpointError(
-            f"refusing file name {name!r} in {directory!r}: it would leave the checkpoint "
-            "directory",
-            path=directory,
-        )
-    assert isinstance(name, str)
-    return os.path.join(directory, name)
-
-
-def read_metadata(directory: str) -> dict[str, Any]:
-    """The metadata of a committed checkpoint; raises if there is none or it is damaged."""
-    path = os.path.join(directory, METADATA)
-    try:
-        with open(path, "rb") as f:
-            meta = json.loads(f.read())
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(
-            f"{directory!r} holds no committed checkpoint (no {METADATA}): its save failed, "
-            "was interrupted or is still running"
-        ) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path!r} is not valid metadata: {exc}", path=path) from exc
-    if (
-        not isinstance(meta, dict)
-        or meta.get("format") != "aiockpt"
-        or not isinstance(meta.get("files"), list)
-    ):
-        raise CorruptCheckpointError(f"{path!r} is not aiockpt metadata", path=path)
-    for record in meta["files"]:
-        safe_join(directory, record.get("name") if isinstance(record, dict) else record)
-    return meta
-
-
-def check_bytes(path: str, data: bytes | memoryview, record: dict[str, Any]) -> None:
-    """Raise :class:`CorruptCheckpointError` unless ``data`` matches ``record``."""
-    if len(data) != record.get("nbytes"):
-        raise CorruptCheckpointError(
-            f"{path!r} has {len(data)} bytes, its metadata records {record.get('nbytes')}: "
-            "the file is truncated or was replaced",
+            f"{path!r} is corrupt: its xxh3-64 checksum is {digest}, its trailer records "
+            f"{expected}",
             path=path,
         )
-    digest = xxhash.xxh3_64(data).hexdigest()
-    if digest != record.get("xxh3_64"):
+    return size
+
+
+def check_record(fd: int, path: str, record: dict[str, Any]) -> None:
+    """Raise :class:`CorruptCheckpointError` unless the file behind ``fd`` has exactly the
+    size and checksum of its metadata ``record``. Reads no more than the recorded size."""
+    size = os.fstat(fd).st_size
+    if size != record["nbytes"]:
+        raise CorruptCheckpointError(
+            f"{path!r} has {size} bytes, its metadata records {record['nbytes']}: the file "
+            "is truncated or was replaced",
+            path=path,
+        )
+    digest = hash_prefix(fd, size, path)
+    if digest != record["xxh3_64"]:
         raise CorruptCheckpointError(
             f"{path!r} is corrupt: its xxh3-64 checksum is {digest}, its metadata records "
-            f"{record.get('xxh3_64')}",
+            f"{record['xxh3_64']}",
             path=path,
         )
 
 
-def verify(directory: str) -> list[str]:
-    """Check every file of the committed checkpoint in ``directory`` against its metadata;
-    returns the paths checked. Raises :class:`CorruptCheckpointError` naming the first bad
-    file, :class:`CheckpointNotFoundError` if the checkpoint was never committed."""
-    meta = read_metadata(directory)
-    checked = []
-    for record in meta["files"]:
-        path = safe_join(directory, record["name"])
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{path!r} is missing", path=path) from None
-        check_bytes(path, data, record)
-        checked.append(path)
+def verify(path: str) -> list[str]:
+    """Check a checkpoint: every file of the committed checkpoint directory ``path``
+    against its metadata, or the single file ``path`` against its trailer. Returns the
+    files checked. Raises :class:`CorruptCheckpointError` naming the first bad file,
+    :class:`CheckpointNotFoundError` if there is no (committed) checkpoint."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        verify_file(path)
+        return [path]
+    with opened(open_dir(path)) as dfd:
+        meta = read_metadata(path, dir_fd=dfd)
+        checked = []
+        for record in meta["files"]:
+            file = safe_join(path, record["name"])
+            try:
+                fd = open_file(file, dir_fd=dfd, name=record["name"])
+            except CheckpointNotFoundError:
+                raise CheckpointNotFoundError(
+                    f"{file!r} is missing from the committed checkpoint {path!r}"
+                ) from None
+            with opened(fd):
+                check_record(fd, file, record)
+            checked.append(file)
     return checked
 
 
-def remove_temporaries(directory: str, prefix: str = "") -> list[str]:
-    """Delete temporary files left in ``directory`` by interrupted writes (those whose
-    name starts with ``.`` + ``prefix``); returns what was removed."""
-    removed: list[str] = []
+def make_dir(path: str) -> None:
+    """Create the directory ``path`` (and its parents), fsyncing each parent so the new
+    entry survives a crash. An existing entry that is not a real directory raises
+    :class:`UntrustedEntryError`; a read-only or forbidden location :class:`StorageError`."""
+    parent, name = os.path.split(os.path.abspath(path))
     try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        if name.startswith("." + prefix) and TMP_MARKER in name:
+        with opened(open_dir(parent)) as pfd:
+            try:
+                os.mkdir(name, 0o777, dir_fd=pfd)
+            except FileExistsError:
+                os.close(open_dir(path, dir_fd=pfd, name=name))  # refuses links and files
+                return
+            os.fsync(pfd)
+    except CheckpointNotFoundError:
+        make_dir(parent)
+        make_dir(path)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create checkpoint directory {path!r}: {exc.strerror or exc}; "
+            "check that the filesystem is writable and you may write there",
+            path=path,
+        ) from exc
+
+
+def remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint directory safely: un-commit it first (remove ``metadata.json``
+    and fsync), so a crash mid-way never leaves a committed checkpoint missing files; then
+    delete the rest without following any link. A link or file in its place is unlinked."""
+    parent, name = os.path.split(os.path.abspath(path))
+    with opened(open_dir(parent)) as pfd:
+        if entry_kind(name, pfd) != "a directory":
+            os.unlink(name, dir_fd=pfd)
+            os.fsync(pfd)
+            return
+        with opened(open_dir(path, dir_fd=pfd, name=name)) as dfd:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
-                removed.append(name)
-    return removed
+                os.unlink(METADATA, dir_fd=dfd)
+            os.fsync(dfd)
+        shutil.rmtree(path)  # fd-based: never follows a link inside
+        os.fsync(pfd)
 
 
 class Storage(Protocol):
@@ -263,11 +347,14 @@ class LocalStorage:
         return save_file(state_dict, path)
 
     def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+        with opened(open_file(path)) as fd, os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()  # the loaders map files instead; this serves other callers
 
     def commit(self, directory: str, files: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+        """Write ``metadata.json``; once this returns, the checkpoint and its entry in the
+        parent directory are durable."""
         write_metadata(directory, files, extra)
+        fsync_dir(os.path.dirname(os.path.abspath(directory)))
 
     def read_metadata(self, directory: str) -> dict[str, Any]:
         return read_metadata(directory)
@@ -279,10 +366,21 @@ class LocalStorage:
             return []
 
     def makedirs(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
+        make_dir(directory)
 
     def remove_tree(self, path: str) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+        """Delete a checkpoint directory (un-committed first); :class:`StorageError` if
+        it cannot be deleted. A missing one is not an error."""
+        try:
+            remove_checkpoint(path)
+        except CheckpointNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise StorageError(
+                    f"cannot delete checkpoint {path!r}: {exc.strerror or exc}",
+                    path=path,
+                ) from exc
 
     def remove_temporaries(self, directory: str, prefix: str) -> list[str]:
         return remove_temporaries(directory, prefix)

@@ -83,7 +83,7 @@ async def end_to_end(state: dict[str, torch.Tensor], root: str, repeats: int) ->
             await fut
             if step:  # the first save warms the worker and the staging memory
                 out.append(time.perf_counter() - t)
-            await anyio.to_thread.run_sync(shutil.rmtree, mgr.layout.step_dir(step))
+            await anyio.to_thread.run_sync(shutil.rmtree, mgr.steps.path(step))
     return out
 
 

@@ -190,3 +190,7 @@ class Pair(NamedTuple):
 
 class Ordered(OrderedDict):  # type: ignore[type-arg]
     """An OrderedDict subclass, as some optimizers keep their state."""
+
+
+def raise_disk_full(state: Any) -> None:
+    raise OSError(28, "No space left on device")

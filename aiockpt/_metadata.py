@@ -1,0 +1,129 @@
+"""``metadata.json``, the commit marker of a sharded checkpoint: written last, and read back
+only after checking that it describes exactly the checkpoint it sits in."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, InvalidRequestError
+from ._files import open_dir, open_file, opened, read_at_most
+
+METADATA = "metadata.json"
+FORMAT_VERSION = 1
+MAX_METADATA_BYTES = 64 * 2**20  # a million ranks' records fit; a hostile huge file does not
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    """File name of ``rank``'s part of a sharded checkpoint."""
+    return f"shard-{rank:05d}-of-{world_size:05d}.pt"
+
+
+def expected_names(world_size: int) -> list[str]:
+    """The shard file names of a checkpoint written by ``world_size`` ranks, by rank."""
+    return [shard_name(rank, world_size) for rank in range(world_size)]
+
+
+def check_extra(extra: Any) -> dict[str, Any]:
+    """``extra`` as it will be committed; :class:`InvalidRequestError` at the call if it is
+    not a JSON object (a dict with str keys and JSON values)."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise InvalidRequestError(f"extra must be a dict with str keys, not {extra!r}")
+    try:
+        json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(
+            f"extra must hold JSON values only (str, int, float, bool, None, lists, dicts): {exc}"
+        ) from exc
+    return extra
+
+
+def safe_join(directory: str, name: object) -> str:
+    """``directory/name`` for a plain file name; anything that could leave ``directory``
+    (a separator, ``..``, an absolute path, a NUL) is refused."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+    ):
+        raise CorruptCheckpointError(
+            f"refusing file name {name!r} in {directory!r}: it would leave the checkpoint "
+            "directory",
+            path=directory,
+        )
+    return os.path.join(directory, name)
+
+
+def check_metadata(meta: Any, directory: str, path: str) -> dict[str, Any]:
+    """``meta`` if it describes a whole checkpoint; :class:`CorruptCheckpointError` if not:
+    wrong format or version, a world size that does not match its records, records that are
+    missing, duplicated, swapped or malformed."""
+
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path!r} is not valid aiockpt metadata: {why}", path=path)
+
+    if not isinstance(meta, dict) or meta.get("format") != "aiockpt":
+        raise bad('no "format": "aiockpt"')
+    version = meta.get("version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise bad(
+            f"format version {version!r}, this aiockpt reads version {FORMAT_VERSION}: "
+            "load it with the aiockpt release that wrote it"
+        )
+    world_size, files = meta.get("world_size"), meta.get("files")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise bad(f"world_size is {world_size!r}")
+    if not isinstance(files, list) or not all(isinstance(r, dict) for r in files):
+        raise bad('"files" is not a list of records')
+    names = [record.get("name") for record in files]
+    for name in names:
+        safe_join(directory, name)
+    if names != expected_names(world_size):
+        raise bad(
+            f"its file records {names!r} are not the {world_size} shards of a world size "
+            f"{world_size} checkpoint, one per rank in rank order (missing, duplicated, "
+            "swapped or foreign records)"
+        )
+    for record in files:
+        nbytes, digest = record.get("nbytes"), record.get("xxh3_64")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise bad(f"record {record.get('name')!r} has size {nbytes!r}")
+        if not isinstance(digest, str) or not _HEX16.match(digest):
+            raise bad(f"record {record.get('name')!r} has checksum {digest!r}")
+    if not isinstance(meta.get("extra", {}), dict):
+        raise bad('"extra" is not an object')
+    return meta
+
+
+def read_metadata(directory: str, *, dir_fd: int | None = None) -> dict[str, Any]:
+    """The checked metadata of the committed checkpoint in ``directory``.
+
+    Raises :class:`CheckpointNotFoundError` if there is none (never committed),
+    :class:`CorruptCheckpointError` if it is damaged or inconsistent,
+    :class:`UntrustedEntryError` if it is a link, FIFO or device."""
+    path = os.path.join(directory, METADATA)
+    if dir_fd is None:
+        with opened(open_dir(directory)) as dfd:
+            return read_metadata(directory, dir_fd=dfd)
+    try:
+        fd = open_file(path, dir_fd=dir_fd, name=METADATA)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{directory!r} holds no committed checkpoint (no {METADATA}): its save failed, "
+            "was interrupted or is still running"
+        ) from None
+    with opened(fd):
+        data = read_at_most(fd, MAX_METADATA_BYTES, path)
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{path!r} is not valid metadata: {exc}", path=path) from exc
+    return check_metadata(meta, directory, path)

@@ -1,0 +1,305 @@
+"""A directory of numbered checkpoints (``step-000000001000``...): which steps are
+committed, the rule that saves go forward, retention, rollback, and the writer's lock.
+
+The rules, enforced here for both managers:
+
+- A save must be above every committed step and every step still being saved. To go back
+  (after a divergence, say), ``rollback(to_step)`` first un-commits and deletes the steps
+  above ``to_step``. So the checkpoint just committed is always the newest, and retention
+  (which keeps the newest ``keep_last``) never deletes it.
+- Deleting a step un-commits it first (``metadata.json`` removed and fsync'd), so a crash
+  mid-way never leaves a committed step with missing files.
+- Only real directories count as steps: a link, a file or a FIFO named ``step-*`` is
+  never followed, listed as a step or deleted through.
+- One process writes the directory: rank 0 holds ``.aiockpt.lock`` while the manager is
+  open.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._dirlock import DirectoryLock
+from ._dist import get_rank, is_distributed
+from ._exceptions import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    InvalidRequestError,
+    QueueClosedError,
+)
+from ._files import entry_kind, open_dir, opened
+from ._metadata import METADATA, check_extra
+from ._request import AsyncRequest
+from ._sharded import sharded_request
+from ._storage import LocalStorage, Storage
+
+MAX_STEP = 2**63 - 1
+_STEP_NAME = re.compile(r"^step-([0-9]{12,19})$")
+
+
+def check_step(step: Any) -> int:
+    """``step`` as an int: any non-negative int64 (numpy integers too); else
+    :class:`InvalidRequestError`."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or int(step) < 0:
+        raise InvalidRequestError(f"step must be a non-negative int, not {step!r}")
+    if int(step) > MAX_STEP:
+        raise InvalidRequestError(f"step must fit in an int64 (at most {MAX_STEP}), not {step}")
+    return int(step)
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:012d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    """The step a directory name stands for; None unless the name is exactly the one
+    :func:`step_name` gives (no stray leading zeros, within int64)."""
+    match = _STEP_NAME.match(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if step <= MAX_STEP and step_name(step) == name else None
+
+
+@dataclass
+class Listing:
+    """What a scan of the directory found, each list ascending by step."""
+
+    committed: list[int] = field(default_factory=list)
+    partial: list[int] = field(default_factory=list)  # no metadata: failed or in progress
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (name, what it is)
+
+
+def _scan_local(directory: str) -> Listing:
+    found = Listing()
+    try:
+        dfd = open_dir(directory)
+    except CheckpointNotFoundError:
+        return found
+    with opened(dfd):
+        for name in os.listdir(dfd):
+            step = parse_step_name(name)
+            if step is None:
+                continue
+            try:
+                kind = entry_kind(name, dfd)
+                if kind != "a directory":
+                    found.refused.append((name, kind))
+                    continue
+                with opened(open_dir(os.path.join(directory, name), dir_fd=dfd, name=name)) as s:
+                    try:
+                        marker: str | None = entry_kind(METADATA, s)
+                    except FileNotFoundError:
+                        marker = None
+            except (FileNotFoundError, CheckpointError):
+                continue  # removed or replaced while we looked
+            if marker is None:
+                found.partial.append(step)
+            elif marker != "a regular file":
+                found.refused.append((name, f"a directory whose {METADATA} is {marker}"))
+            else:
+                found.committed.append(step)
+    found.committed.sort()
+    found.partial.sort()
+    return found
+
+
+def _scan(directory: str, storage: Storage) -> Listing:
+    if isinstance(storage, LocalStorage):
+        return _scan_local(directory)
+    found = Listing()
+    for name in storage.list_dir(directory):
+        step = parse_step_name(name)
+        if step is not None:
+            inside = storage.list_dir(os.path.join(directory, name))
+            (found.committed if METADATA in inside else found.partial).append(step)
+    found.committed.sort()
+    found.partial.sort()
+    return found
+
+
+class StepDirectory:
+    """The steps in ``directory`` and the bookkeeping of one manager's saves into it.
+
+    ``open()`` (filesystem calls: off the event loop) creates the directory, takes the lock
+    on rank 0 and reads the newest committed step; ``close()`` releases the lock.
+    """
+
+    def __init__(self, directory: Any, keep_last: Any, storage: Storage | None) -> None:
+        if keep_last is not None and (
+            isinstance(keep_last, bool)
+            or not isinstance(keep_last, numbers.Integral)
+            or keep_last < 1
+        ):
+            raise InvalidRequestError("keep_last must be an int of at least 1 (or None: keep all)")
+        self.directory = os.fspath(directory)
+        self.keep_last = None if keep_last is None else int(keep_last)
+        self.storage = storage if storage is not None else LocalStorage()
+        self.lock = DirectoryLock(self.directory)
+        self._mutex = threading.Lock()
+        self._in_flight: set[int] = set()  # scheduled, outcome not yet known here
+        self._newest = -1  # newest committed step known (-1: none)
+        self._open = False
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Raises :class:`StorageError` (cannot create), :class:`UntrustedEntryError` (the
+        directory is a file), :class:`DirectoryLockedError` (another manager holds it)."""
+        self.storage.makedirs(self.directory)
+        if get_rank() == 0 and isinstance(self.storage, LocalStorage):
+            self.lock.acquire()
+        try:
+            committed = self.scan().committed
+        except BaseException:
+            self.lock.release()
+            raise
+        self._newest = committed[-1] if committed else -1
+        self._open = True
+
+    def close(self) -> None:
+        self._open = False
+        self.lock.release()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def scan(self) -> Listing:
+        return _scan(self.directory, self.storage)
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, step_name(step))
+
+    def restore_path(self, step: Any) -> str:
+        """The committed step directory to load (the newest if ``step`` is None)."""
+        committed = self.scan().committed
+        if step is None:
+            if not committed:
+                raise CheckpointNotFoundError(f"no committed checkpoint in {self.directory!r}")
+            return self.path(committed[-1])
+        step = check_step(step)
+        if step not in committed:
+            shown = committed if len(committed) <= 10 else ["...", *committed[-10:]]
+            raise CheckpointNotFoundError(
+                f"step {step} has no committed checkpoint in {self.directory!r} "
+                f"(committed: {shown})"
+            )
+        return self.path(step)
+
+    # -- saving ------------------------------------------------------------------------
+
+    def request(
+        self, step: Any, state_dict: Any, extra: dict[str, Any] | None, completion: Any
+    ) -> tuple[AsyncRequest, int]:
+        """The sharded request that saves ``step``, reserved until :meth:`settled`.
+        Raises :class:`InvalidRequestError` if the step does not go forward, ``extra`` is
+        not JSON or names ``"step"``; makes filesystem calls."""
+        step = check_step(step)
+        extra = check_extra(extra)
+        if "step" in extra:
+            raise InvalidRequestError(
+                'extra["step"] is reserved: the manager records the step you save under'
+            )
+        self._reserve(step)
+        try:
+            request = sharded_request(
+                state_dict,
+                self.path(step),
+                {**extra, "step": step},
+                completion,
+                self.storage,
+                after_commit=lambda: self.prune(step),
+                before_commit=lambda: self._check_still_newest(step),
+                on_committed=lambda: self._committed(step),
+            )
+        except BaseException:
+            self.settled(step)
+            raise
+        return request, step
+
+    def _reserve(self, step: int) -> None:
+        with self._mutex:
+            if step in self._in_flight:
+                raise InvalidRequestError(
+                    f"step {step} is already being saved to {self.directory!r}"
+                )
+            above = max([self._newest, *self._in_flight])
+            if step <= above:
+                what = "committed" if above == self._newest else "being saved"
+                raise InvalidRequestError(
+                    f"cannot save step {step} in {self.directory!r}: step {above} is already "
+                    f"{what}, and saves must go forward (retention keeps the newest steps). "
+                    f"To go back, call rollback({step - 1 if step else 0}) first: it "
+                    "un-commits and deletes the steps above it"
+                )
+            self._in_flight.add(step)
+
+    def _committed(self, step: int) -> None:
+        with self._mutex:
+            self._in_flight.discard(step)
+            self._newest = max(self._newest, step)
+
+    def settled(self, step: int) -> None:
+        """The save of ``step`` is over (committed or failed): it no longer blocks others."""
+        with self._mutex:
+            self._in_flight.discard(step)
+
+    def _check_still_newest(self, step: int) -> None:
+        newer = [s for s in self.scan().committed if s >= step]
+        if newer:
+            raise InvalidRequestError(
+                f"refusing to commit step {step} in {self.directory!r}: step {newer[-1]} is "
+                "committed there already"
+            )
+
+    # -- deleting ----------------------------------------------------------------------
+
+    def prune(self, committed_step: int) -> list[int]:
+        """After ``committed_step`` is committed (rank 0): delete the committed steps
+        beyond the newest ``keep_last`` and leftovers of failed saves of older steps; never
+        ``committed_step`` itself, never a step still being saved. Returns what it deleted."""
+        found = self.scan()
+        with self._mutex:
+            busy = {committed_step, *self._in_flight}
+        doomed = [s for s in found.partial if s < committed_step and s not in busy]
+        if self.keep_last is not None:
+            older = [s for s in found.committed if s < committed_step]
+            keep = self.keep_last - (committed_step in found.committed)
+            doomed += older[: max(0, len(older) - keep)]
+        for step in sorted(doomed):
+            self.storage.remove_tree(self.path(step))
+        return sorted(doomed)
+
+    def rollback(self, to_step: Any) -> list[int]:
+        """Un-commit and delete every step above ``to_step``, newest first (so a crash
+        mid-way leaves the directory as if rolled back less far). Collective in a
+        distributed job: every rank calls it; rank 0 deletes. Returns the steps deleted."""
+        to_step = check_step(to_step)
+        if not self._open:
+            raise QueueClosedError(
+                f"the manager of {self.directory!r} is not open (or closed): roll back inside "
+                "`async with` / before close(), while it holds the directory's lock"
+            )
+        with self._mutex:
+            if self._in_flight:
+                raise InvalidRequestError(
+                    f"cannot roll back {self.directory!r} while steps {sorted(self._in_flight)} "
+                    "are being saved: wait for them (finalize/poll) first"
+                )
+        found = self.scan()
+        doomed = sorted({s for s in found.committed + found.partial if s > to_step})
+        if get_rank() == 0:
+            for step in reversed(doomed):
+                self.storage.remove_tree(self.path(step))
+        if is_distributed():
+            import torch.distributed as dist
+
+            dist.barrier()
+        kept = [s for s in found.committed if s <= to_step]
+        with self._mutex:
+            self._newest = kept[-1] if kept else -1
+        return doomed

@@ -1,0 +1,238 @@
+"""A checkpoint directory written by someone else: links, FIFOs, devices, files where
+directories belong. aiockpt must refuse each with a typed error, promptly, and never read,
+write or delete through it."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aiockpt import (
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    load_sync,
+    verify,
+)
+from aiockpt._exceptions import UntrustedEntryError
+from aiockpt._storage import save_file, write_metadata
+
+SHARD = "shard-00000-of-00001.pt"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def committed(directory: Path, value: float) -> Path:
+    directory.mkdir(parents=True)
+    record = save_file({"w": torch.full((4,), value)}, str(directory / SHARD))
+    write_metadata(str(directory), [record], {"step": int(value)})
+    return directory
+
+
+def managed(tmp_path: Path, steps: list[int]) -> Path:
+    ckpts = tmp_path / "ckpts"
+    with CheckpointManager(ckpts, persistent=False) as mgr:
+        for step in steps:
+            mgr.save(step, {"w": torch.full((4,), float(step))})
+        mgr.poll(blocking=True)
+    return ckpts
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aiockpt", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def test_planted_step_symlink_is_not_a_step(tmp_path: Path) -> None:
+    outside = committed(tmp_path / "elsewhere", 99.0)
+    ckpts = managed(tmp_path, [1])
+    (ckpts / "step-000000000099").symlink_to(outside)
+    with CheckpointManager(ckpts, keep_last=1, persistent=False) as mgr:
+        assert mgr.latest_step() == 1 and mgr.committed_steps() == [1]
+        assert float(mgr.restore()["w"][0]) == 1.0
+        with pytest.raises(CheckpointNotFoundError, match="step 99"):
+            mgr.restore(step=99)
+        mgr.save(2, {"w": torch.zeros(4)})
+        mgr.poll(blocking=True)  # retention runs: it must not delete through the link
+        assert mgr.committed_steps() == [2]
+    assert sorted(os.listdir(outside)) == ["metadata.json", SHARD]
+    listing = cli("ls", str(ckpts))
+    assert listing.returncode == 0, listing.stderr
+    (bad,) = [line for line in listing.stdout.splitlines() if "step-000000000099" in line]
+    assert "BAD: a link" in bad
+
+
+def test_a_step_symlink_does_not_redirect_a_save(tmp_path: Path) -> None:
+    ckpts = managed(tmp_path, [1])
+    target = tmp_path / "victim"
+    target.mkdir()
+    (ckpts / "step-000000000005").symlink_to(target)
+    (ckpts / "step-000000000006").write_bytes(b"a plain file named like a step")
+    with CheckpointManager(ckpts, persistent=False) as mgr:
+        with pytest.raises(UntrustedEntryError, match="is a symlink, not a directory"):
+            mgr.save(5, {"w": torch.ones(4)})
+        with pytest.raises(UntrustedEntryError, match="is a regular file, not a directory"):
+            mgr.save(6, {"w": torch.ones(4)})
+        assert mgr.committed_steps() == [1]
+        mgr.save(7, {"w": torch.ones(4)})  # the refused steps did not block the next one
+        mgr.poll(blocking=True)
+    assert os.listdir(target) == []
+
+
+def test_fifo_metadata_or_shard_fails_fast_instead_of_hanging(tmp_path: Path) -> None:
+    ck = committed(tmp_path / "ck", 1.0)
+    (ck / "metadata.json").unlink()
+    os.mkfifo(ck / "metadata.json")
+    for call in (lambda: load_sync(ck), lambda: verify(str(ck))):
+        with pytest.raises(UntrustedEntryError, match="is a FIFO, not a regular file") as info:
+            call()
+        assert info.value.path == str(ck / "metadata.json")
+    listing = cli("ls", str(tmp_path))
+    assert listing.returncode == 0 and "BAD:" in listing.stdout and "FIFO" in listing.stdout
+    assert cli("verify", str(ck)).returncode == 1
+
+    ck2 = committed(tmp_path / "ck2", 2.0)
+    (ck2 / SHARD).unlink()
+    os.mkfifo(ck2 / SHARD)
+    with pytest.raises(UntrustedEntryError, match="is a FIFO"):
+        load_sync(ck2)
+    single = tmp_path / "single.pt"
+    os.mkfifo(single)
+    with pytest.raises(UntrustedEntryError, match="is a FIFO"):
+        load_sync(single)
+    bad = cli("verify", str(single))
+    assert bad.returncode == 1 and "FIFO" in bad.stderr
+
+
+def test_links_inside_a_checkpoint_are_not_followed(tmp_path: Path) -> None:
+    ck = committed(tmp_path / "ck", 1.0)
+    real = committed(tmp_path / "real", 1.0)
+    (ck / SHARD).unlink()
+    (ck / SHARD).symlink_to(real / SHARD)  # same bytes: only the link is wrong
+    with pytest.raises(UntrustedEntryError, match="is a symlink"):
+        load_sync(ck)
+    with pytest.raises(UntrustedEntryError, match="is a symlink"):
+        verify(str(ck))
+    (ck / SHARD).unlink()
+    (ck / SHARD).symlink_to("/dev/zero")
+    with pytest.raises(UntrustedEntryError, match="is a symlink"):
+        load_sync(ck)
+    meta = ck / "metadata.json"
+    meta.rename(tmp_path / "meta.json")
+    meta.symlink_to(tmp_path / "meta.json")
+    with pytest.raises(UntrustedEntryError, match=r"metadata\.json' is a symlink"):
+        load_sync(ck)
+
+
+def test_device_files_are_refused_unopened(tmp_path: Path) -> None:
+    ck = committed(tmp_path / "ck", 1.0)
+    (ck / SHARD).unlink()
+    try:
+        os.mknod(ck / SHARD, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+    except PermissionError:
+        pytest.skip("cannot create a device node here")
+    with pytest.raises(UntrustedEntryError, match="is a character device"):
+        load_sync(ck)
+    with pytest.raises(UntrustedEntryError, match="is a character device"):
+        verify(str(ck))
+
+
+def test_ls_escapes_what_it_prints_and_survives_a_bad_step(tmp_path: Path) -> None:
+    ckpts = managed(tmp_path, [1, 2])
+    meta_path = ckpts / "step-000000000002" / "metadata.json"
+    text = meta_path.read_text().replace('"step": 2', '"step": "\\u001b[31mEVIL\\u0007"')
+    meta_path.write_text(text)
+    (ckpts / "step-000000000001" / "metadata.json").write_text("{broken")
+    listing = cli("ls", str(ckpts))
+    assert listing.returncode == 0, listing.stderr
+    assert "\x1b" not in listing.stdout and "\x07" not in listing.stdout
+    lines = listing.stdout.splitlines()
+    assert lines[1].startswith("step-000000000001") and "BAD: " in lines[1]
+    assert lines[2].startswith("step-000000000002") and "\\x1b[31" in lines[2]
+
+
+def test_verify_accepts_a_single_file(tmp_path: Path) -> None:
+    target = tmp_path / "model.pt"
+    save_file({"w": torch.ones(1000)}, str(target))
+    ok = cli("verify", str(target))
+    assert ok.returncode == 0, ok.stderr
+    assert "1 file matches its checksum" in ok.stdout
+    data = bytearray(target.read_bytes())
+    data[100] ^= 0xFF
+    target.write_bytes(bytes(data))
+    bad = cli("verify", str(target))
+    assert bad.returncode == 1 and "checksum" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_second_writer_in_the_same_directory_is_refused(tmp_path: Path) -> None:
+    ckpts = managed(tmp_path, [1])
+    code = "import sys, aiockpt; aiockpt.CheckpointManager(sys.argv[1])"
+    with CheckpointManager(ckpts, persistent=False) as first:
+        second = subprocess.run(
+            [sys.executable, "-c", code, str(ckpts)], capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == 1
+        assert "DirectoryLockedError" in second.stderr
+        assert f"pid {os.getpid()} on host" in second.stderr
+        assert first.latest_step() == 1
+
+
+def test_a_planted_lock_link_is_refused_not_followed(tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (ckpts / ".aiockpt.lock").symlink_to(victim)
+    with pytest.raises(UntrustedEntryError, match=r"\.aiockpt\.lock' is a symlink"):
+        CheckpointManager(ckpts)
+    assert victim.read_text() == "precious"
+    (ckpts / ".aiockpt.lock").unlink()
+    os.mkfifo(ckpts / ".aiockpt.lock")
+    with pytest.raises(UntrustedEntryError, match="is a FIFO"):
+        CheckpointManager(ckpts)
+
+
+def test_a_manager_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("not a directory")
+    with pytest.raises(UntrustedEntryError, match="is a regular file, not a directory"):
+        CheckpointManager(tmp_path / "plain")
+
+
+def test_failed_and_successful_loads_leave_no_descriptor_open(tmp_path: Path) -> None:
+    good = committed(tmp_path / "good", 1.0)
+    fifo = committed(tmp_path / "fifo", 2.0)
+    (fifo / SHARD).unlink()
+    os.mkfifo(fifo / SHARD)
+    flipped = committed(tmp_path / "flipped", 3.0)
+    data = bytearray((flipped / SHARD).read_bytes())
+    data[-100] ^= 1
+    (flipped / SHARD).write_bytes(bytes(data))
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assert float(load_sync(good)["w"][0]) == 1.0
+        verify(str(good))
+        for bad in (fifo, flipped, tmp_path / "missing"):
+            with pytest.raises((CorruptCheckpointError, CheckpointNotFoundError)):
+                load_sync(bad)
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_ls_lists_steps_in_numeric_order(tmp_path: Path) -> None:
+    ckpts = managed(tmp_path, [2 * 10**11, 10**12])  # lexically, 10^12 would come first
+    listing = cli("ls", str(ckpts))
+    assert listing.returncode == 0, listing.stderr
+    rows = [line.split() for line in listing.stdout.splitlines()[1:]]
+    assert [row[:2] for row in rows] == [
+        ["step-200000000000", "200000000000"],
+        ["step-1000000000000", "1000000000000"],
+    ]
