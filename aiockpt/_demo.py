@@ -50,6 +50,16 @@ def _train(
     return time.perf_counter() - start, blocked, float(loss.detach())
 
 
+def _state_like(width: int, depth: int) -> dict[str, Any]:
+    """A state dict with the layout the loop will save (model, AdamW moments), to reserve
+    staging memory for it before the timed loop."""
+    model = _model(width, depth)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, width)).sum().backward()  # type: ignore[no-untyped-call]
+    opt.step()
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "step": 0}
+
+
 def run_demo(steps: int = 40, every: int = 10, width: int = 1536, depth: int = 4) -> int:
     """Run both loops and print a one-screen summary; returns a process exit code."""
     n_params = sum(p.numel() for p in _model(width, depth).parameters())
@@ -65,7 +75,12 @@ def run_demo(steps: int = 40, every: int = 10, width: int = 1536, depth: int = 4
             lambda sd, step: torch.save(sd, os.path.join(tmp, f"sync-{step}.pt")),
             lambda: None,
         )
+        # Start the worker and reserve staging memory before the timed loop: the first
+        # save is then as cheap as the later ones.
+        t = time.perf_counter()
         ckpt = TorchAsyncCheckpoint(persistent_queue=True)
+        ckpt.reserve(_state_like(width, depth))
+        startup = time.perf_counter() - t
         try:
             async_total, async_blocked, async_loss = _train(
                 steps,
@@ -93,8 +108,9 @@ def run_demo(steps: int = 40, every: int = 10, width: int = 1536, depth: int = 4
     def ms(values: list[float]) -> str:
         return f"{1000 * sum(values) / len(values):8.1f} ms"
 
+    print(f"aiockpt set-up before the loop (worker start, staging reserve): {startup:.2f} s\n")
     print(f"{'':28}{'torch.save':>14}{'aiockpt':>14}")
-    print(f"{'first checkpoint (cold)':28}{ms(sync_blocked[:1]):>14}{ms(async_blocked[:1]):>14}")
+    print(f"{'first checkpoint':28}{ms(sync_blocked[:1]):>14}{ms(async_blocked[:1]):>14}")
     if len(sync_blocked) > 1:
         warm_sync, warm_async = sync_blocked[1:], async_blocked[1:]
         print(f"{'later checkpoints (mean)':28}{ms(warm_sync):>14}{ms(warm_async):>14}")
@@ -105,7 +121,6 @@ def run_demo(steps: int = 40, every: int = 10, width: int = 1536, depth: int = 4
     print(f"{'final loss':28}{sync_loss:14.4f}{async_loss:14.4f}")
     print(f"\nlast async checkpoint loads with torch.load and matches the sync one: {same}")
     print(f"waiting for the last async write at the end took {1000 * drain:.1f} ms")
-    warm = slice(1, None) if len(sync_blocked) > 1 else slice(None)
-    speedup = sum(sync_blocked[warm]) / max(sum(async_blocked[warm]), 1e-9)
-    print(f"after the first save, the loop was blocked {speedup:.1f}x less per checkpoint")
+    speedup = sum(sync_blocked) / max(sum(async_blocked), 1e-9)
+    print(f"the loop was blocked {speedup:.1f}x less per checkpoint than with torch.save")
     return 0 if same else 1

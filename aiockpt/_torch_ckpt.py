@@ -52,6 +52,12 @@ class TorchAsyncCheckpoint:
     def queue(self) -> AsyncCallsQueue:
         return self._queue
 
+    def reserve(self, state_dict: Any) -> None:
+        """Prepare for saving state dicts shaped like ``state_dict``: allocate the staging
+        memory and wait for the persistent worker to start, so the first ``async_save``
+        is as fast as later ones. Optional; call it before the training loop."""
+        self._queue.reserve(state_dict)
+
     def async_save(self, state_dict: Any, *args: Any, **kwargs: Any) -> int:
         """Schedule ``torch.save(state_dict, *args, **kwargs)``; return its call index."""
         if not args:

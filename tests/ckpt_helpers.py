@@ -194,3 +194,46 @@ class Ordered(OrderedDict):  # type: ignore[type-arg]
 
 def raise_disk_full(state: Any) -> None:
     raise OSError(28, "No space left on device")
+
+
+class FaultyStorage(LocalStorage):
+    """Local storage with one fault injected in the worker's write, or in rank 0's commit.
+
+    ``fault`` is one of: ``raise`` (the write raises), ``kill_before`` / ``kill_during`` /
+    ``kill_after`` (the worker SIGKILLs itself before, half-way through or after writing),
+    ``exit0`` (the worker exits with status 0 without reporting), ``dir_removed`` (the step
+    directory disappears before the write), ``commit_raises`` (the metadata write fails).
+    """
+
+    def __init__(self, fault: str) -> None:
+        self.fault = fault
+
+    def write_file(self, state_dict: Any, path: str) -> dict[str, Any]:
+        import shutil
+
+        fault = self.fault
+        if fault == "raise":
+            raise OSError(5, "Input/output error (injected)")
+        if fault == "kill_before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "exit0":
+            os._exit(0)
+        if fault == "dir_removed":
+            shutil.rmtree(os.path.dirname(path))
+        if fault == "kill_during":
+
+            def half_then_die(f: Any) -> None:
+                f.write(b"\0" * 100_000)
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            return write_atomic(path, half_then_die)
+        record = super().write_file(state_dict, path)
+        if fault == "kill_after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return record
+
+    def commit(self, directory: str, files: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+        if self.fault == "commit_raises":
+            raise OSError(28, "No space left on device (injected, metadata)")
+        super().commit(directory, files, extra)

@@ -37,7 +37,8 @@ def test_demo_command() -> None:
         "-m", "aiockpt", "demo", "--steps", "6", "--every", "2", "--width", "256", "--depth", "2"
     )
     assert "matches the sync one: True" in stdout
-    assert "first checkpoint (cold)" in stdout and "later checkpoints (mean)" in stdout
+    assert "first checkpoint" in stdout and "later checkpoints (mean)" in stdout
+    assert "set-up before the loop" in stdout
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
