@@ -90,7 +90,12 @@ class CallsEngine:
     """Schedules requests on callers and settles them, oldest first."""
 
     def __init__(
-        self, persistent: bool = True, *, options: QueueOptions | None = None, **kwargs: Any
+        self,
+        persistent: bool = True,
+        *,
+        options: QueueOptions | None = None,
+        caller_factory: Callable[[], AsyncCaller] | None = None,
+        **kwargs: Any,
     ) -> None:
         self.options = options if options is not None else QueueOptions(persistent, **kwargs)
         opts = self.options
@@ -112,13 +117,18 @@ class CallsEngine:
         self._wake_r, self._wake_w = _pipe()  # wakes the blocked reader: a new call to watch
         self._news_r, self._news_w = _pipe()  # tells an event loop: something changed
         self._persistent_caller: PersistentAsyncCaller | None = None
-        if opts.persistent:
+        # Makes the caller of each request (tests pass in-process fakes); by default a
+        # fork per request or the one persistent worker.
+        self._caller_factory = caller_factory
+        if opts.persistent and caller_factory is None:
             # Started now, so that the first save does not wait for the worker to import torch.
             self._persistent_caller = PersistentAsyncCaller(opts.start_method, self.completion)
             self._persistent_caller.start()
         _live_engines.add(self)
 
     def _caller(self) -> AsyncCaller:
+        if self._caller_factory is not None:
+            return self._caller_factory()
         if self._persistent_caller is not None:
             return self._persistent_caller
         return TemporalAsyncCaller(self.completion)

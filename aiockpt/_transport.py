@@ -36,6 +36,9 @@ class _RequestPickler(pickle.Pickler):
             if where is not None:
                 spec = (obj.dtype, tuple(obj.shape), tuple(obj.stride()), obj.storage_offset())
                 return _rebuild_staged, (*where, *spec)
+            if _is_empty_plain(obj):
+                # torch's own pickling of empty storages fails for some dtypes (float8).
+                return _rebuild_empty, (obj.dtype, tuple(obj.shape), tuple(obj.stride()))
         return NotImplemented
 
 
@@ -66,6 +69,22 @@ def map_arena(arena_id: int, fd: int, nbytes: int) -> None:
 def unmap_arena(arena_id: int) -> None:
     """Worker side: forget an arena the caller freed (the pages go with the last view)."""
     _MAPPED.pop(arena_id, None)
+
+
+def _is_empty_plain(t: torch.Tensor) -> bool:
+    return (
+        t.device.type == "cpu"
+        and t.layout == torch.strided
+        and not t.is_quantized
+        and not t.is_nested
+        and t.untyped_storage().nbytes() == 0
+    )
+
+
+def _rebuild_empty(
+    dtype: torch.dtype, size: tuple[int, ...], stride: tuple[int, ...]
+) -> torch.Tensor:
+    return torch.empty_strided(size, stride, dtype=dtype)
 
 
 def _rebuild_staged(
