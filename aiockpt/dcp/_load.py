@@ -12,6 +12,7 @@ import pickle
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -251,6 +252,7 @@ def load(
             storage_reader=reader,
             planner=planner if planner is not None else SafeLoadPlanner(),
             process_group=process_group,
+            no_dist=not (dist.is_available() and dist.is_initialized()),
         )
     except CheckpointException as exc:
         typed = _typed_failure(exc, directory)
