@@ -43,6 +43,8 @@ def _ls(directory: str) -> int:
 def _verify(path: str) -> int:
     from ._storage import verify
 
+    if os.path.exists(os.path.join(path, ".metadata")):  # a DCP-format checkpoint
+        from .dcp import verify_dcp as verify
     try:
         checked = verify(path)
     except CheckpointError as err:
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default=None, help="also write the report as JSON here")
     bench.add_argument("--plot", default=None, help="also draw a PNG chart (needs matplotlib)")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    verify = sub.add_parser("verify", help="check a committed checkpoint's checksums")
+    verify = sub.add_parser(
+        "verify", help="check a committed checkpoint's checksums (aiockpt or DCP format)"
+    )
     verify.add_argument("path")
     ls = sub.add_parser("ls", help="list the checkpoints in a directory")
     ls.add_argument("directory")

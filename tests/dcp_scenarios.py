@@ -276,3 +276,43 @@ def rank_fails(rank: int, world: int, tmp: str) -> dict[str, Any]:
     ckpt.async_save(dtensor_state(mesh, 2), os.path.join(tmp, "after"))
     out["after"] = ckpt.finalize_async_save(blocking=True, no_dist=False, terminate=True)
     return out
+
+
+def nvrx_flow(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """NVRx's DCP flow, names imported from aiockpt.dcp, on aiockpt's blocking queue: two
+    saves with the plan cache; the second plans without communicating."""
+    from aiockpt import AsyncCallsQueue, AsyncRequest
+    from aiockpt.dcp import (
+        FileSystemWriterAsync,
+        SavePlanCache,
+        save_state_dict_async_finalize,
+        save_state_dict_async_plan,
+    )
+
+    mesh = _mesh(world)
+    queue = AsyncCallsQueue(persistent=True)
+    cache = SavePlanCache()
+    order: list[int] = []
+    for offset, name in ((0, "nvrx-a"), (1, "nvrx-b")):
+        writer = FileSystemWriterAsync(os.path.join(tmp, name), thread_count=2)
+        ret = save_state_dict_async_plan(
+            dtensor_state(mesh, offset), writer, None, 0, enable_cache=True, metadata_cache=cache
+        )
+        save_fn, preload_fn, save_args = writer.get_save_function_and_args()
+
+        def finalize_fn(ret: Any = ret, offset: int = offset) -> None:
+            save_state_dict_async_finalize(*ret)
+            order.append(offset)
+
+        queue.schedule_async_request(
+            AsyncRequest(save_fn, tuple(save_args), [finalize_fn], preload_fn=preload_fn)
+        )
+    finalized = queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
+    queue.close()
+    return {
+        "finalized": finalized,
+        "order": order,
+        "plannings": cache.plannings,
+        "reuses": cache.reuses,
+        "leftovers": sorted(n for n in os.listdir(os.path.join(tmp, "nvrx-a")) if "results" in n),
+    }

@@ -18,7 +18,12 @@ from dcp_scenarios import global_tensors
 from dist_harness import free_port, run_ranks, values
 
 import aiockpt.dcp
-from aiockpt import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from aiockpt import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidRequestError,
+    UnsafeCheckpointError,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -298,3 +303,109 @@ def test_torchrun_example(tmp_path: Path) -> None:
     for step in steps:
         aiockpt.dcp.verify_dcp(str(tmp_path / step))
     assert "rank 0: committed" in out.stdout and "resumed from step 9: ok" in out.stdout
+
+
+def test_nvrx_names_on_the_blocking_queue(tmp_path: Path) -> None:
+    out = values(run_ranks("dcp_scenarios:nvrx_flow", 2, str(tmp_path)))
+    for o in out:
+        assert o["finalized"] == [0, 1] and o["order"] == [0, 1]
+        assert (o["plannings"], o["reuses"]) == (1, 1)
+        assert o["leftovers"] == []
+    assert_values(load_one_process(tmp_path / "nvrx-a", "dcp"), 0)
+    assert_values(load_one_process(tmp_path / "nvrx-b", "aiockpt"), 1)
+    aiockpt.dcp.verify_dcp(str(tmp_path / "nvrx-b"))
+
+
+def test_cli_verify_checks_a_dcp_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aiockpt.__main__ import main
+
+    ckpt = tmp_path / "ckpt"
+    _save_one_process(ckpt)
+    assert main(["verify", str(ckpt)]) == 0
+    assert "2 file(s) match their checksums" in capsys.readouterr().out
+    data = bytearray((ckpt / "__0_0.distcp").read_bytes())
+    data[-1] ^= 1
+    (ckpt / "__0_0.distcp").write_bytes(bytes(data))
+    assert main(["verify", str(ckpt)]) == 1
+    assert "__0_0.distcp' is corrupt" in capsys.readouterr().err
+
+
+def test_public_names() -> None:
+    public = {n for n in dir(aiockpt.dcp) if not n.startswith("_")} - {"annotations"}
+    assert set(aiockpt.dcp.__all__) == public
+
+
+class CountingPlanner(torch.distributed.checkpoint.DefaultSavePlanner):
+    """A user planner: DCP's default, counting its local plans."""
+
+    made = 0
+
+    def create_local_plan(self) -> Any:
+        CountingPlanner.made += 1
+        return super().create_local_plan()
+
+
+class BrokenPlanner(torch.distributed.checkpoint.DefaultSavePlanner):
+    def create_local_plan(self) -> Any:
+        raise ValueError("no plan today")
+
+
+def test_plan_is_reused_until_the_structure_changes(tmp_path: Path) -> None:
+    ckpt = aiockpt.dcp.DCPAsyncCheckpoint(persistent_queue=False, planner=CountingPlanner())
+    CountingPlanner.made = 0
+    a = {"w": torch.ones(4, 4), "step": 1}
+    ckpt.async_save(a, tmp_path / "a")
+    ckpt.async_save({"w": torch.full((4, 4), 2.0), "step": 2}, tmp_path / "b")
+    assert ckpt.plan_cache is not None
+    assert (ckpt.plan_cache.plannings, ckpt.plan_cache.reuses) == (1, 1)
+    # A new key and a new dtype: planned again, and the checkpoint has them.
+    changed = {"w": torch.ones(4, 4, dtype=torch.float64), "extra": torch.arange(3), "step": 3}
+    ckpt.async_save(changed, tmp_path / "c")
+    assert ckpt.finalize_async_save(blocking=True, terminate=True) == [0, 1, 2]
+    assert (ckpt.plan_cache.plannings, ckpt.plan_cache.reuses) == (2, 1)
+    assert CountingPlanner.made == 4  # every save makes its local plan; one is made twice
+    out = {"w": torch.zeros(4, 4, dtype=torch.float64), "extra": torch.zeros(3, dtype=torch.long)}
+    out["step"] = 0
+    aiockpt.dcp.load(out, tmp_path / "c")
+    assert torch.equal(out["extra"], torch.arange(3)) and out["w"].dtype == torch.float64
+    assert out["step"] == 3
+    b = {"w": torch.zeros(4, 4), "step": 0}
+    aiockpt.dcp.load(b, tmp_path / "b")
+    assert torch.equal(b["w"], torch.full((4, 4), 2.0)) and b["step"] == 2
+
+
+def test_planning_failure_schedules_nothing(tmp_path: Path) -> None:
+    ckpt = aiockpt.dcp.DCPAsyncCheckpoint(persistent_queue=False, planner=BrokenPlanner())
+    with pytest.raises(InvalidRequestError, match=r"failed on rank\(s\) \[0\]: ValueError"):
+        ckpt.async_save({"w": torch.ones(2)}, tmp_path / "x")
+    assert ckpt.queue.get_num_unfinalized_calls() == 0
+    with pytest.raises(InvalidRequestError, match="saves a dict of state, not list"):
+        ckpt.async_save([torch.ones(2)], tmp_path / "y")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="checkpoint_id must be a directory path"):
+        ckpt.async_save({"w": torch.ones(2)}, 42)
+    ckpt.close()
+
+
+def test_dcp_save_request_on_a_plain_queue(tmp_path: Path) -> None:
+    """What a checkpoint manager builds on: the request, its extra and its after_commit."""
+    from aiockpt import AsyncCallsQueue
+
+    committed: list[str] = []
+    with AsyncCallsQueue(persistent=False) as queue:
+        request = aiockpt.dcp.dcp_save_request(
+            {"w": torch.arange(6.0)},
+            tmp_path / "step-1",
+            queue._engine.completion,
+            extra={"step": 1},
+            after_commit=lambda: committed.append("pruned"),
+        )
+        queue.schedule_async_request(request, needs_global=True)
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+    assert committed == ["pruned"]
+    sidecar = json.loads((tmp_path / "step-1" / ".metadata.checksums").read_text())
+    assert sidecar["extra"] == {"step": 1}
+    out = {"w": torch.zeros(6)}
+    dcp.load(out, checkpoint_id=str(tmp_path / "step-1"))
+    assert torch.equal(out["w"], torch.arange(6.0))
