@@ -88,6 +88,17 @@ def plan_save(
         raise InvalidRequestError(f"thread_count must be at least 1, not {thread_count}")
     planner = planner if planner is not None else DefaultSavePlanner()
     use_dist = _use_dist(process_group)
+    if (
+        process_group is not None
+        and dist.is_initialized()
+        and dist.get_world_size(process_group) != dist.get_world_size()
+    ):
+        # The commit gathers write results from every rank of the job: the files of a
+        # rank outside the planning group would be left out of .metadata.
+        raise InvalidRequestError(
+            f"process_group has {dist.get_world_size(process_group)} of the job's "
+            f"{dist.get_world_size()} ranks; a DCP checkpoint is planned over every rank"
+        )
     wrapper = _DistWrapper(process_group, use_dist, 0)
     metadata: Metadata | None = None
 
