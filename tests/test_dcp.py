@@ -409,3 +409,20 @@ def test_dcp_save_request_on_a_plain_queue(tmp_path: Path) -> None:
     out = {"w": torch.zeros(6)}
     dcp.load(out, checkpoint_id=str(tmp_path / "step-1"))
     assert torch.equal(out["w"], torch.arange(6.0))
+
+
+def test_metadata_naming_a_file_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    """A well-formed .metadata whose storage points at ../secret: nothing is read there."""
+    from aiockpt.dcp._load import unpickle_metadata
+
+    ckpt = tmp_path / "ckpt"
+    _save_one_process(ckpt)
+    (tmp_path / "secret").write_bytes(b"not yours")
+    meta = unpickle_metadata((ckpt / ".metadata").read_bytes(), str(ckpt / ".metadata"))
+    for info in meta.storage_data.values():
+        info.relative_path = "../secret"
+    hostile = pickle.dumps(meta)
+    (ckpt / ".metadata").write_bytes(hostile)
+    (ckpt / ".metadata.checksums").unlink()
+    with pytest.raises(CorruptCheckpointError, match="would leave the checkpoint directory"):
+        aiockpt.dcp.load(plain_state(), ckpt)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
@@ -89,6 +89,17 @@ def unpickle_metadata(data: bytes, path: str) -> Metadata:
         raise CorruptCheckpointError(
             f"{path!r} holds a {type(meta).__name__}, not DCP Metadata", path=path
         )
+    directory = os.path.dirname(path)
+    storage = meta.storage_data if isinstance(meta.storage_data, dict) else None
+    if storage is None:
+        raise CorruptCheckpointError(f"{path!r} records no storage for its items", path=path)
+    for info in storage.values():
+        if not isinstance(info, _StorageInfo):
+            raise CorruptCheckpointError(
+                f"{path!r} records storage of type {type(info).__name__}, not file slices",
+                path=path,
+            )
+        safe_join(directory, info.relative_path)  # no reading outside the checkpoint
     return meta
 
 
