@@ -426,3 +426,30 @@ def test_metadata_naming_a_file_outside_the_checkpoint_is_refused(tmp_path: Path
     (ckpt / ".metadata.checksums").unlink()
     with pytest.raises(CorruptCheckpointError, match="would leave the checkpoint directory"):
         aiockpt.dcp.load(plain_state(), ckpt)
+
+
+def test_concurrent_saves_plan_in_turn_with_a_shared_planner(tmp_path: Path) -> None:
+    """Tasks that save at once share the planner and the cache: each checkpoint still
+    holds its own values, and they finalize in call order."""
+    import anyio
+
+    async def main() -> list[int]:
+        async with aiockpt.dcp.AsyncDCPCheckpoint(planner=CountingPlanner()) as ckpt:
+            futs: dict[int, Any] = {}
+
+            async def save(i: int) -> None:
+                futs[i] = await ckpt.save({"w": torch.full((64, 64), float(i))}, tmp_path / f"c{i}")
+
+            async with anyio.create_task_group() as tg:
+                for i in range(4):
+                    tg.start_soon(save, i)
+            results = await ckpt.finalize()
+            assert sorted(futs[i].call_idx for i in range(4)) == [r.call_idx for r in results]
+            return [futs[i].call_idx for i in range(4)]
+
+    idxs = anyio.run(main)
+    assert sorted(idxs) == [0, 1, 2, 3]
+    for i in range(4):
+        out = {"w": torch.zeros(64, 64)}
+        aiockpt.dcp.load(out, tmp_path / f"c{i}")
+        assert torch.equal(out["w"], torch.full((64, 64), float(i))), i

@@ -126,6 +126,7 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
     ) -> None:
         self._set_options(planner, process_group, thread_count, cache_plans)
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
+        self._planning: anyio.Lock | None = None
 
     async def save(
         self,
@@ -140,17 +141,23 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
         event loop) and schedule it; see :meth:`AsyncCheckpointQueue.schedule` for
         ``wait_for_staging``. The future resolves once ``.metadata`` is committed."""
         directory = checked_directory(checkpoint_id)
-        planned = await anyio.to_thread.run_sync(
-            plan_save,
-            state_dict,
-            planner if planner is not None else self.planner,
-            self.plan_cache,
-            self.process_group,
-            self.thread_count,
-        )
-        request = request_for_plan(
-            planned, directory, self.queue.engine.completion, self.thread_count, extra
-        )
-        return await self.queue.schedule(
-            request, wait_for_staging=wait_for_staging, needs_global=True
-        )
+        if self._planning is None:
+            self._planning = anyio.Lock()
+        # Saves started by concurrent tasks plan one at a time, in the order they were
+        # called (the planner and the plan cache are shared; planning is collective),
+        # and are scheduled in that order.
+        async with self._planning:
+            planned = await anyio.to_thread.run_sync(
+                plan_save,
+                state_dict,
+                planner if planner is not None else self.planner,
+                self.plan_cache,
+                self.process_group,
+                self.thread_count,
+            )
+            request = request_for_plan(
+                planned, directory, self.queue.engine.completion, self.thread_count, extra
+            )
+            return await self.queue.schedule(
+                request, wait_for_staging=wait_for_staging, needs_global=True
+            )
