@@ -453,3 +453,30 @@ def test_concurrent_saves_plan_in_turn_with_a_shared_planner(tmp_path: Path) -> 
         out = {"w": torch.zeros(64, 64)}
         aiockpt.dcp.load(out, tmp_path / f"c{i}")
         assert torch.equal(out["w"], torch.full((64, 64), float(i))), i
+
+
+def test_second_save_into_a_directory_in_flight_is_refused(tmp_path: Path) -> None:
+    ckpt = aiockpt.dcp.DCPAsyncCheckpoint(persistent_queue=False)
+    ckpt.async_save({"w": torch.ones(3)}, tmp_path / "x")
+    with pytest.raises(InvalidRequestError, match="is still in flight"):
+        ckpt.async_save({"w": torch.full((3,), 2.0)}, tmp_path / "x" / ".." / "x")
+    ckpt.async_save({"w": torch.full((3,), 3.0)}, tmp_path / "y")  # elsewhere: fine
+    assert ckpt.finalize_async_save(blocking=True) == [0, 1]
+    assert ckpt.finalize_async_save(blocking=True) == []
+    ckpt.async_save({"w": torch.full((3,), 4.0)}, tmp_path / "x")  # committed: may rewrite
+    assert ckpt.finalize_async_save(blocking=True, terminate=True) == [2]
+    out = {"w": torch.zeros(3)}
+    aiockpt.dcp.load(out, tmp_path / "x")
+    assert torch.equal(out["w"], torch.full((3,), 4.0))
+
+    async def main() -> None:
+        async with aiockpt.dcp.AsyncDCPCheckpoint() as ackpt:
+            fut = await ackpt.save({"w": torch.ones(3)}, tmp_path / "z")
+            with pytest.raises(InvalidRequestError, match="is still in flight"):
+                await ackpt.save({"w": torch.ones(3)}, tmp_path / "z")
+            await fut
+            await (await ackpt.save({"w": torch.ones(3)}, tmp_path / "z"))
+
+    import anyio
+
+    anyio.run(main)

@@ -3,11 +3,14 @@ behind the blocking queue and the async queue."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
 from .._async_queue import AsyncCheckpointQueue, QueueFacade
+from .._exceptions import CheckpointError, InvalidRequestError
 from .._futures import CheckpointFuture
 from .._queue import AsyncCallsQueue
 from ._commit import checked_directory, request_for_plan
@@ -15,7 +18,8 @@ from ._plan import SavePlanCache, plan_save
 
 
 class _DCPOptions:
-    """What both facades share: the planner, the planning group and the plan cache."""
+    """What both facades share: the planner, the planning group, the plan cache, and the
+    directories being written."""
 
     def _set_options(
         self, planner: Any, process_group: Any, thread_count: int, cache_plans: bool
@@ -24,6 +28,20 @@ class _DCPOptions:
         self.process_group = process_group
         self.thread_count = thread_count
         self.plan_cache: SavePlanCache | None = SavePlanCache() if cache_plans else None
+        self._writing: dict[str, Any] = {}  # directory -> its save's call index or future
+
+    def _claim(self, checkpoint_id: Any, busy: Callable[[Any], bool]) -> str:
+        """The directory of a new save, refused while an earlier save still writes there:
+        both would write files of the same names, and the first commit would describe
+        the second's files."""
+        directory = checked_directory(checkpoint_id)
+        self._writing = {k: v for k, v in self._writing.items() if busy(v)}
+        if os.path.realpath(directory) in self._writing:
+            raise InvalidRequestError(
+                f"a save into {directory!r} is still in flight; finalize it before saving "
+                "there again, or save into another directory"
+            )
+        return directory
 
 
 class DCPAsyncCheckpoint(_DCPOptions):
@@ -72,7 +90,7 @@ class DCPAsyncCheckpoint(_DCPOptions):
     ) -> int:
         """Plan (collective) and schedule the save of ``state_dict`` into the directory
         ``checkpoint_id``; returns its call index once the tensors are staged."""
-        directory = checked_directory(checkpoint_id)
+        directory = self._claim(checkpoint_id, lambda idx: True)  # until finalized
         planned = plan_save(
             state_dict,
             planner if planner is not None else self.planner,
@@ -82,7 +100,9 @@ class DCPAsyncCheckpoint(_DCPOptions):
         )
         completion = self._queue._engine.completion
         request = request_for_plan(planned, directory, completion, self.thread_count, extra)
-        return self._queue.schedule_async_request(request, needs_global=True)
+        call_idx = self._queue.schedule_async_request(request, needs_global=True)
+        self._writing[os.path.realpath(directory)] = call_idx
+        return call_idx
 
     def finalize_async_save(
         self, blocking: bool = False, no_dist: bool = True, terminate: bool = False
@@ -91,9 +111,16 @@ class DCPAsyncCheckpoint(_DCPOptions):
         across all ranks whatever ``no_dist``. ``terminate=True`` then stops the worker.
         Raises the CheckpointError of a failed save (``DistributedCheckpointError`` on
         every rank when any rank failed)."""
+        settled: set[int | None] = set()
         try:
-            return self._queue.maybe_finalize_async_calls(blocking, no_dist=no_dist)
+            finalized = self._queue.maybe_finalize_async_calls(blocking, no_dist=no_dist)
+            settled.update(finalized)
+            return finalized
+        except CheckpointError as err:
+            settled.update((*err.finalized_call_idxs, err.call_idx))
+            raise
         finally:
+            self._writing = {k: v for k, v in self._writing.items() if v not in settled}
             if terminate:
                 self._queue.close(no_dist=no_dist)
 
@@ -140,13 +167,13 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
         """Plan the save of ``state_dict`` into ``checkpoint_id`` (collective, off the
         event loop) and schedule it; see :meth:`AsyncCheckpointQueue.schedule` for
         ``wait_for_staging``. The future resolves once ``.metadata`` is committed."""
-        directory = checked_directory(checkpoint_id)
         if self._planning is None:
             self._planning = anyio.Lock()
         # Saves started by concurrent tasks plan one at a time, in the order they were
         # called (the planner and the plan cache are shared; planning is collective),
         # and are scheduled in that order.
         async with self._planning:
+            directory = self._claim(checkpoint_id, lambda fut: not fut.done())
             planned = await anyio.to_thread.run_sync(
                 plan_save,
                 state_dict,
@@ -158,6 +185,8 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
             request = request_for_plan(
                 planned, directory, self.queue.engine.completion, self.thread_count, extra
             )
-            return await self.queue.schedule(
+            fut = await self.queue.schedule(
                 request, wait_for_staging=wait_for_staging, needs_global=True
             )
+        self._writing[os.path.realpath(directory)] = fut
+        return fut
