@@ -480,3 +480,28 @@ def test_second_save_into_a_directory_in_flight_is_refused(tmp_path: Path) -> No
     import anyio
 
     anyio.run(main)
+
+
+def test_commit_failures_are_reported_for_what_they_are(tmp_path: Path) -> None:
+    from aiockpt import AsyncCallsQueue, FinalizeError
+
+    def boom() -> None:
+        raise RuntimeError("retention broke")
+
+    with AsyncCallsQueue(persistent=False) as queue:
+        completion = queue._engine.completion
+        request = aiockpt.dcp.dcp_save_request({"w": torch.ones(2)}, tmp_path / "a", completion)
+        queue.schedule_async_request(request, needs_global=True)
+        (tmp_path / "a" / ".metadata").mkdir()  # the marker cannot be written
+        with pytest.raises(FinalizeError, match="could not commit the checkpoint") as info:
+            queue.maybe_finalize_async_calls(blocking=True)
+        assert "it has no .metadata" in str(info.value.__cause__)
+        request = aiockpt.dcp.dcp_save_request(
+            {"w": torch.ones(2)}, tmp_path / "b", completion, after_commit=boom
+        )
+        queue.schedule_async_request(request, needs_global=True)
+        with pytest.raises(FinalizeError, match="is committed, but the step after"):
+            queue.maybe_finalize_async_calls(blocking=True)
+    out = {"w": torch.zeros(2)}
+    aiockpt.dcp.load(out, tmp_path / "b")
+    assert torch.equal(out["w"], torch.ones(2))

@@ -91,6 +91,7 @@ class CommitDCP(ResultFinalizer):
         gathered = self.completion.all_gather_object(call_idx, result)
         failure = None
         if self.metadata is not None:
+            committed = False
             try:
                 commit_dcp(
                     self.directory,
@@ -99,16 +100,21 @@ class CommitDCP(ResultFinalizer):
                     [f for r in gathered for f in r["files"]],
                     self.extra,
                 )
+                committed = True
                 if self.after_commit is not None:
                     self.after_commit()
             except Exception as exc:
-                failure = f"rank {get_rank()}: {type(exc).__name__}: {exc}"
+                failure = (
+                    f"the checkpoint in {self.directory!r} is committed, but the step after "
+                    f"its commit failed on rank {get_rank()}: {type(exc).__name__}: {exc}"
+                    if committed
+                    else f"could not commit the checkpoint in {self.directory!r} on rank "
+                    f"{get_rank()} ({type(exc).__name__}: {exc}); it has no .metadata and "
+                    "is not a checkpoint"
+                )
         failures = [f for f in self.completion.all_gather_object(call_idx, failure) if f]
         if failures:
-            raise OSError(
-                f"could not commit the checkpoint in {self.directory!r} ({failures[0]}); "
-                "it has no .metadata and is not a checkpoint"
-            )
+            raise OSError(failures[0])
 
 
 def checked_directory(checkpoint_id: Any) -> str:
