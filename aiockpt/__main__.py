@@ -66,9 +66,12 @@ def _ls(directory: str) -> int:
 
 def _verify(path: str) -> int:
     from ._storage import verify
+    from .dcp import verify_dcp
 
+    # A directory with a DCP ".metadata" is a checkpoint in the DCP format.
+    is_dcp = os.path.isdir(path) and os.path.lexists(os.path.join(path, ".metadata"))
     try:
-        checked = verify(path)
+        checked = verify_dcp(path) if is_dcp else verify(path)
     except CheckpointError as err:
         print(f"FAILED: {_clean(err, 500)}", file=sys.stderr)
         return 1
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--plot", default=None, help="also draw a PNG chart (needs matplotlib)")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     verify = sub.add_parser(
-        "verify", help="check a committed checkpoint directory or a file against its checksums"
+        "verify",
+        help="check a committed checkpoint (directory, single file or DCP format) against its checksums",
     )
     verify.add_argument("path")
     ls = sub.add_parser("ls", help="list the checkpoints in a directory")

@@ -237,3 +237,29 @@ class FaultyStorage(LocalStorage):
         if self.fault == "commit_raises":
             raise OSError(28, "No space left on device (injected, metadata)")
         super().commit(directory, files, extra)
+
+
+def save_with_fsync_spy(state: Any, path: str, log_path: str) -> dict[str, Any]:
+    """``save_file`` in the worker with ``os.fsync`` and ``os.replace`` recorded: the log
+    lists ``("fsync", what the descriptor names)`` and ``("replace", src, dst)`` in order."""
+    import json
+
+    events: list[list[str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(["fsync", os.readlink(f"/proc/self/fd/{fd}")])
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        events.append(["replace", os.path.abspath(src), os.path.abspath(dst)])
+
+    os.fsync, os.replace = fsync, replace  # type: ignore[assignment]
+    try:
+        record = save_file(state, path)
+    finally:
+        os.fsync, os.replace = real_fsync, real_replace  # type: ignore[assignment]
+    with open(log_path, "w") as f:
+        json.dump(events, f)
+    return record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import pickle
@@ -30,7 +31,6 @@ def _rank_main(
 ) -> None:
     import faulthandler
 
-    import dist_scenarios
     import torch.distributed as dist
 
     # If this rank hangs, say where before the harness kills it.
@@ -46,7 +46,7 @@ def _rank_main(
         )
         result: tuple[Any, ...] = (
             "ok",
-            getattr(dist_scenarios, scenario)(rank, world, tmp, **kwargs),
+            _scenario(scenario)(rank, world, tmp, **kwargs),
         )
     except BaseException as exc:
         result = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
@@ -58,11 +58,19 @@ def _rank_main(
     os._exit(0)
 
 
+def _scenario(name: str) -> Any:
+    """``module:function`` names a scenario in another module; a bare name is in
+    ``dist_scenarios``."""
+    module, _, function = name.rpartition(":")
+    return getattr(importlib.import_module(module or "dist_scenarios"), function)
+
+
 def run_ranks(
     scenario: str, world: int, tmp: str, timeout: float = 90, **kwargs: Any
 ) -> list[tuple[Any, ...] | None]:
-    """Run ``dist_scenarios.<scenario>(rank, world, tmp, **kwargs)`` on every rank; return
-    each rank's ``("ok", value)`` or ``("error", message, traceback)``, None if it died."""
+    """Run ``dist_scenarios.<scenario>(rank, world, tmp, **kwargs)`` (or ``module:function``)
+    on every rank; return each rank's ``("ok", value)`` or ``("error", message,
+    traceback)``, None if it died."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [

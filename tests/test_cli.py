@@ -48,6 +48,8 @@ def test_bench_small_run_reports_every_contender(tmp_path: Path) -> None:
         "torch.save",
         "dcp.async_save (thread)",
         "dcp.async_save (process)",
+        "dcp.async_save (thread, tuned stager)",
+        "dcp.async_save (process, tuned stager)",
         "aiockpt (fork)",
         "aiockpt (persistent)",
         "aiockpt (async)",

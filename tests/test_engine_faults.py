@@ -457,3 +457,30 @@ def test_misuse_and_closed_are_different_errors() -> None:
 
 
 _ = (raise_value_error, signal)
+
+
+@BOTH
+def test_a_file_its_rename_and_its_directory_are_durable_before_the_save_resolves(
+    tmp_path: Path, persistent: bool
+) -> None:
+    import json
+
+    from ckpt_helpers import save_with_fsync_spy
+
+    target = str(tmp_path / "model.pt")
+    log = str(tmp_path / "fsync.json")
+    with AsyncCallsQueue(persistent=persistent) as queue:
+        queue.schedule_async_request(
+            AsyncRequest(save_with_fsync_spy, ({"w": torch.ones(8)}, target, log), [])
+        )
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+        with open(log) as f:
+            events = json.load(f)
+    renames = [e for e in events if e[0] == "replace" and e[2] == target]
+    assert len(renames) == 1, events
+    temp = renames[0][1]
+    at = events.index(renames[0])
+    # The file's bytes reached the disk before its name did...
+    assert ["fsync", temp] in events[:at], events
+    # ...and the directory entry of the new name afterwards.
+    assert ["fsync", str(tmp_path)] in events[at + 1 :], events

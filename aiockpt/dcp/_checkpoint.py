@@ -1,0 +1,192 @@
+"""``DCPAsyncCheckpoint`` and ``AsyncDCPCheckpoint``: DCP-format saves through the engine,
+behind the blocking queue and the async queue."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from .._async_queue import AsyncCheckpointQueue, QueueFacade
+from .._exceptions import CheckpointError, InvalidRequestError
+from .._futures import CheckpointFuture
+from .._queue import AsyncCallsQueue
+from ._commit import checked_directory, request_for_plan
+from ._plan import SavePlanCache, plan_save
+
+
+class _DCPOptions:
+    """What both facades share: the planner, the planning group, the plan cache, and the
+    directories being written."""
+
+    def _set_options(
+        self, planner: Any, process_group: Any, thread_count: int, cache_plans: bool
+    ) -> None:
+        self.planner = planner
+        self.process_group = process_group
+        self.thread_count = thread_count
+        self.plan_cache: SavePlanCache | None = SavePlanCache() if cache_plans else None
+        self._writing: dict[str, Any] = {}  # directory -> its save's call index or future
+
+    def _claim(self, checkpoint_id: Any, busy: Callable[[Any], bool]) -> str:
+        """The directory of a new save, refused while an earlier save still writes there:
+        both would write files of the same names, and the first commit would describe
+        the second's files."""
+        directory = checked_directory(checkpoint_id)
+        self._writing = {k: v for k, v in self._writing.items() if busy(v)}
+        if os.path.realpath(directory) in self._writing:
+            raise InvalidRequestError(
+                f"a save into {directory!r} is still in flight; finalize it before saving "
+                "there again, or save into another directory"
+            )
+        return directory
+
+
+class DCPAsyncCheckpoint(_DCPOptions):
+    """``torch.distributed.checkpoint.save`` that returns once the tensors are staged::
+
+        ckpt = DCPAsyncCheckpoint()
+        ckpt.async_save(state_dict, "ckpt/step100")   # on every rank
+        ...
+        ckpt.finalize_async_save(blocking=False)        # each step, on every rank
+        ckpt.finalize_async_save(blocking=True, terminate=True)
+
+    The checkpoint is DCP's format (``__{rank}_{i}.distcp`` files and ``.metadata``), so
+    ``dcp.load`` reads it at any world size. Planning is collective over
+    ``process_group`` (default: every rank) with ``planner`` (default
+    ``DefaultSavePlanner``); with ``cache_plans`` a save whose state dict has the
+    structure of the previous one reuses its plan and runs no collective. Every rank's
+    worker writes ``thread_count`` files at a time; rank 0 writes ``.metadata`` once every
+    rank's files are durable, in ``finalize_async_save``. Other options are those of
+    :class:`AsyncCallsQueue`.
+    """
+
+    def __init__(
+        self,
+        persistent_queue: bool = True,
+        *,
+        planner: Any = None,
+        process_group: Any = None,
+        thread_count: int = 1,
+        cache_plans: bool = True,
+        **queue_options: Any,
+    ) -> None:
+        self._set_options(planner, process_group, thread_count, cache_plans)
+        self._queue = AsyncCallsQueue(persistent=persistent_queue, **queue_options)
+
+    @property
+    def queue(self) -> AsyncCallsQueue:
+        return self._queue
+
+    def async_save(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_id: Any,
+        *,
+        planner: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> int:
+        """Plan (collective) and schedule the save of ``state_dict`` into the directory
+        ``checkpoint_id``; returns its call index once the tensors are staged."""
+        directory = self._claim(checkpoint_id, lambda idx: True)  # until finalized
+        planned = plan_save(
+            state_dict,
+            planner if planner is not None else self.planner,
+            self.plan_cache,
+            self.process_group,
+            self.thread_count,
+        )
+        completion = self._queue._engine.completion
+        request = request_for_plan(planned, directory, completion, self.thread_count, extra)
+        call_idx = self._queue.schedule_async_request(request, needs_global=True)
+        self._writing[os.path.realpath(directory)] = call_idx
+        return call_idx
+
+    def finalize_async_save(
+        self, blocking: bool = False, no_dist: bool = True, terminate: bool = False
+    ) -> list[int]:
+        """Finalize (commit) finished saves; return their call indices. DCP saves settle
+        across all ranks whatever ``no_dist``. ``terminate=True`` then stops the worker.
+        Raises the CheckpointError of a failed save (``DistributedCheckpointError`` on
+        every rank when any rank failed)."""
+        settled: set[int | None] = set()
+        try:
+            finalized = self._queue.maybe_finalize_async_calls(blocking, no_dist=no_dist)
+            settled.update(finalized)
+            return finalized
+        except CheckpointError as err:
+            settled.update((*err.finalized_call_idxs, err.call_idx))
+            raise
+        finally:
+            self._writing = {k: v for k, v in self._writing.items() if v not in settled}
+            if terminate:
+                self._queue.close(no_dist=no_dist)
+
+    def close(self) -> None:
+        """Finalize pending saves and stop the worker. Idempotent."""
+        self._queue.close(no_dist=True)
+
+
+class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
+    """DCP-format saves, awaited::
+
+        async with AsyncDCPCheckpoint() as ckpt:
+            fut = await ckpt.save(state_dict, "ckpt/step100", wait_for_staging=False)
+            ...                      # forward/backward overlap the copy
+            await fut.staged         # before optimizer.step()
+            await fut                # committed on every rank (or raises)
+
+    Options as :class:`DCPAsyncCheckpoint`, and those of :class:`AsyncCheckpointQueue`.
+    """
+
+    def __init__(
+        self,
+        persistent: bool = True,
+        *,
+        planner: Any = None,
+        process_group: Any = None,
+        thread_count: int = 1,
+        cache_plans: bool = True,
+        **queue_options: Any,
+    ) -> None:
+        self._set_options(planner, process_group, thread_count, cache_plans)
+        self.queue = AsyncCheckpointQueue(persistent, **queue_options)
+        self._planning: anyio.Lock | None = None
+
+    async def save(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_id: Any,
+        *,
+        wait_for_staging: bool = True,
+        planner: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> CheckpointFuture:
+        """Plan the save of ``state_dict`` into ``checkpoint_id`` (collective, off the
+        event loop) and schedule it; see :meth:`AsyncCheckpointQueue.schedule` for
+        ``wait_for_staging``. The future resolves once ``.metadata`` is committed."""
+        if self._planning is None:
+            self._planning = anyio.Lock()
+        # Saves started by concurrent tasks plan one at a time, in the order they were
+        # called (the planner and the plan cache are shared; planning is collective),
+        # and are scheduled in that order.
+        async with self._planning:
+            directory = self._claim(checkpoint_id, lambda fut: not fut.done())
+            planned = await anyio.to_thread.run_sync(
+                plan_save,
+                state_dict,
+                planner if planner is not None else self.planner,
+                self.plan_cache,
+                self.process_group,
+                self.thread_count,
+            )
+            request = request_for_plan(
+                planned, directory, self.queue.engine.completion, self.thread_count, extra
+            )
+            fut = await self.queue.schedule(
+                request, wait_for_staging=wait_for_staging, needs_global=True
+            )
+        self._writing[os.path.realpath(directory)] = fut
+        return fut

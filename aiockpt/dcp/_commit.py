@@ -1,0 +1,177 @@
+"""Committing a DCP checkpoint: once every rank's data files are durable, rank 0 writes the
+checksum sidecar and then ``.metadata``, the commit marker, each atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pickle
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import xxhash
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from .._dist import CompletionGroup, get_rank, get_world_size
+from .._engine import ResultFinalizer
+from .._exceptions import InvalidRequestError
+from .._request import AsyncRequest
+from .._storage import remove_temporaries, write_atomic
+from ..utils import wrap_for_async
+from ._plan import PlannedSave, SavePlanCache, plan_save
+from ._write import write_rank_files
+
+METADATA = ".metadata"
+CHECKSUMS = ".metadata.checksums"  # the sidecar: DCP's reader never opens it
+DCP_VERSION = "1.0.0"
+SIDECAR_FORMAT = "aiockpt-dcp"
+SIDECAR_VERSION = 1
+
+
+def commit_dcp(
+    directory: str,
+    metadata: Metadata,
+    results: list[list[Any]],
+    files: list[dict[str, Any]],
+    extra: dict[str, Any],
+) -> str:
+    """Write the checksum sidecar, then ``.metadata`` (both atomically); returns its path."""
+    storage_data = {wr.index: wr.storage_data for rank_results in results for wr in rank_results}
+    meta = dataclasses.replace(
+        metadata,
+        storage_data=storage_data,
+        storage_meta=StorageMeta(checkpoint_id=directory, save_id=uuid.uuid4().hex),
+        version=DCP_VERSION,
+    )
+    data = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "created": time.time(),
+        "world_size": get_world_size(),
+        "metadata": {
+            "name": METADATA,
+            "nbytes": len(data),
+            "xxh3_64": xxhash.xxh3_64_hexdigest(data),
+        },
+        "files": files,
+        "extra": extra,
+    }
+    encoded = json.dumps(sidecar, indent=1, sort_keys=True).encode()
+    write_atomic(os.path.join(directory, CHECKSUMS), lambda f: f.write(encoded))
+    path = os.path.join(directory, METADATA)
+    write_atomic(path, lambda f: f.write(data))
+    return path
+
+
+class CommitDCP(ResultFinalizer):
+    """Finalize step of a DCP save, on every rank after global success: gathers every
+    rank's write results; the rank holding the global metadata commits; every rank learns
+    whether that worked. ``after_commit`` runs on the committing rank once it has."""
+
+    def __init__(
+        self,
+        directory: str,
+        metadata: Metadata | None,
+        completion: CompletionGroup,
+        extra: dict[str, Any] | None = None,
+        after_commit: Callable[[], Any] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.metadata = metadata
+        self.completion = completion
+        self.extra = extra or {}
+        self.after_commit = after_commit
+
+    def __call__(self, result: Any, call_idx: int) -> None:
+        gathered = self.completion.all_gather_object(call_idx, result)
+        failure = None
+        if self.metadata is not None:
+            committed = False
+            try:
+                commit_dcp(
+                    self.directory,
+                    self.metadata,
+                    [r["results"] for r in gathered],
+                    [f for r in gathered for f in r["files"]],
+                    self.extra,
+                )
+                committed = True
+                if self.after_commit is not None:
+                    self.after_commit()
+            except Exception as exc:
+                failure = (
+                    f"the checkpoint in {self.directory!r} is committed, but the step after "
+                    f"its commit failed on rank {get_rank()}: {type(exc).__name__}: {exc}"
+                    if committed
+                    else f"could not commit the checkpoint in {self.directory!r} on rank "
+                    f"{get_rank()} ({type(exc).__name__}: {exc}); it has no .metadata and "
+                    "is not a checkpoint"
+                )
+        failures = [f for f in self.completion.all_gather_object(call_idx, failure) if f]
+        if failures:
+            raise OSError(failures[0])
+
+
+def checked_directory(checkpoint_id: Any) -> str:
+    """``checkpoint_id`` as a directory path string (created if missing)."""
+    if not isinstance(checkpoint_id, str | os.PathLike):
+        raise InvalidRequestError(
+            f"checkpoint_id must be a directory path, not {type(checkpoint_id).__name__}"
+        )
+    path = os.fspath(checkpoint_id)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def request_for_plan(
+    planned: PlannedSave,
+    directory: str,
+    completion: CompletionGroup,
+    thread_count: int = 1,
+    extra: dict[str, Any] | None = None,
+    after_commit: Callable[[], Any] | None = None,
+) -> AsyncRequest:
+    """The request that writes a planned save: its tensors are plain (local shards), so the
+    engine stages them; its finalize step commits."""
+    # The previous checkpoint in this directory stops being one before any of its files is
+    # replaced: each rank drops the marker before its own worker renames anything.
+    for name in (METADATA, CHECKSUMS):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+    remove_temporaries(directory, f"__{get_rank()}_")  # left by an interrupted attempt
+    return AsyncRequest(
+        wrap_for_async(write_rank_files),
+        (planned.buckets, directory, thread_count),
+        [CommitDCP(directory, planned.metadata, completion, extra, after_commit)],
+    )
+
+
+def dcp_save_request(
+    state_dict: dict[str, Any],
+    directory: Any,
+    completion: CompletionGroup,
+    *,
+    planner: Any = None,
+    cache: SavePlanCache | None = None,
+    process_group: Any = None,
+    thread_count: int = 1,
+    extra: dict[str, Any] | None = None,
+    after_commit: Callable[[], Any] | None = None,
+) -> AsyncRequest:
+    """Plan a DCP save of ``state_dict`` into ``directory`` (collective, on every rank) and
+    return the request that writes it; schedule it with ``needs_global=True``.
+
+    ``completion`` is the queue's completion group (``queue._engine.completion``);
+    ``extra`` is recorded in the checksum sidecar; ``after_commit`` runs on rank 0 once
+    ``.metadata`` is durable (retention, say).
+    """
+    path = checked_directory(directory)
+    planned = plan_save(state_dict, planner, cache, process_group, thread_count)
+    return request_for_plan(planned, path, completion, thread_count, extra, after_commit)
