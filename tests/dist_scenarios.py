@@ -205,3 +205,93 @@ def absent_rank(rank: int, world: int, tmp: str, timeout_s: float) -> dict[str, 
         queue._engine.completion.group()
     dist.barrier()  # the absent rank waits here until the others have given up
     return outcome
+
+
+def staging_fails_on_one_rank(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """The last rank fails to stage call 0 (its preload raises there only). It learns at
+    once; every other rank learns at the completion check of call 0, with that rank's
+    message; call indices stay aligned, so call 1 succeeds everywhere."""
+    from aiockpt import StagingError
+
+    def preload() -> Any:
+        if rank == world - 1:
+            raise RuntimeError(f"device lost on rank {rank}")
+        return state(rank)
+
+    out: dict[str, Any] = {}
+    with AsyncCallsQueue(persistent=True) as queue:
+        try:
+            queue.schedule_async_request(
+                AsyncRequest(
+                    write_value,
+                    (None, os.path.join(tmp, f"a{rank}")),
+                    [],
+                    preload_fn=preload,
+                    preload_arg_index=0,
+                )
+            )
+            out["schedule"] = "ok"
+        except StagingError as err:
+            out["schedule"] = f"StagingError: {err.call_idx}"
+        done = queue.schedule_async_request(
+            AsyncRequest(write_value, (rank, os.path.join(tmp, f"b{rank}")), [])
+        )
+        out["second_idx"] = done
+        try:
+            out["first"] = queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
+        except DistributedCheckpointError as err:
+            out["first"] = f"{type(err).__name__} {err.call_idx} {list(err.failed_ranks)}"
+            out["rank_errors"] = err.rank_errors
+        out["then"] = queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
+    return out
+
+
+def commit_fails_on_rank_zero(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """Rank 0 cannot write the metadata: every rank's save fails, naming rank 0's error,
+    and the step is not committed; the next step commits."""
+    from ckpt_helpers import FaultyStorage
+
+    from aiockpt import CheckpointManager, FinalizeError
+
+    storage = FaultyStorage("commit_raises")
+    out: dict[str, Any] = {}
+    with CheckpointManager(os.path.join(tmp, "ck"), storage=storage) as mgr:
+        mgr.save(1, state(rank))
+        try:
+            mgr.poll(blocking=True)
+            out["first"] = "committed"
+        except FinalizeError as err:
+            out["first"] = f"FinalizeError: {err}"
+        storage.fault = "none"
+        mgr.save(2, state(rank))
+        out["second"] = mgr.poll(blocking=True)
+        out["committed"] = mgr.committed_steps()
+    return out
+
+
+def keep_last_with_a_failed_newer_save(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """keep_last=1: step 1 is committed, step 2 fails on the last rank. Step 1 must survive
+    (nothing newer was committed), and a later step 3 then replaces it."""
+    from ckpt_helpers import FaultyStorage
+
+    from aiockpt import CheckpointManager
+
+    storage = FaultyStorage("none")
+    out: dict[str, Any] = {}
+    with CheckpointManager(os.path.join(tmp, "ck"), keep_last=1, storage=storage) as mgr:
+        mgr.save(1, state(rank))
+        mgr.poll(blocking=True)
+        storage.fault = "raise" if rank == world - 1 else "none"
+        mgr.save(2, state(rank))
+        try:
+            mgr.poll(blocking=True)
+        except DistributedCheckpointError as err:
+            out["second"] = list(err.failed_ranks)
+        storage.fault = "none"
+        out["after_failure"] = mgr.committed_steps()
+        restored = mgr.restore()
+        out["restored_rank_value"] = float(restored["w"][0])
+        mgr.save(3, state(rank))
+        mgr.poll(blocking=True)
+        out["after_third"] = mgr.committed_steps()
+    return out

@@ -112,3 +112,55 @@ def test_rank_that_stops_participating_times_out_with_an_error(tmp_path: Path) -
     assert out[0]["type"] == "DistributedCheckpointError", out[0]
     assert "within 3s" in out[0]["message"] and "call 0" in out[0]["message"]
     assert 2.5 < out[0]["elapsed"] < 30.0
+
+
+def test_a_rank_failing_to_stage_fails_that_request_everywhere_and_no_other(
+    tmp_path: Path,
+) -> None:
+    out = values(run_ranks("staging_fails_on_one_rank", 2, str(tmp_path)))
+    assert out[1]["schedule"] == "StagingError: 0"
+    assert out[0]["schedule"] == "ok"
+    # Rank 0 learns of rank 1's staging failure at the completion check of call 0...
+    assert out[0]["first"] == "DistributedCheckpointError 0 [1]"
+    assert "device lost on rank 1" in out[0]["rank_errors"][1]
+    # ...rank 1 already saw it at the call, so it is not raised twice there...
+    assert out[1]["first"] == [1]
+    # ...and both ranks still number their requests alike: call 1 succeeds everywhere.
+    assert [o["second_idx"] for o in out] == [1, 1]
+    assert out[0]["then"] == [1] and out[1]["then"] == []
+    assert (tmp_path / "b0").exists() and (tmp_path / "b1").exists()
+
+
+def test_rank_zero_failing_to_commit_fails_every_rank(tmp_path: Path) -> None:
+    out = values(run_ranks("commit_fails_on_rank_zero", 2, str(tmp_path)))
+    for o in out:
+        assert o["first"].startswith("FinalizeError: "), o
+        assert "rank 0 could not commit" in o["first"]
+        assert "No space left on device (injected, metadata)" in o["first"]
+        assert o["committed"] == [2]
+
+
+def test_keep_last_keeps_the_old_step_when_the_newer_save_fails(tmp_path: Path) -> None:
+    out = values(run_ranks("keep_last_with_a_failed_newer_save", 2, str(tmp_path)))
+    for rank, o in enumerate(out):
+        assert o["second"] == [1]
+        assert o["after_failure"] == [1]
+        assert o["restored_rank_value"] == float(rank)
+    # Rank 0 prunes once every rank knows step 3 is committed: rank 1 may look first.
+    assert out[0]["after_third"] == [3] and out[1]["after_third"] in ([3], [1, 3])
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")) == [
+        "step-000000000003"
+    ]
+    # Every rank's shard of the committed step verifies from the command line...
+    step = tmp_path / "ck" / "step-000000000003"
+    cli = [sys.executable, "-m", "aiockpt", "verify", str(step)]
+    ok = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "shard-00000-of-00002.pt" in ok.stdout and "shard-00001-of-00002.pt" in ok.stdout
+    # ...and a flipped byte in rank 1's shard is named.
+    shard = step / "shard-00001-of-00002.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "shard-00001-of-00002.pt" in bad.stderr

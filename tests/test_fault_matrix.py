@@ -8,6 +8,7 @@ checkpoint is intact and is still the latest, and that the next save works.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -206,3 +207,66 @@ async def test_aclose_while_in_flight_commits(
         open_gate(gate)
     assert fut.done() and fut.result().call_idx == 0
     assert mgr.latest_step() == 1
+
+
+RESTART_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from ckpt_helpers import StallingStorage, read_pid
+from aiockpt import CheckpointManager
+
+if __name__ == "__main__":
+    mgr = CheckpointManager({directory!r}, storage=StallingStorage({gate!r}, {pid!r}),
+                            persistent={persistent})
+    mgr.save(1, {{"w": torch.full((64,), 1.0)}})
+    print("worker", read_pid({pid!r}), flush=True)  # step 1's write is parked on the gate
+    sys.stdin.read()  # until the test kills this process
+"""
+
+
+@CALLERS
+def test_training_process_killed_mid_save_then_restart_restores_the_previous_step(
+    tmp_path: Path, persistent: bool
+) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    directory = tmp_path / "ck"
+    with CheckpointManager(directory, persistent=persistent) as mgr:
+        mgr.save(0, state(0))
+        mgr.poll(blocking=True)
+    gate, pid = str(tmp_path / "gate"), str(tmp_path / "pid")
+    script = RESTART_SCRIPT.format(
+        tests=str(Path(__file__).parent),
+        directory=str(directory),
+        gate=gate,
+        pid=pid,
+        persistent=persistent,
+    )
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert trainer.stdout is not None
+        worker = int(trainer.stdout.readline().split()[1])
+        trainer.kill()  # SIGKILL the training process mid-save
+        trainer.wait(30)
+        # Its worker lingers; let it finish the write it was in, with nobody to commit it.
+        open_gate(gate)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(worker).wait(60)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        open_gate(gate)
+    # The restart: step 0 is the latest, step 1 was never committed, and saving it works.
+    with CheckpointManager(directory, persistent=persistent) as mgr:
+        assert mgr.latest_step() == 0 and mgr.committed_steps() == [0]
+        assert int(mgr.restore()["step"]) == 0
+        mgr.save(1, state(1))
+        mgr.poll(blocking=True)
+        assert mgr.committed_steps() == [0, 1]
+        assert int(mgr.restore()["step"]) == 1
