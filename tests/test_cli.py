@@ -52,6 +52,7 @@ def test_bench_small_run_reports_every_contender(tmp_path: Path) -> None:
         "dcp.async_save (process, tuned stager)",
         "aiockpt (fork)",
         "aiockpt (persistent)",
+        "aiockpt (persistent, reserved)",
         "aiockpt (async)",
     ]
     assert abs(report["state_bytes"] - 8 * 2**20) < 0.05 * 8 * 2**20
