@@ -270,3 +270,54 @@ def test_training_process_killed_mid_save_then_restart_restores_the_previous_ste
         mgr.poll(blocking=True)
         assert mgr.committed_steps() == [0, 1]
         assert int(mgr.restore()["step"]) == 1
+
+
+class _Numbers(torch.utils.data.Dataset[torch.Tensor]):
+    def __len__(self) -> int:
+        return 10_000
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((256,), float(i))
+
+
+def test_fork_per_save_while_other_threads_hold_locks(tmp_path: Path) -> None:
+    """Threads that run torch ops, log and iterate a DataLoader with worker processes are
+    busy at every fork; the forked writer must never deadlock on a lock one of them held
+    (a deadlock would surface as SaveTimeoutError, not as a hang)."""
+    import logging
+
+    stop = threading.Event()
+    log = logging.getLogger("aiockpt.test.busy")
+
+    def matmuls() -> None:
+        a = torch.randn(128, 128)
+        while not stop.is_set():
+            a = (a @ a).tanh()
+
+    def chatter() -> None:
+        while not stop.is_set():
+            log.debug("step")
+
+    def loader() -> None:
+        data = torch.utils.data.DataLoader(
+            _Numbers(), batch_size=64, num_workers=2, pin_memory=True
+        )
+        while not stop.is_set():
+            for _ in data:
+                if stop.is_set():
+                    break
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (matmuls, matmuls, chatter, loader)]
+    for t in threads:
+        t.start()
+    try:
+        with CheckpointManager(tmp_path, persistent=False, save_timeout=60) as mgr:
+            for step in range(1, 21):
+                mgr.save(step, state(step))
+                mgr.poll(blocking=step % 5 == 0)
+            mgr.poll(blocking=True)
+            assert mgr.committed_steps() == list(range(1, 21))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
