@@ -30,6 +30,8 @@ import torch
 from ._tree import iter_tensors, map_tensors
 
 ALIGNMENT = 64
+# Linux 5.14+: populate (prefault, writable) the pages of a mapping; not named by mmap yet.
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _arena_ids = itertools.count(1)
 
 
@@ -150,6 +152,14 @@ class StagingArena:
         self.views: list[torch.Tensor] = []  # one tensor per planned tensor
         self.owner: int | None = None
 
+    def prefault(self) -> None:
+        """Map every page of the arena into this process now (a reserve does this, so the
+        first save's copy takes no page faults)."""
+        try:
+            self._mm.madvise(_MADV_POPULATE_WRITE)
+        except (OSError, ValueError):  # older kernels: touch every page instead
+            torch.frombuffer(self._mm, dtype=torch.uint8).zero_()
+
     def slot(self, offset: int, nbytes: int) -> torch.Tensor:
         """A uint8 tensor over ``[offset, offset + nbytes)`` whose storage is exactly that
         range, so ``torch.save`` writes only its bytes."""
@@ -249,6 +259,7 @@ class StagingBuffers:
         with self._lock:
             arena = self._pick(plan, grow=False)
             arena.lay_out(plan)
+            arena.prefault()
 
     def stage(
         self,
