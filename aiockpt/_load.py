@@ -23,14 +23,13 @@ import xxhash
 from ._checksum import read_trailer
 from ._dist import get_rank, get_world_size
 from ._exceptions import (
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidRequestError,
     UnsafeCheckpointError,
 )
 from ._files import hash_prefix, open_dir, open_file, opened
 from ._metadata import read_metadata, safe_join
-from ._storage import LocalStorage, Storage, check_record
+from ._storage import LocalStorage, Storage, check_record, open_record
 
 T = TypeVar("T")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -126,13 +125,7 @@ def _load_local(path: str, rank: Any, verify: bool, nofollow: bool, **opts: Any)
     with opened(dfd):
         meta = read_metadata(path, dir_fd=dfd)
         record = meta["files"][choose_rank(path, meta["world_size"], rank)]
-        file = safe_join(path, record["name"])
-        try:
-            fd = open_file(file, dir_fd=dfd, name=record["name"])
-        except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(
-                f"{file!r} is missing from the committed checkpoint {path!r}"
-            ) from None
+        file, fd = open_record(path, dfd, record)
     with opened(fd):
         return _load_fd(fd, file, record, verify, **opts)
 

@@ -268,17 +268,23 @@ def verify(path: str) -> list[str]:
         meta = read_metadata(path, dir_fd=dfd)
         checked = []
         for record in meta["files"]:
-            file = safe_join(path, record["name"])
-            try:
-                fd = open_file(file, dir_fd=dfd, name=record["name"])
-            except CheckpointNotFoundError:
-                raise CheckpointNotFoundError(
-                    f"{file!r} is missing from the committed checkpoint {path!r}"
-                ) from None
+            file, fd = open_record(path, dfd, record)
             with opened(fd):
                 check_record(fd, file, record)
             checked.append(file)
     return checked
+
+
+def open_record(directory: str, dir_fd: int, record: dict[str, Any]) -> tuple[str, int]:
+    """The path and a read-only descriptor of the file a metadata ``record`` names in the
+    checkpoint ``directory`` (open as ``dir_fd``); never outside it, never through a link."""
+    file = safe_join(directory, record["name"])
+    try:
+        return file, open_file(file, dir_fd=dir_fd, name=record["name"])
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{file!r} is missing from the committed checkpoint {directory!r}"
+        ) from None
 
 
 def make_dir(path: str) -> None:
