@@ -40,6 +40,15 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def ready_event() -> Any:
+    """A CUDA event recorded now on the calling thread's current stream, or None when CUDA
+    is not in use. Staging that runs in another thread waits for it, so its copies are
+    ordered after the kernels the caller queued (its own current stream is another one)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return None
+    return torch.cuda.current_stream().record_event()
+
+
 def _cudart() -> Any:
     return torch.cuda.cudart()  # type: ignore[no-untyped-call]
 
