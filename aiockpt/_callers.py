@@ -268,15 +268,20 @@ class AsyncCaller(ABC):
         with contextlib.suppress(ValueError):
             self._current.remove(call_idx)
 
-    def is_current_async_call_done(self, blocking: bool = False, no_dist: bool = False) -> bool:
+    def is_current_async_call_done(
+        self, blocking: bool = False, no_dist: bool = False, finalize_timeout: float | None = None
+    ) -> bool:
         """Whether the oldest request of this caller is done on all ranks (the reference's
         question). Unlike the reference, a failed request raises its CheckpointError.
+        ``finalize_timeout`` bounds how long ``blocking=True`` waits for this worker.
 
         With ``no_dist=False`` in a distributed job, every rank must call this in lockstep.
         """
         if not self._current:
             return True
         call_idx = self._current[0]
+        if blocking and finalize_timeout is not None:
+            blocking = self.poll(call_idx, finalize_timeout) is not None
         done, error = settle(
             call_idx,
             lambda timeout: self.poll(call_idx, timeout),
