@@ -559,3 +559,31 @@ def test_failed_save_raises_and_the_loop_keeps_training(tmp_path: Path) -> None:
     finally:
         ckpt.close()
     assert finalized == [0, 2] and len(logged) == 1 and "call 1" in logged[0]
+
+
+# -- the DCP path -----------------------------------------------------------------------
+
+
+def test_cached_metadata_reader_shares_metadata_until_the_checkpoint_changes(
+    tmp_path: Path,
+) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from aiockpt.compat.nvrx.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+
+    CachedMetadataFileSystemReader.clear_metadata_cache()
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path), no_dist=True)
+    first = CachedMetadataFileSystemReader(tmp_path).read_metadata()
+    assert CachedMetadataFileSystemReader(tmp_path).read_metadata() is first
+    assert (
+        CachedMetadataFileSystemReader(tmp_path, cache_metadata=False).read_metadata() is not first
+    )
+    dcp.save({"w": torch.ones(2), "v": torch.zeros(1)}, checkpoint_id=str(tmp_path), no_dist=True)
+    again = CachedMetadataFileSystemReader(tmp_path).read_metadata()
+    assert sorted(again.state_dict_metadata) == ["v", "w"]
+    out = {"w": torch.zeros(2), "v": torch.ones(1)}
+    dcp.load(out, storage_reader=CachedMetadataFileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(out["w"], torch.ones(2)) and torch.equal(out["v"], torch.zeros(1))
+    CachedMetadataFileSystemReader.clear_metadata_cache()
