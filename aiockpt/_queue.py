@@ -259,6 +259,11 @@ class AsyncCallsQueue:
 def abort_nvrx_checkpoint() -> None:
     """Abort every :class:`AsyncCallsQueue` of this process (``close(abort=True)``): their
     workers are stopped at once and pending saves dropped. For in-process restarts: the
-    queues stay usable, and their next request starts a fresh worker."""
+    queues stay usable, and their next request starts a fresh worker. A worker started by
+    :meth:`AsyncCallsQueue.warmup_persistent_caller` and not taken over is stopped too."""
     for queue in AsyncCallsQueue.get_instances():
         queue.close(abort=True)
+    # A worker warmed up for a queue that was never created (or already dropped).
+    warm, AsyncCallsQueue._warm_caller = AsyncCallsQueue._warm_caller, None
+    if warm is not None:
+        warm.close(abort=True)

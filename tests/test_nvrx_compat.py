@@ -3,6 +3,7 @@ real worker processes (and real gloo ranks for ``execute_sync``)."""
 
 from __future__ import annotations
 
+import gc
 import importlib
 import inspect
 import io
@@ -396,6 +397,39 @@ def test_abort_sends_sigterm_before_sigkill(tmp_path: Path) -> None:
     finally:
         open_gate(gate)
         queue.close()
+
+
+def ignore_sigterm(state: Any, gate: str, pid_path: str) -> None:
+    """Worker side: ignore SIGTERM, then wait on the gate."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    report_pid(state, gate, pid_path)
+
+
+def test_abort_kills_a_worker_that_ignores_sigterm_after_the_grace(tmp_path: Path) -> None:
+    gate = make_gate(str(tmp_path), "gate")
+    pid_file = str(tmp_path / "pid")
+    queue = AsyncCallsQueue(sigterm_timeout=0.5)
+    try:
+        queue.schedule_async_request(AsyncRequest(ignore_sigterm, (None, gate, pid_file), []))
+        pid = read_pid(pid_file)
+        queue.close(abort=True)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        open_gate(gate)
+        queue.close()
+
+
+def test_abort_stops_a_warmed_up_worker_nobody_took_over() -> None:
+    AsyncCallsQueue.warmup_persistent_caller(0)
+    warm = AsyncCallsQueue._warm_caller
+    assert warm is not None and warm.process is not None
+    pid = warm.process.pid
+    assert pid is not None
+    gc.collect()  # no queue is alive to take it over or to close it
+    assert not AsyncCallsQueue.get_instances()
+    abort_nvrx_checkpoint()
+    assert AsyncCallsQueue._warm_caller is None and warm.process is None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_queue_and_checkpoint_are_usable_after_close_and_terminate(tmp_path: Path) -> None:
