@@ -16,6 +16,7 @@ from ._exceptions import CorruptCheckpointError as CorruptCheckpointError
 from ._exceptions import DirectoryLockedError as DirectoryLockedError
 from ._exceptions import DistributedCheckpointError as DistributedCheckpointError
 from ._exceptions import FinalizeError as FinalizeError
+from ._exceptions import FrozenRequestError as FrozenRequestError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import QueueClosedError as QueueClosedError
 from ._exceptions import QueueMisuseError as QueueMisuseError
@@ -61,6 +62,7 @@ __all__ = [
     "DirectoryLockedError",
     "DistributedCheckpointError",
     "FinalizeError",
+    "FrozenRequestError",
     "InvalidRequestError",
     "LocalStorage",
     "PersistentAsyncCaller",

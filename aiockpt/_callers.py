@@ -36,6 +36,7 @@ from . import _transport, _worker
 from ._dist import CompletionGroup, get_rank, is_distributed, settle
 from ._exceptions import InvalidRequestError, WorkerCrashedError, WorkerError
 from ._messages import Done, DropArena, Failed, MapArena, Ready, Reply, Run, Stop
+from ._options import WorkerSettings
 from ._request import AsyncRequest, LocalOutcome
 from ._staging import StagingBuffers
 
@@ -58,9 +59,13 @@ def _close_live_callers() -> None:
 atexit.register(_close_live_callers)
 
 
-def stop_process(process: BaseProcess, grace: float) -> None:
-    """Wait up to ``grace`` seconds for ``process`` to exit, then kill it and reap it."""
+def stop_process(process: BaseProcess, grace: float, sigterm_timeout: float = 0.0) -> None:
+    """Wait up to ``grace`` seconds for ``process`` to exit, then send it SIGTERM, give it
+    ``sigterm_timeout`` seconds more, then SIGKILL it; reap it either way."""
     process.join(grace)
+    if process.is_alive() and sigterm_timeout > 0:
+        process.terminate()
+        process.join(sigterm_timeout)
     if process.is_alive():
         process.kill()
         process.join()
@@ -167,9 +172,12 @@ def crash_outcome(
 class AsyncCaller(ABC):
     """Runs requests in another process and answers whether each one is done."""
 
-    def __init__(self, completion: CompletionGroup | None = None) -> None:
+    def __init__(
+        self, completion: CompletionGroup | None = None, settings: WorkerSettings | None = None
+    ) -> None:
         self.rank: int = get_rank()
         self.completion = completion if completion is not None else CompletionGroup()
+        self.settings = settings if settings is not None else WorkerSettings()
         self._lock = threading.Lock()  # this caller's process and connection
         # The reference's standalone use: outcomes read but not yet acknowledged.
         self.outcomes: dict[int, LocalOutcome] = {}
@@ -229,7 +237,9 @@ class AsyncCaller(ABC):
         buffers the request's tensors were copied to, if any.
         """
         args = async_req.prepared_args()
-        self.run(async_req.call_idx, async_req.async_fn, args, async_req.async_fn_kwargs, buffers)
+        self.run(
+            async_req.call_idx, async_req.async_fn, args, async_req.async_fn_kwargs or {}, buffers
+        )
         self._current.append(async_req.call_idx)
 
     def poll(self, call_idx: int, timeout: float | None = 0.0) -> LocalOutcome | None:
@@ -258,15 +268,20 @@ class AsyncCaller(ABC):
         with contextlib.suppress(ValueError):
             self._current.remove(call_idx)
 
-    def is_current_async_call_done(self, blocking: bool = False, no_dist: bool = False) -> bool:
+    def is_current_async_call_done(
+        self, blocking: bool = False, no_dist: bool = False, finalize_timeout: float | None = None
+    ) -> bool:
         """Whether the oldest request of this caller is done on all ranks (the reference's
         question). Unlike the reference, a failed request raises its CheckpointError.
+        ``finalize_timeout`` bounds how long ``blocking=True`` waits for this worker.
 
         With ``no_dist=False`` in a distributed job, every rank must call this in lockstep.
         """
         if not self._current:
             return True
         call_idx = self._current[0]
+        if blocking and finalize_timeout is not None:
+            blocking = self.poll(call_idx, finalize_timeout) is not None
         done, error = settle(
             call_idx,
             lambda timeout: self.poll(call_idx, timeout),
@@ -281,8 +296,17 @@ class AsyncCaller(ABC):
             raise error
         return True
 
-    def close(self) -> None:
-        """Wait for the requests in flight, then stop the worker. Idempotent."""
+    def close(self, abort: bool = False) -> None:
+        """Wait for the requests in flight, then stop the worker. Idempotent.
+
+        ``abort=True`` does not wait: the worker gets SIGTERM (SIGKILL after the
+        ``sigterm_timeout``) and the requests in flight are dropped, never reported.
+        """
+        if abort:
+            self.shutdown(0.0)
+            self.outcomes.clear()
+            self._current.clear()
+            return
         for call_idx in self.in_flight():
             self.poll(call_idx, None)
         for outcome in self.shutdown():
@@ -298,8 +322,10 @@ class TemporalAsyncCaller(AsyncCaller):
     that run threads which may hold locks at the moment of the fork.
     """
 
-    def __init__(self, completion: CompletionGroup | None = None) -> None:
-        super().__init__(completion)
+    def __init__(
+        self, completion: CompletionGroup | None = None, settings: WorkerSettings | None = None
+    ) -> None:
+        super().__init__(completion, settings)
         self.process: BaseProcess | None = None
         self._watch: DeathWatch | None = None
         self._conn: Connection | None = None
@@ -332,7 +358,15 @@ class TemporalAsyncCaller(AsyncCaller):
             reader, writer = ctx.Pipe(duplex=False)
             process = ctx.Process(
                 target=_worker.fork_child_main,
-                args=(writer, call_idx, fn, args, kwargs),
+                args=(
+                    writer,
+                    call_idx,
+                    fn,
+                    args,
+                    kwargs,
+                    self.settings.cpu_priority,
+                    self.settings.io_priority,
+                ),
                 name=f"aiockpt-save-{call_idx}",
             )
             gc_was_enabled = gc.isenabled()
@@ -424,7 +458,7 @@ class TemporalAsyncCaller(AsyncCaller):
             news: list[LocalOutcome] = []
             if self.process is None:
                 return news
-            stop_process(self.process, grace)
+            stop_process(self.process, grace, self.settings.sigterm_timeout)
             if not self._reported and self._call_idx is not None:
                 news.append(crash_outcome(self._call_idx, self.rank, self.process.exitcode, True))
                 self._reported = True
@@ -444,14 +478,17 @@ class PersistentAsyncCaller(AsyncCaller):
     """
 
     def __init__(
-        self, start_method: str = "spawn", completion: CompletionGroup | None = None
+        self,
+        start_method: str = "spawn",
+        completion: CompletionGroup | None = None,
+        settings: WorkerSettings | None = None,
     ) -> None:
         if start_method not in ("spawn", "forkserver"):
             raise InvalidRequestError(
                 f"start_method must be 'spawn' or 'forkserver', not {start_method!r}; "
                 "use TemporalAsyncCaller for fork"
             )
-        super().__init__(completion)
+        super().__init__(completion, settings)
         self.start_method = start_method
         self.process: BaseProcess | None = None
         self._watch: DeathWatch | None = None
@@ -492,7 +529,9 @@ class PersistentAsyncCaller(AsyncCaller):
         ctx = mp.get_context(self.start_method)
         parent_end, child_end = ctx.Pipe(duplex=True)
         process = ctx.Process(  # type: ignore[attr-defined]
-            target=_worker.persistent_main, args=(child_end,), name="aiockpt-worker"
+            target=_worker.persistent_main,
+            args=(child_end, self.settings.cpu_priority, self.settings.io_priority),
+            name="aiockpt-worker",
         )
         try:
             process.start()
@@ -636,7 +675,11 @@ class PersistentAsyncCaller(AsyncCaller):
             if self.process is not None and self._conn is not None:
                 with contextlib.suppress(OSError):
                     self._conn.send(Stop())
-                stop_process(self.process, grace if not self._inflight else 0.0)
+                stop_process(
+                    self.process,
+                    grace if not self._inflight else 0.0,
+                    self.settings.sigterm_timeout,
+                )
             if self.process is not None:
                 self._worker_gone()
             news, self._news = self._news, []

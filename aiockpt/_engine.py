@@ -95,6 +95,8 @@ class CallsEngine:
         *,
         options: QueueOptions | None = None,
         caller_factory: Callable[[], AsyncCaller] | None = None,
+        completion: CompletionGroup | None = None,
+        persistent_caller: PersistentAsyncCaller | None = None,
         **kwargs: Any,
     ) -> None:
         self.options = options if options is not None else QueueOptions(persistent, **kwargs)
@@ -103,7 +105,11 @@ class CallsEngine:
         self.buffers = StagingBuffers(
             opts.max_staging_copies, opts.pin_memory, opts.single_threaded_staging
         )
-        self.completion = CompletionGroup(opts.process_group, opts.timeout)
+        self.completion = (
+            completion
+            if completion is not None
+            else CompletionGroup(opts.process_group, opts.timeout)
+        )
         self.active: deque[Call] = deque()  # not settled yet, oldest first
         self._running: dict[int, Call] = {}  # sent, not reported yet
         self._callers: list[AsyncCaller] = []  # callers that may still have news
@@ -121,9 +127,12 @@ class CallsEngine:
         # fork per request or the one persistent worker.
         self._caller_factory = caller_factory
         if opts.persistent and caller_factory is None:
-            # Started now, so that the first save does not wait for the worker to import torch.
-            self._persistent_caller = PersistentAsyncCaller(opts.start_method, self.completion)
-            self._persistent_caller.start()
+            # Started at the first request or by warm_up()/reserve(), never here: a queue
+            # built at module level is built again when a spawned worker imports the main
+            # module, and a process must not be started while that import runs.
+            self._persistent_caller = persistent_caller or PersistentAsyncCaller(
+                opts.start_method, self.completion, opts.worker_settings()
+            )
         _live_engines.add(self)
 
     def _caller(self) -> AsyncCaller:
@@ -131,7 +140,28 @@ class CallsEngine:
             return self._caller_factory()
         if self._persistent_caller is not None:
             return self._persistent_caller
-        return TemporalAsyncCaller(self.completion)
+        return TemporalAsyncCaller(self.completion, self.options.worker_settings())
+
+    def adopt_worker(self, caller: PersistentAsyncCaller) -> bool:
+        """Serve this persistent engine's requests with ``caller`` (a worker started ahead,
+        see ``AsyncCallsQueue.warmup_persistent_caller``) if its own has not started and
+        the start methods match; returns whether it did."""
+        with self._lock:
+            own = self._persistent_caller
+            if own is None or own.process is not None or own.starts or self.closed:
+                return False
+            if caller.start_method != own.start_method:
+                return False
+            caller.completion = self.completion
+            self._persistent_caller = caller
+            return True
+
+    def warm_up(self) -> None:
+        """Start the persistent worker now (it imports torch in the background), so the
+        first save does not wait for it. A no-op for a fork-per-request queue."""
+        self.check_open()
+        if self._persistent_caller is not None:
+            self._persistent_caller.start()
 
     def check_open(self) -> None:
         if self.closed:
@@ -240,7 +270,7 @@ class CallsEngine:
                 call_idx=call_idx,
                 rank=rank,
             ) from exc
-        kwargs = dict(request.async_fn_kwargs)
+        kwargs = dict(request.async_fn_kwargs or {})
         try:
             plan = self.buffers.plan(args, kwargs)
             if not self.buffers.has_free(plan.nbytes):
@@ -494,6 +524,35 @@ class CallsEngine:
         self._close_pipes()
         _live_engines.discard(self)
         return killed
+
+    def abort(self) -> list[int]:
+        """Stop every worker at once (SIGTERM, then SIGKILL after ``sigterm_timeout``) and
+        drop every request not finalized yet: none of them is finalized, raised or reported
+        later. Returns the dropped call indices. The engine is closed afterwards."""
+        with self._lock:
+            self.closed = True
+            dropped = [call.call_idx for call in self.active]
+            callers = list(self._callers)
+            if self._persistent_caller is not None and self._persistent_caller not in callers:
+                callers.append(self._persistent_caller)
+        for caller in callers:
+            caller.shutdown(0.0)
+        with self._lock:
+            self._collect_locked()
+            for call in list(self._running.values()):
+                call.reported(self._timeout_outcome(call, "the abort"))
+            self._running.clear()
+            self._callers.clear()
+            self.active.clear()
+        self.buffers.close()
+        self._close_pipes()
+        _live_engines.discard(self)
+        if dropped:
+            logger.warning(
+                "checkpoint queue aborted: calls %s dropped, their checkpoints not written",
+                dropped,
+            )
+        return dropped
 
     def kill_worker(self) -> None:
         """Kill the persistent worker (tests and emergencies); its requests fail."""

@@ -4,6 +4,7 @@
     ├── InvalidRequestError           bad input, rejected at the call (also a ValueError)
     ├── QueueClosedError              the queue was closed
     ├── QueueMisuseError              wrong thread, wrong API, or not entered (a RuntimeError)
+    │   └── FrozenRequestError        a finalize step added to an already scheduled request
     ├── StagingError                  copying tensors to host buffers (or preload_fn) failed
     ├── WorkerError                   the checkpoint function raised in the worker process
     ├── WorkerCrashedError            the worker process died before it reported a result
@@ -209,3 +210,9 @@ class StorageError(CheckpointError):
     def __init__(self, message: str, *, path: str = "", **kwargs: int | None) -> None:
         super().__init__(message, **kwargs)
         self.path = path
+
+
+class FrozenRequestError(QueueMisuseError):
+    """Raised by :meth:`AsyncRequest.add_finalize_fn` on a request that was already
+    scheduled (frozen). Add every finalize step before scheduling the request. A
+    ``RuntimeError``, as the reference raises."""

@@ -11,7 +11,7 @@ from typing import Any
 from typing_extensions import Self
 
 from ._async_queue import AsyncCheckpointQueue, QueueFacade
-from ._exceptions import CheckpointError
+from ._exceptions import CheckpointError, QueueClosedError
 from ._futures import CheckpointFuture
 from ._load import in_thread, load_path
 from ._queue import AsyncCallsQueue
@@ -172,10 +172,14 @@ class CheckpointManager(_Steps):
             self.steps.close()
             raise
         self._step_of: dict[int, int] = {}  # call index -> step, until it is settled
+        self._closed = False
 
     def save(self, step: int, state_dict: Any, extra: dict[str, Any] | None = None) -> int:
         """Schedule the checkpoint of ``step``; returns its call index. ``step`` must be
         above every committed step and every step being saved; ``extra`` must be JSON."""
+        if self._closed:
+            # Its queue could start again, but the directory lock is released.
+            raise QueueClosedError("the checkpoint manager is closed; create a new one")
         request, number = self.steps.request(step, state_dict, extra, self.queue._engine.completion)
         try:
             idx = self.queue.schedule_async_request(request, needs_global=True)
@@ -213,6 +217,7 @@ class CheckpointManager(_Steps):
 
     def close(self) -> None:
         """Finalize pending saves, stop the worker, release the directory. Idempotent."""
+        self._closed = True
         try:
             self.queue.close(no_dist=True)
         finally:

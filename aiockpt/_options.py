@@ -28,6 +28,19 @@ class QueueOptions:
         save_timeout: seconds a worker may spend on one request before it is killed and
             the request fails with :class:`SaveTimeoutError` (None: no limit). Closing a
             queue waits no longer than this for a worker that does not answer.
+        is_daemon: accepted for compatibility with the reference and ignored: the worker is
+            never a daemonic process (aiockpt stops it at exit itself, and a daemonic
+            process could not start the helper processes a checkpoint function may need).
+        cpu_priority: the nice value (0-19) the worker raises itself to when it starts, so
+            it yields the CPU to the training step's threads; None leaves it unchanged.
+            A worker never lowers its nice value (that needs privileges).
+        io_priority: the I/O scheduling class the worker sets for itself (``ioprio_set``):
+            1 realtime, 2 best-effort, 3 idle (only when no one else does I/O: the choice
+            that keeps checkpoint writes out of the way); 0 or None leaves it unchanged.
+        sigterm_timeout: seconds a worker that must stop gets after SIGTERM before it is
+            sent SIGKILL (when a queue is closed or aborted).
+        cpu_shm_mode: accepted for compatibility with the reference; aiockpt always stages
+            to host memory shared with the worker, so it changes nothing.
     """
 
     persistent: bool = True
@@ -38,6 +51,11 @@ class QueueOptions:
     timeout: timedelta = DEFAULT_TIMEOUT
     single_threaded_staging: bool = False
     save_timeout: float | None = None
+    is_daemon: bool = True
+    cpu_priority: int | None = 10
+    io_priority: int | None = None
+    sigterm_timeout: float = 30.0
+    cpu_shm_mode: bool = False
 
     def __post_init__(self) -> None:
         if self.start_method not in ("spawn", "forkserver"):
@@ -52,3 +70,29 @@ class QueueOptions:
                 f"save_timeout must be a positive number of seconds or None, not "
                 f"{self.save_timeout!r}"
             )
+        if self.cpu_priority is not None and not 0 <= self.cpu_priority <= 19:
+            raise InvalidRequestError(
+                f"cpu_priority must be a nice value from 0 to 19 or None, not {self.cpu_priority!r}"
+            )
+        if self.io_priority is not None and self.io_priority not in range(4):
+            raise InvalidRequestError(
+                f"io_priority must be an I/O scheduling class from 0 to 3 (3: idle) or None, "
+                f"not {self.io_priority!r}"
+            )
+        if not self.sigterm_timeout >= 0:
+            raise InvalidRequestError(
+                f"sigterm_timeout must be zero or more seconds, not {self.sigterm_timeout!r}"
+            )
+
+    def worker_settings(self) -> WorkerSettings:
+        """What a worker process applies to itself and how it is stopped."""
+        return WorkerSettings(self.cpu_priority, self.io_priority, self.sigterm_timeout)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The part of :class:`QueueOptions` a caller passes to its worker processes."""
+
+    cpu_priority: int | None = None
+    io_priority: int | None = None
+    sigterm_timeout: float = 30.0

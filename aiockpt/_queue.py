@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import time
+import weakref
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
+from ._callers import PersistentAsyncCaller
 from ._dist import DEFAULT_TIMEOUT
 from ._engine import CallsEngine
 from ._exceptions import CheckpointError
 from ._options import QueueOptions
-from ._request import AsyncRequest
+from ._request import AsyncRequest, as_request
+
+logger = logging.getLogger("aiockpt")
 
 
 class AsyncCallsQueue:
@@ -17,7 +23,11 @@ class AsyncCallsQueue:
 
     Args:
         persistent: one long-lived worker process (True, the default) or a forked process
-            per request (False).
+            per request (False). The worker starts at the first request, or earlier with
+            :meth:`warm_up`, :meth:`reserve` or :meth:`warmup_persistent_caller`.
+        is_daemon, cpu_priority, io_priority, sigterm_timeout, cpu_shm_mode: the
+            reference's worker options, described in :class:`QueueOptions` (the worker
+            lowers its CPU priority to nice 10 by default, as the reference does).
         start_method: how the persistent worker starts, ``"spawn"`` or ``"forkserver"``.
         max_staging_copies: host staging copies of the state held at most; scheduling waits
             for an earlier request's worker when all are in use.
@@ -31,11 +41,21 @@ class AsyncCallsQueue:
 
     In a torch.distributed job every rank must schedule the same requests and call
     ``maybe_finalize_async_calls`` with ``no_dist=False`` the same number of times.
+    After :meth:`close` (or an abort) the queue can be used again: the next request
+    starts a fresh worker and call indices start again from 0, as in the reference.
     """
+
+    _instances: ClassVar[weakref.WeakSet[AsyncCallsQueue]] = weakref.WeakSet()
+    _warm_caller: ClassVar[PersistentAsyncCaller | None] = None
 
     def __init__(
         self,
         persistent: bool = True,
+        is_daemon: bool = True,
+        cpu_priority: int | None = 10,
+        io_priority: int | None = None,
+        sigterm_timeout: float = 30.0,
+        cpu_shm_mode: bool = False,
         *,
         start_method: str = "spawn",
         max_staging_copies: int = 1,
@@ -54,8 +74,64 @@ class AsyncCallsQueue:
                 process_group=process_group,
                 timeout=timeout,
                 save_timeout=save_timeout,
+                is_daemon=is_daemon,
+                cpu_priority=cpu_priority,
+                io_priority=io_priority,
+                sigterm_timeout=sigterm_timeout,
+                cpu_shm_mode=cpu_shm_mode,
             )
         self._engine = CallsEngine(options=options)
+        AsyncCallsQueue._instances.add(self)
+
+    @classmethod
+    def get_instances(cls) -> list[AsyncCallsQueue]:
+        """The queues alive in this process (what :func:`abort_nvrx_checkpoint` aborts)."""
+        return list(cls._instances)
+
+    @classmethod
+    def warmup_persistent_caller(
+        cls,
+        rank: int,
+        is_daemon: bool = True,
+        cpu_priority: int | None = 10,
+        io_priority: int | None = None,
+        sigterm_timeout: float = 30.0,
+        cpu_shm_mode: bool = False,
+    ) -> None:
+        """Start a persistent worker now, for the first persistent queue of this process
+        to take over at its first request, so the first save does not wait for the worker
+        to import torch. Call it from the training script's main code (under
+        ``if __name__ == "__main__":``), never at module level. ``rank`` is accepted for
+        compatibility with the reference; the options are those of :class:`QueueOptions`.
+        """
+        if cls._warm_caller is None:
+            opts = QueueOptions(
+                is_daemon=is_daemon,
+                cpu_priority=cpu_priority,
+                io_priority=io_priority,
+                sigterm_timeout=sigterm_timeout,
+                cpu_shm_mode=cpu_shm_mode,
+            )
+            caller = PersistentAsyncCaller(opts.start_method, settings=opts.worker_settings())
+            caller.start()
+            cls._warm_caller = caller
+
+    def _open_engine(self) -> CallsEngine:
+        """The engine, a fresh one if the last was closed or aborted; a persistent queue
+        whose worker has not started takes over a worker warmed up for the process."""
+        engine = self._engine
+        if engine.closed:
+            engine = self._engine = CallsEngine(
+                options=engine.options, completion=engine.completion
+            )
+        warm = AsyncCallsQueue._warm_caller
+        if warm is not None and engine.adopt_worker(warm):
+            AsyncCallsQueue._warm_caller = None
+        return engine
+
+    def warm_up(self) -> None:
+        """Start the persistent worker now rather than at the first request. Optional."""
+        self._open_engine().warm_up()
 
     @property
     def persistent(self) -> bool:
@@ -74,10 +150,10 @@ class AsyncCallsQueue:
     def reserve(self, state_dict: Any) -> None:
         """Prepare staging memory for saves of ``state_dict`` (and wait for the persistent
         worker to start), so the first save is as fast as a warm one. Optional."""
-        self._engine.reserve((state_dict,))
+        self._open_engine().reserve((state_dict,))
 
     def schedule_async_request(
-        self, async_request: AsyncRequest, *, needs_global: bool = False
+        self, async_request: AsyncRequest | Any, *, needs_global: bool = False
     ) -> int:
         """Stage the request's tensors, start it in the background, return its call index.
 
@@ -87,11 +163,13 @@ class AsyncCallsQueue:
         (the call index is used up all the same, on every rank alike).
         ``needs_global=True`` settles the request across all ranks even when finalizing
         with ``no_dist=True`` (for requests whose finalize steps commit shared state).
+        Another library's ``AsyncRequest`` (the reference's) is accepted by its fields.
         """
-        return self._engine.schedule(async_request, needs_global=needs_global).call_idx
+        request = as_request(async_request)
+        return self._open_engine().schedule(request, needs_global=needs_global).call_idx
 
     def maybe_finalize_async_calls(
-        self, blocking: bool = False, no_dist: bool = False
+        self, blocking: bool = False, no_dist: bool = False, finalize_timeout: float | None = None
     ) -> list[int]:
         """Finalize the requests that are done, oldest first; return their call indices.
 
@@ -100,9 +178,16 @@ class AsyncCallsQueue:
         :class:`CheckpointError` once settled, its finalize steps skipped;
         ``error.finalized_call_idxs`` lists the requests finalized before it in this call.
         Requests after it stay queued for the next call. A request whose scheduling already
-        raised is settled silently.
+        raised is settled silently. ``finalize_timeout`` bounds how long ``blocking=True``
+        waits for this rank's workers: what is not done by then stays queued.
         """
         engine = self._engine
+        if blocking and finalize_timeout is not None:
+            deadline = time.monotonic() + finalize_timeout
+            blocking = engine.wait_until(
+                lambda: all(c.local_outcome() is not None for c in engine.active),
+                max(0.0, deadline - time.monotonic()),
+            )
         finalized: list[int] = []
         while engine.active:
             settled = engine.settle_front(blocking, no_dist)
@@ -125,13 +210,26 @@ class AsyncCallsQueue:
         do not count)."""
         return sum(not call.error_raised for call in self._engine.active)
 
-    def close(self, no_dist: bool = False) -> None:
-        """Finalize every pending request, then stop the worker. Idempotent.
+    def close(self, abort: bool = False, *, no_dist: bool = False) -> None:
+        """Finalize every pending request, then stop the worker. Idempotent; the next
+        request starts a fresh worker.
 
         Raises the first :class:`CheckpointError` met while finalizing, after the worker
         has been stopped either way. With a ``save_timeout``, a worker that does not answer
         is killed after it and its request fails.
+
+        ``abort=True`` (for in-process restarts) waits for nothing: the workers get SIGTERM
+        (SIGKILL after ``sigterm_timeout``) and every pending request is dropped, its
+        finalize steps never run and its failure never raised. A worker warmed up by
+        :meth:`warmup_persistent_caller` and not taken over yet is stopped too.
         """
+        warm, AsyncCallsQueue._warm_caller = AsyncCallsQueue._warm_caller, None
+        if warm is not None:
+            warm.close(abort=abort)
+        if abort:
+            if not self._engine.closed:
+                self._engine.abort()
+            return
         if self._engine.closed:
             return
         first: CheckpointError | None = None
@@ -156,3 +254,16 @@ class AsyncCallsQueue:
         engine = getattr(self, "_engine", None)
         if engine is not None and not engine.closed and not engine.active:
             engine.stop_workers()
+
+
+def abort_nvrx_checkpoint() -> None:
+    """Abort every :class:`AsyncCallsQueue` of this process (``close(abort=True)``): their
+    workers are stopped at once and pending saves dropped. For in-process restarts: the
+    queues stay usable, and their next request starts a fresh worker. A worker started by
+    :meth:`AsyncCallsQueue.warmup_persistent_caller` and not taken over is stopped too."""
+    for queue in AsyncCallsQueue.get_instances():
+        queue.close(abort=True)
+    # A worker warmed up for a queue that was never created (or already dropped).
+    warm, AsyncCallsQueue._warm_caller = AsyncCallsQueue._warm_caller, None
+    if warm is not None:
+        warm.close(abort=True)

@@ -6,7 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._exceptions import CheckpointError, InvalidRequestError
+import torch
+import torch.distributed as dist
+
+from ._exceptions import (
+    CheckpointError,
+    DistributedCheckpointError,
+    FrozenRequestError,
+    InvalidRequestError,
+)
 
 
 class AsyncRequest(NamedTuple):
@@ -29,7 +37,7 @@ class AsyncRequest(NamedTuple):
     async_fn: Callable[..., Any] | None
     async_fn_args: tuple[Any, ...]
     finalize_fns: list[Callable[..., Any]]
-    async_fn_kwargs: dict[str, Any] = {}  # noqa: RUF012 - NamedTuple default, never mutated
+    async_fn_kwargs: dict[str, Any] | None = None
     preload_fn: Callable[[], Any] | None = None
     is_frozen: bool = False
     call_idx: int = 0
@@ -38,10 +46,11 @@ class AsyncRequest(NamedTuple):
     def add_finalize_fn(self, fn: Callable[[], Any]) -> None:
         """Append ``fn`` to the finalize steps; it runs after the ones already there.
 
-        Raises :class:`InvalidRequestError` on a frozen (already scheduled) request.
+        Raises :class:`FrozenRequestError` (a ``RuntimeError``, as in the reference) on a
+        frozen (already scheduled) request.
         """
         if self.is_frozen:
-            raise InvalidRequestError(
+            raise FrozenRequestError(
                 "cannot add a finalize function to a frozen AsyncRequest; add it before "
                 "scheduling the request"
             )
@@ -54,16 +63,45 @@ class AsyncRequest(NamedTuple):
         return self._replace(is_frozen=True, finalize_fns=list(self.finalize_fns))
 
     def execute_sync(self) -> Any:
-        """Run the request in this process, synchronously: preload, ``async_fn``, finalize.
+        """Run the request in this process, synchronously: preload, ``async_fn``, then (in
+        a torch.distributed job, after a barrier, so every rank has written) finalize.
 
         Useful for debugging and for a final save at exit. Returns ``async_fn``'s result.
+        In a distributed job every rank must call it.
         """
+        from ._dist import is_distributed  # _dist imports this module
+
         self.validate()
         args = self.prepared_args()
-        result = self.async_fn(*args, **self.async_fn_kwargs) if self.async_fn else None
+        result = self.async_fn(*args, **(self.async_fn_kwargs or {})) if self.async_fn else None
+        if is_distributed():
+            dist.barrier()
+        self.execute_finalize_fns(validate_matching_call_idx=False)
+        return result
+
+    def execute_finalize_fns(self, validate_matching_call_idx: bool = True) -> int:
+        """Run the finalize steps in order; return ``call_idx``.
+
+        With ``validate_matching_call_idx`` in a torch.distributed job, the ranks then
+        check that they all finalized the same call (every rank must call it) and raise
+        :class:`DistributedCheckpointError` if not.
+        """
+        from ._dist import get_rank, is_distributed  # _dist imports this module
+
         for fn in self.finalize_fns:
             fn()
-        return result
+        if validate_matching_call_idx and is_distributed():
+            highest = torch.tensor([self.call_idx], dtype=torch.int64)
+            dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+            if int(highest.item()) != self.call_idx:
+                raise DistributedCheckpointError(
+                    f"rank {get_rank()} finalized call {self.call_idx} while another rank "
+                    f"finalized call {int(highest.item())}: every rank must schedule and "
+                    "finalize the same requests in the same order",
+                    call_idx=self.call_idx,
+                    rank=get_rank(),
+                )
+        return self.call_idx
 
     def validate(self) -> None:
         """Raise :class:`InvalidRequestError` if the request cannot run as given."""
@@ -73,7 +111,7 @@ class AsyncRequest(NamedTuple):
             raise InvalidRequestError(
                 f"async_fn_args must be a tuple, got {type(self.async_fn_args).__name__}"
             )
-        if not isinstance(self.async_fn_kwargs, dict):
+        if self.async_fn_kwargs is not None and not isinstance(self.async_fn_kwargs, dict):
             raise InvalidRequestError(
                 f"async_fn_kwargs must be a dict, got {type(self.async_fn_kwargs).__name__}"
             )
@@ -96,6 +134,34 @@ class AsyncRequest(NamedTuple):
         if self.preload_fn is not None:
             args[self.preload_arg_index] = self.preload_fn()
         return tuple(args)
+
+
+_REQUEST_FIELDS = ("async_fn", "async_fn_args", "finalize_fns")
+
+
+def as_request(request: Any) -> AsyncRequest:
+    """``request`` as an :class:`AsyncRequest`: an instance is returned as is; another
+    object with the reference's fields (``async_fn``, ``async_fn_args``, ``finalize_fns``,
+    optionally ``async_fn_kwargs``, ``preload_fn``) is converted by its fields."""
+    if isinstance(request, AsyncRequest):
+        return request
+    if not all(hasattr(request, name) for name in _REQUEST_FIELDS):
+        raise InvalidRequestError(
+            f"expected an AsyncRequest (or an object with the fields async_fn, "
+            f"async_fn_args and finalize_fns), got {type(request).__name__}"
+        )
+    if getattr(request, "flush_dst", None) is not None:
+        raise InvalidRequestError(
+            "AsyncRequest.flush_dst (node-local staging then a copy to durable storage) is "
+            "not supported; write to the durable directory directly"
+        )
+    return AsyncRequest(
+        request.async_fn,
+        tuple(request.async_fn_args),
+        list(request.finalize_fns or []),
+        getattr(request, "async_fn_kwargs", None),
+        getattr(request, "preload_fn", None),
+    )
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from ._exceptions import InvalidRequestError
 from ._queue import AsyncCallsQueue
 from ._request import AsyncRequest
@@ -14,6 +16,15 @@ from .utils import wrap_for_async
 
 # The worker's function for single-file saves: atomic, fsync'd, checksummed torch.save.
 save_file_async = wrap_for_async(save_file)
+
+
+# torch.save's parameters after (obj, f), for arguments passed by position.
+_TORCH_SAVE_ARGS = (
+    "pickle_module",
+    "pickle_protocol",
+    "_use_new_zipfile_serialization",
+    "_disable_byteorder_record",
+)
 
 
 def checked_path(f: Any) -> str:
@@ -42,10 +53,14 @@ class TorchAsyncCheckpoint:
     fsync'd and renamed, so ``path`` holds either the previous file or the new one.
     Call ``finalize_async_save`` regularly (``blocking=False`` each step) and
     ``finalize_async_save(blocking=True)`` at the end.
-    ``persistent_queue=True`` keeps one worker process instead of forking per save.
+    One persistent worker process serves every save (it starts at the first save, or at
+    :meth:`reserve`); ``persistent_queue=False`` forks a process per save instead.
+    ``queue_options`` are :class:`AsyncCallsQueue`'s keywords. After
+    ``finalize_async_save(terminate=True)`` or :meth:`close` the next save starts a
+    fresh worker.
     """
 
-    def __init__(self, persistent_queue: bool = False, **queue_options: Any) -> None:
+    def __init__(self, persistent_queue: bool = True, **queue_options: Any) -> None:
         self._queue = AsyncCallsQueue(persistent=persistent_queue, **queue_options)
 
     @property
@@ -57,6 +72,16 @@ class TorchAsyncCheckpoint:
         memory and wait for the persistent worker to start, so the first ``async_save``
         is as fast as later ones. Optional; call it before the training loop."""
         self._queue.reserve(state_dict)
+
+    def save(self, obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        """``torch.save(obj, f, ...)`` now, in this process. A path is written atomically
+        (temporary name, fsync, rename, with a checksum trailer, like ``async_save``); a
+        file object is handed to ``torch.save`` as is."""
+        if isinstance(f, str | os.PathLike):
+            kwargs.update(zip(_TORCH_SAVE_ARGS, args, strict=False))
+            save_file(obj, checked_path(f), **kwargs)
+        else:
+            torch.save(obj, f, *args, **kwargs)
 
     def async_save(self, state_dict: Any, *args: Any, **kwargs: Any) -> int:
         """Schedule ``torch.save(state_dict, *args, **kwargs)``; return its call index."""
@@ -88,6 +113,7 @@ class TorchAsyncCheckpoint:
             if terminate:
                 self._queue.close(no_dist=no_dist)
 
-    def close(self) -> None:
-        """Finalize pending saves and stop the worker. Idempotent."""
-        self._queue.close(no_dist=True)
+    def close(self, abort: bool = False) -> None:
+        """Finalize pending saves and stop the worker. Idempotent. ``abort=True`` stops
+        the worker at once and drops pending saves (see :meth:`AsyncCallsQueue.close`)."""
+        self._queue.close(abort, no_dist=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 from . import _transport
 from ._messages import Done, DropArena, Failed, MapArena, Ready, Reply, Run, Stop
+from ._priority import apply_priorities
 
 
 def _failure(call_idx: int, seconds: float, exc: BaseException, prefix: str = "") -> Failed:
@@ -47,11 +48,14 @@ def fork_child_main(
     fn: Callable[..., Any] | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    cpu_priority: int | None = None,
+    io_priority: int | None = None,
 ) -> None:
     """Entry point of a forked per-request child."""
     # The parent's heap may hold CUDA tensors: the child's GC must never free them.
     gc.disable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    apply_priorities(cpu_priority, io_priority)
     reply = run_request(call_idx, fn, args, kwargs)
     with contextlib.suppress(OSError):  # the parent is gone; nobody is left to tell
         conn.send(reply)
@@ -61,11 +65,14 @@ def fork_child_main(
 _EOF = object()  # the caller's end closed, or reading from it failed
 
 
-def persistent_main(conn: Connection) -> None:
+def persistent_main(
+    conn: Connection, cpu_priority: int | None = None, io_priority: int | None = None
+) -> None:
     """Entry point of the persistent worker: serve requests in order until told to stop or
     until the caller's end of the connection closes (the caller exited or died)."""
     # Ctrl-C reaches the whole process group; the caller decides what happens to a save.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    apply_priorities(cpu_priority, io_priority)
     jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def read() -> None:

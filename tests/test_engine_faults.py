@@ -445,13 +445,14 @@ def test_failing_ranks_messages_are_all_in_the_distributed_error() -> None:
 
 def test_misuse_and_closed_are_different_errors() -> None:
     from aiockpt import QueueClosedError, QueueMisuseError
+    from aiockpt._engine import CallsEngine
 
     assert not issubclass(QueueMisuseError, QueueClosedError)
     assert issubclass(QueueMisuseError, RuntimeError)
-    queue = AsyncCallsQueue(persistent=False)
-    queue.close()
+    engine = CallsEngine(persistent=False)
+    engine.stop_workers()
     with pytest.raises(QueueClosedError):
-        queue.schedule_async_request(AsyncRequest(None, (), []))
+        engine.schedule(AsyncRequest(None, (), []))
     with pytest.raises(InvalidRequestError, match="save_timeout"):
         AsyncCallsQueue(persistent=False, save_timeout=0)
 
