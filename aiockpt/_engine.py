@@ -8,8 +8,11 @@ another schedules the next.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
@@ -301,3 +304,98 @@ class CallsEngine:
         with self._lock:
             if self._persistent_caller is not None:
                 self._persistent_caller.kill()
+
+    # -- readiness interface for an event-loop poller (begin) ----------------------------
+    # A minimal stand-in for the engine's non-blocking interface (wait_handles, collect,
+    # next_deadline, front_ready, cancel), built on the methods above. A caller is polled
+    # only when that cannot block: a forked child once its sentinel says it has exited
+    # (its reply comes first, so reading it then never waits in ``join``).
+
+    def wait_handles(self) -> list[int]:
+        """File descriptors that become readable when a call in flight may have news: the
+        worker connections and process sentinels, and a wake-up pipe written whenever
+        another thread collected news or a call was scheduled. Never blocks."""
+        fds = {self._wakeup_fds()[0]}
+        with self._lock:
+            for call in self.active:
+                if call.outcome is None:
+                    fds.update(self._caller_fds(call.caller))
+        return sorted(fds)
+
+    def collect(self) -> None:
+        """Read every worker reply available now, without blocking."""
+        read_fd = self._wakeup_fds()[0]
+        with contextlib.suppress(OSError):
+            while os.read(read_fd, 4096):
+                pass
+        with self._lock:
+            if self._reading:  # another thread reads the replies; it writes the pipe after
+                return
+            for call in list(self.active):
+                if call.outcome is None and self._may_poll(call.caller):
+                    self._poll_locked(call)
+
+    def next_deadline(self) -> float | None:
+        """Seconds until a per-save deadline needs ``collect()``; this engine has none."""
+        return None
+
+    def front_ready(self) -> bool:
+        """The oldest unsettled call has its local outcome (settling it will not wait for
+        this rank's worker)."""
+        with self._lock:
+            return bool(self.active) and self.active[0].outcome is not None
+
+    def cancel(self, call_idx: int) -> bool:
+        """Withdraw a call that has not started writing. A request this engine has sent to
+        a worker always runs, so this returns False."""
+        return False
+
+    class _WakingCondition(threading.Condition):
+        """The engine's condition, also writing the wake-up pipe on every notification."""
+
+        _wakeup_fd: int
+
+        def notify_all(self) -> None:
+            super().notify_all()
+            with contextlib.suppress(OSError):
+                os.write(self._wakeup_fd, b"\0")
+
+    def _wakeup_fds(self) -> tuple[int, int]:
+        with self._lock:
+            fds: tuple[int, int] | None = getattr(self, "_wakeup_pipe", None)
+            if fds is None:
+                read_fd, write_fd = os.pipe()
+                os.set_blocking(read_fd, False)
+                os.set_blocking(write_fd, False)
+                fds = self._wakeup_pipe = (read_fd, write_fd)
+                weakref.finalize(self, self._close_fds, fds)
+                # Same object, same waiters: only notify_all changes.
+                self._changed.__class__ = CallsEngine._WakingCondition
+                self._changed._wakeup_fd = write_fd  # type: ignore[attr-defined]
+            return fds
+
+    @staticmethod
+    def _close_fds(fds: tuple[int, ...]) -> None:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    @staticmethod
+    def _caller_fds(caller: AsyncCaller) -> list[int]:
+        process = getattr(caller, "process", None)
+        try:
+            sentinel = [process.sentinel] if process is not None else []
+        except ValueError:  # a closed process has no sentinel
+            sentinel = []
+        if isinstance(caller, TemporalAsyncCaller):
+            return sentinel  # the child exits right after replying
+        return [o if isinstance(o, int) else o.fileno() for o in caller.wait_objects()] + sentinel
+
+    @staticmethod
+    def _may_poll(caller: AsyncCaller) -> bool:
+        process = getattr(caller, "process", None)
+        if isinstance(caller, TemporalAsyncCaller) and process is not None:
+            return bool(wait([process.sentinel], 0))
+        return True
+
+    # -- readiness interface for an event-loop poller (end) ------------------------------
