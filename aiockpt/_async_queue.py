@@ -169,7 +169,17 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             raise
         if body_exc is not None:
             raise body_exc
+        await self._deliver_cancellation()
         self._raise_unreported()
+
+    async def _deliver_cancellation(self) -> None:
+        """Closing is shielded: a cancellation that came meanwhile is delivered now, with
+        the failures nobody observed attached to it."""
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException as exc:
+            self._report_beside(exc)
+            raise
 
     async def _open(self) -> None:
         self._thread = threading.get_ident()
@@ -210,6 +220,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             return
         self._check_thread()
         await self._shutdown()
+        await self._deliver_cancellation()
         self._raise_unreported()
 
     async def _shutdown(self) -> None:
