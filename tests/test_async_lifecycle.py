@@ -30,9 +30,11 @@ from aiockpt import (
     CheckpointErrorGroup,
     CheckpointFuture,
     CloseTimeoutError,
+    FinalizeError,
     QueueBrokenError,
     QueueClosedError,
     StagingError,
+    WorkerCrashedError,
     WorkerError,
 )
 from aiockpt._futures import CheckpointFuture as _Future
@@ -529,3 +531,58 @@ async def test_cancel_withdraws_a_request_that_has_not_started(tmp_path: Path, g
             after = await queue.schedule(AsyncRequest(write_value, (4, str(tmp_path / "d")), []))
             assert (await after).call_idx == 3
     assert not (tmp_path / "c").exists() and (tmp_path / "b").exists()
+
+
+# -- attacks: entering cancelled, a killed worker, a raising finalize step ----------------
+
+
+async def test_entering_under_a_cancelled_scope_leaves_no_worker() -> None:
+    with anyio.fail_after(60):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            async with AsyncCheckpointQueue():
+                pytest.fail("the body must not run under a cancelled scope")
+    assert scope.cancelled_caught
+    # The autouse fixture fails the test if the worker started for it is still running.
+
+
+async def test_a_worker_killed_mid_save_fails_that_save_and_the_next_one_works(
+    tmp_path: Path, gate: str
+) -> None:
+    import signal
+
+    with anyio.fail_after(60):
+        async with AsyncCheckpointQueue() as queue:
+            fut = await queue.schedule(gated({"x": torch.ones(2)}, gate, tmp_path / "k.pt"))
+            caller = queue.engine._persistent_caller
+            assert caller is not None and caller.process is not None
+            assert caller.process.pid is not None
+            os.kill(caller.process.pid, signal.SIGKILL)
+            with pytest.raises(WorkerCrashedError, match=r"call 0 .*SIGKILL"):
+                await fut
+            nxt = await queue.schedule(AsyncRequest(write_value, (1, str(tmp_path / "n")), []))
+            assert (await nxt).call_idx == 1
+
+
+async def test_a_raising_finalize_step_fails_only_its_request(tmp_path: Path) -> None:
+    ran: list[int] = []
+
+    def broken_step() -> None:
+        raise OSError("metadata disk gone")
+
+    with anyio.fail_after(60):
+        with pytest.raises(CheckpointErrorGroup) as info:
+            async with AsyncCheckpointQueue() as queue:
+                await queue.schedule(
+                    AsyncRequest(
+                        write_value, (0, str(tmp_path / "a")), [broken_step, partial(ran.append, 0)]
+                    )
+                )
+                ok = await queue.schedule(
+                    AsyncRequest(write_value, (1, str(tmp_path / "b")), [partial(ran.append, 1)])
+                )
+                assert (await ok).call_idx == 1
+    [error] = info.value.exceptions
+    assert isinstance(error, FinalizeError) and error.call_idx == 0
+    assert "metadata disk gone" in str(error) and "the steps after it did not run" in str(error)
+    assert ran == [1]
