@@ -10,14 +10,18 @@ from ._async_torch import AsyncTorchCheckpoint as AsyncTorchCheckpoint
 from ._callers import AsyncCaller as AsyncCaller
 from ._callers import PersistentAsyncCaller as PersistentAsyncCaller
 from ._callers import TemporalAsyncCaller as TemporalAsyncCaller
+from ._exceptions import CheckpointCancelledError as CheckpointCancelledError
 from ._exceptions import CheckpointError as CheckpointError
+from ._exceptions import CheckpointErrorGroup as CheckpointErrorGroup
 from ._exceptions import CheckpointNotFoundError as CheckpointNotFoundError
+from ._exceptions import CloseTimeoutError as CloseTimeoutError
 from ._exceptions import CorruptCheckpointError as CorruptCheckpointError
 from ._exceptions import DirectoryLockedError as DirectoryLockedError
 from ._exceptions import DistributedCheckpointError as DistributedCheckpointError
 from ._exceptions import FinalizeError as FinalizeError
 from ._exceptions import FrozenRequestError as FrozenRequestError
 from ._exceptions import InvalidRequestError as InvalidRequestError
+from ._exceptions import QueueBrokenError as QueueBrokenError
 from ._exceptions import QueueClosedError as QueueClosedError
 from ._exceptions import QueueMisuseError as QueueMisuseError
 from ._exceptions import SaveTimeoutError as SaveTimeoutError
@@ -53,11 +57,14 @@ __all__ = [
     "AsyncCheckpointQueue",
     "AsyncRequest",
     "AsyncTorchCheckpoint",
+    "CheckpointCancelledError",
     "CheckpointError",
+    "CheckpointErrorGroup",
     "CheckpointFuture",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointResult",
+    "CloseTimeoutError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
     "DistributedCheckpointError",
@@ -66,6 +73,7 @@ __all__ = [
     "InvalidRequestError",
     "LocalStorage",
     "PersistentAsyncCaller",
+    "QueueBrokenError",
     "QueueClosedError",
     "QueueMisuseError",
     "QueueOptions",

@@ -1,37 +1,71 @@
 """The asyncio-native facade: awaitable per-request futures and an event-loop poller.
 
-Runs on any anyio backend (asyncio, uvloop, trio). Two tasks per queue drive the same
-engine as the blocking queue: the *stager* copies each request's tensors in a worker
-thread, in scheduling order, and the *poller* settles requests oldest first in a worker
-thread (waiting on the worker's pipe, plus the distributed reduction), then resolves their
-futures on the loop. Nothing blocking ever runs on the event loop; idle, both tasks sleep
-on an event.
+Runs on any anyio backend (asyncio, uvloop, trio). The queue's life is one async context
+manager whose two tasks run in a task group of their own, each in a shielded scope that
+only the queue cancels, so a cancel scope of the caller never stops them:
+
+- the *stager* hands each request, in scheduling order, to a thread of the queue's private
+  limiter, which copies its tensors and starts it in the worker (``engine.schedule``);
+- the *poller* sleeps on the readiness of the engine's file descriptors (worker
+  connections, process sentinels, a wake-up pipe), collects replies without blocking and
+  settles requests oldest first, resolving their futures on the loop. Only the distributed
+  reduction and the finalize steps run in a thread, shielded once started.
+
+Idle, no thread works for the queue and nothing ticks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import logging
 import math
 import threading
 import time
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio import AsyncContextManagerMixin
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from typing_extensions import Self
 
+from ._calls import Call
 from ._dist import DEFAULT_TIMEOUT, is_distributed
 from ._engine import CallsEngine
-from ._exceptions import CheckpointError, InvalidRequestError, QueueClosedError, StagingError
+from ._exceptions import (
+    CheckpointCancelledError,
+    CheckpointError,
+    CheckpointErrorGroup,
+    CloseTimeoutError,
+    InvalidRequestError,
+    QueueBrokenError,
+    QueueClosedError,
+    QueueMisuseError,
+    StagingError,
+)
 from ._futures import CheckpointFuture, CheckpointResult
 from ._request import AsyncRequest
+from ._staging import ready_event
 
-_Staging = tuple[AsyncRequest, CheckpointFuture, bool]
+logger = logging.getLogger("aiockpt")
+
+# request, its future, needs_global, the CUDA event its copy waits for (None without CUDA)
+_Staging = tuple[AsyncRequest, CheckpointFuture, bool, Any]
+_NOT_OPEN = "the queue is not open: use `async with AsyncCheckpointQueue() as queue:`"
 
 
-class AsyncCheckpointQueue:
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSING = "closing"  # refuses new work; draining, then stopping the worker
+    CLOSED = "closed"
+
+
+class AsyncCheckpointQueue(AsyncContextManagerMixin):
     """Schedules :class:`AsyncRequest` objects and resolves a future for each.
 
     Use it as an async context manager::
@@ -42,12 +76,19 @@ class AsyncCheckpointQueue:
             result = await fut                     # finalized (on every rank)
 
     Takes the options of :class:`AsyncCallsQueue`, plus ``no_dist``: settle each request
-    locally even inside a torch.distributed job, and ``single_threaded_staging`` (default
+    locally even inside a torch.distributed job; ``single_threaded_staging`` (default
     True): copy host tensors on one core, leaving the others to the event loop and the
-    training step; ``False`` uses torch's intra-op threads, a faster copy that can starve
-    the loop on a machine with few cores. Leaving the ``async with`` (or
-    ``aclose()``) waits for every request, runs their finalize steps, stops the worker,
-    and raises the first failure that no one observed through its future or ``finalize()``.
+    training step (``False`` uses torch's intra-op threads: faster, but it can starve the
+    loop on a machine with few cores); ``max_pending``: how many requests may be in flight
+    (scheduled, not resolved) before ``schedule`` waits for one to finish (None: bounded
+    only by the staging buffers).
+
+    Leaving the ``async with`` (or ``aclose()``) waits for every request, up to
+    ``timeout`` (then gives up on the rest with :class:`CloseTimeoutError` and stops the
+    worker), runs their finalize steps, stops the worker, and raises every failure that
+    nobody observed, as a :class:`CheckpointErrorGroup`. If the block itself raised (or
+    was cancelled), that exception propagates, with the failures attached as notes and
+    logged at ERROR. See ``docs/async.md``.
     """
 
     def __init__(
@@ -61,7 +102,10 @@ class AsyncCheckpointQueue:
         timeout: timedelta = DEFAULT_TIMEOUT,
         no_dist: bool = False,
         single_threaded_staging: bool = True,
+        max_pending: int | None = None,
     ) -> None:
+        if max_pending is not None and max_pending < 1:
+            raise InvalidRequestError(f"max_pending must be at least 1 or None, not {max_pending}")
         self._options: dict[str, Any] = dict(
             start_method=start_method,
             max_staging_copies=max_staging_copies,
@@ -72,107 +116,231 @@ class AsyncCheckpointQueue:
         )
         self.persistent = persistent
         self.no_dist = no_dist
+        self.max_pending = max_pending
+        self._room = anyio.Semaphore(max_pending) if max_pending else None
+        self._timeout = timeout.total_seconds()
         self._engine: CallsEngine | None = None
-        self._state = "new"
+        self._state = _State.NEW
         self._thread: int | None = None
         self._next_idx = 0
         self._futures: dict[int, CheckpointFuture] = {}  # scheduled, not resolved
-        self._unreported: list[CheckpointFuture] = []  # not yet covered by finalize()
-        self._task_group: TaskGroup | None = None
+        self._unreported: list[CheckpointFuture] = []  # not yet covered by finalize()/exit
+        self._broken: QueueBrokenError | None = None
         self._stage_send: MemoryObjectSendStream[_Staging] | None = None
-        self._wakeup: anyio.Event | None = None  # created by the poller, on the loop
+        self._task_scopes: list[anyio.CancelScope] = []
+        self._tasks_left = 0
+        self._queued_for_staging = 0  # sent to the stager, not yet staged (or skipped)
+        self._drained = False
+        self._must_kill = False  # a worker did not answer in time, or a task died
+        self._stopped = False  # the workers are stopped
+        self._reported_never_closed = False
         self.polls = 0  # settle attempts made by the poller (one per request when healthy)
 
     @property
     def engine(self) -> CallsEngine:
         if self._engine is None:
-            raise QueueClosedError(
-                "the queue is not open: use `async with AsyncCheckpointQueue() as queue:`"
-            )
+            raise QueueMisuseError(_NOT_OPEN)
         return self._engine
 
     # -- life cycle ---------------------------------------------------------------------
 
-    async def __aenter__(self) -> AsyncCheckpointQueue:
-        if self._state != "new":
-            raise QueueClosedError("an AsyncCheckpointQueue can be entered only once")
-        self._thread = threading.get_ident()
-        # Starting the worker process takes a moment: not on the event loop.
-        engine = await anyio.to_thread.run_sync(
-            lambda: CallsEngine(self.persistent, **self._options)
-        )
-        self._engine = engine
-        if is_distributed():
-            # Creating the completion group is collective: do it here, where every rank
-            # enters the queue in program order, not later in the poller's thread.
-            try:
-                await anyio.to_thread.run_sync(engine.completion.group)
-            except BaseException:
-                await anyio.to_thread.run_sync(engine.stop_workers)
-                self._state = "closed"
-                raise
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        if self._state is not _State.NEW:
+            raise QueueMisuseError("an AsyncCheckpointQueue can be entered only once")
+        await self._open()
         send, receive = anyio.create_memory_object_stream[_Staging](math.inf)
         self._stage_send = send
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._stager, receive, name="aiockpt-stager")
-        self._task_group.start_soon(self._poller, name="aiockpt-poller")
-        self._state = "open"
-        return self
+        body_exc: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._run_task, "stager", self._task_scopes[0], self._stager, receive)
+                tg.start_soon(self._run_task, "poller", self._task_scopes[1], self._poller)
+                self._state = _State.OPEN
+                try:
+                    yield self
+                except GeneratorExit:  # never left: the event loop is closing the block
+                    self._abandon()
+                    raise
+                except BaseException as exc:  # cancellation included: re-raised below
+                    body_exc = exc
+                await self._shutdown()
+                if body_exc is not None:
+                    self._report_beside(body_exc)
+        except BaseException as exc:
+            if exc is not body_exc:
+                self._report_beside(exc)
+            raise
+        if body_exc is not None:
+            raise body_exc
+        await self._deliver_cancellation()
+        self._raise_unreported()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._close(raise_unobserved=exc is None)
+    async def _deliver_cancellation(self) -> None:
+        """Closing is shielded: a cancellation that came meanwhile is delivered now, with
+        the failures nobody observed attached to it."""
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException as exc:
+            self._report_beside(exc)
+            raise
+
+    async def _open(self) -> None:
+        self._thread = threading.get_ident()
+        # Three tokens: the stager, the poller and closing each use at most one thread.
+        self._limiter = anyio.CapacityLimiter(3)
+        self._close_lock = anyio.Lock()
+        self._tasks_done = anyio.Event()
+        self._wakeup = anyio.Event()
+        self._task_scopes = [anyio.CancelScope(shield=True), anyio.CancelScope(shield=True)]
+        self._tasks_left = 2
+        # Shielded: a caller cancelled half-way must not leave a worker process behind, and
+        # creating the completion group is collective (every rank enters in program order).
+        with anyio.CancelScope(shield=True):
+            self._engine = engine = await self._in_thread(self._make_engine)
+            try:
+                if is_distributed():
+                    await self._in_thread(engine.completion.group)
+            except BaseException:
+                await self._in_thread(engine.stop_workers)
+                self._state = _State.CLOSED
+                raise
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._in_thread(engine.stop_workers)
+            self._state = _State.CLOSED
+            raise
+
+    def _make_engine(self) -> CallsEngine:
+        engine = CallsEngine(self.persistent, **self._options)
+        engine.warm_up()  # the worker imports torch now, not at the first save
+        return engine
 
     async def aclose(self) -> None:
-        """Wait for every request, finalize it, stop the worker. Idempotent."""
-        await self._close(raise_unobserved=True)
-
-    async def _close(self, raise_unobserved: bool) -> None:
-        if self._state in ("closing", "closed"):
-            return
-        if self._state == "new":
-            self._state = "closed"
+        """Wait for every request (up to the queue's timeout), finalize it, stop the worker,
+        and raise the failures nobody observed (a :class:`CheckpointErrorGroup`).
+        Idempotent; completes a close that was interrupted."""
+        if self._state is _State.NEW:
+            self._state = _State.CLOSED
             return
         self._check_thread()
-        self._state = "closing"
-        try:
-            # Shielded: a cancelled caller must not lose checkpoints that are in flight.
-            with anyio.CancelScope(shield=True):
-                for fut in list(self._futures.values()):
-                    await fut._done.wait()
-        finally:
-            assert self._task_group is not None and self._stage_send is not None
-            self._stage_send.close()
-            self._task_group.cancel_scope.cancel()
-            await self._task_group.__aexit__(None, None, None)
-            await anyio.to_thread.run_sync(self.engine.stop_workers)
-            self._state = "closed"
-        if raise_unobserved:
-            for fut in self._unreported:
-                if fut._error is not None and not fut._observed:
-                    fut._observed = True
-                    raise fut._error
+        await self._shutdown()
+        await self._deliver_cancellation()
+        self._raise_unreported()
+
+    async def _shutdown(self) -> None:
+        # Shielded throughout: closing is what a cancelled caller needs most.
+        with anyio.CancelScope(shield=True):
+            async with self._close_lock:
+                if self._state is _State.CLOSED:
+                    return
+                self._state = _State.CLOSING
+                if self._stage_send is not None:
+                    self._stage_send.close()
+                if not self._drained:
+                    with anyio.move_on_after(self._timeout):
+                        while self._futures:
+                            await next(iter(self._futures.values()))._done.wait()
+                    self._give_up()
+                    self._drained = True
+                for scope in self._task_scopes:
+                    scope.cancel()
+                if self._must_kill:  # the stager may wait for a buffer the worker holds
+                    await self._in_thread(self.engine.kill_worker)
+                await self._tasks_done.wait()
+                if not self._stopped:
+                    if self._must_kill:  # a late schedule may have started a new worker
+                        await self._in_thread(self.engine.kill_worker)
+                    await self._in_thread(self.engine.stop_workers)
+                    self._stopped = True
+                self._state = _State.CLOSED
+
+    def _abandon(self) -> None:
+        """The event loop is ending with the queue open: say so, report what failed, and
+        stop the worker at once (nothing can be awaited any more)."""
+        self._report_never_closed()
+        self._break("closing", RuntimeError("the event loop ended with the queue open"))
+        self._report_beside(GeneratorExit())
+        self._state = _State.CLOSED
+        if self._engine is not None and not self._stopped:
+            self._stopped = True
+            self._engine.kill_worker()
+            self._engine.stop_workers()
+
+    def _report_never_closed(self) -> None:
+        if not self._reported_never_closed:
+            self._reported_never_closed = True
+            logger.error(
+                "an AsyncCheckpointQueue was still open when its event loop ended: %d "
+                "checkpoint(s) in flight were not finalized and its worker was stopped. Use "
+                "`async with AsyncCheckpointQueue() as queue:` or `await queue.aclose()`",
+                len(self._futures),
+            )
+
+    def _give_up(self) -> None:
+        for fut in list(self._futures.values()):
+            self._must_kill = True
+            self._resolve(
+                fut,
+                None,
+                CloseTimeoutError(
+                    f"closing the queue gave up on checkpoint call {fut.call_idx} after "
+                    f"{self._timeout:g}s: its worker did not answer. The worker was stopped "
+                    "and the checkpoint was not finalized (its files may be incomplete); "
+                    "raise the queue's timeout if saves legitimately take longer",
+                    call_idx=fut.call_idx,
+                ),
+            )
+
+    def _take_unreported(self) -> list[CheckpointError]:
+        errors = [f._error for f in self._unreported if f._error is not None and not f._observed]
+        for fut in self._unreported:
+            fut._observed = True
+        self._unreported = []
+        return errors
+
+    def _raise_unreported(self) -> None:
+        errors = self._take_unreported()
+        if errors:
+            raise _group(errors)
+
+    def _report_beside(self, exc: BaseException) -> None:
+        """The block raised ``exc`` (or was cancelled): it propagates unchanged; the
+        failures nobody observed are attached to it as notes and logged with tracebacks."""
+        for error in self._take_unreported():
+            note = f"checkpoint call {error.call_idx} also failed: {type(error).__name__}: "
+            note += str(error).splitlines()[0] if str(error) else ""
+            if hasattr(exc, "add_note"):
+                exc.add_note(note)
+            logger.error(
+                "checkpoint call %s failed while the queue's block exited with %s",
+                error.call_idx,
+                type(exc).__name__,
+                exc_info=error,
+            )
 
     def _check_thread(self) -> None:
         if self._thread is not None and threading.get_ident() != self._thread:
-            raise QueueClosedError(
+            raise QueueMisuseError(
                 "this AsyncCheckpointQueue belongs to the event loop of another thread; "
                 "schedule and await its checkpoints from that loop"
             )
 
     def _check_open(self) -> None:
         self._check_thread()
-        if self._state != "open":
-            raise QueueClosedError(
-                "the queue is closed"
-                if self._state != "new"
-                else "the queue is not open: use `async with AsyncCheckpointQueue() as queue:`"
-            )
+        if self._broken is not None:
+            raise QueueBrokenError(self._broken.message) from self._broken.__cause__
+        if self._state is _State.NEW:
+            raise QueueMisuseError(_NOT_OPEN)
+        if self._state is not _State.OPEN:
+            raise QueueClosedError("the queue is closed")
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) in (_State.OPEN, _State.CLOSING):
+            with contextlib.suppress(Exception):  # at interpreter exit logging may be gone
+                self._report_never_closed()
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -183,41 +351,83 @@ class AsyncCheckpointQueue:
 
         With ``wait_for_staging=True`` (the default) this returns once every tensor of the
         request is copied to host buffers, and raises at once if staging failed. With
-        ``False`` it returns immediately and stages in the background, in scheduling order;
-        ``await fut.staged`` before modifying the tensors (e.g. before ``optimizer.step()``).
+        ``False`` it returns as soon as a stager thread has taken the request: the copy is
+        running (or waiting for a free staging buffer) while the caller computes; ``await
+        fut.staged`` before modifying the tensors (e.g. before ``optimizer.step()``).
+        With ``max_pending`` it first waits until fewer requests are in flight.
         ``needs_global=True`` settles it across all ranks even if the queue has ``no_dist``.
+
+        Cancelled while waiting for room, nothing is scheduled. Cancelled later, the
+        request still runs: its result or failure comes from ``finalize()`` or the exit.
         """
         self._check_open()
         if not isinstance(request, AsyncRequest):
             raise InvalidRequestError(f"expected an AsyncRequest, got {type(request).__name__}")
         request.validate()
-        fut = CheckpointFuture(self._next_idx)
+        if self._room is not None:
+            await self._room.acquire()
+            try:
+                self._check_open()
+            except BaseException:
+                self._room.release()
+                raise
+        fut = CheckpointFuture(self._next_idx, self._cancel)
         self._next_idx += 1
         self._futures[fut.call_idx] = fut
         self._unreported.append(fut)
         assert self._stage_send is not None
-        self._stage_send.send_nowait((request, fut, needs_global))
+        stager_idle = self._queued_for_staging == 0
+        self._queued_for_staging += 1
+        # The copy runs in the stager's thread, on another CUDA stream: order it after the
+        # kernels this thread has queued so far.
+        self._stage_send.send_nowait((request, fut, needs_global, ready_event()))
+        if stager_idle or wait_for_staging:
+            # The copy starts now, before the caller's next synchronous step. Behind
+            # another request's staging it could not start anyway: a lazy caller goes on.
+            await fut._handed_over.wait()
         if wait_for_staging:
-            try:
-                await fut.staged
-            except CheckpointError:
-                fut._observed = True
-                raise
+            await fut.staged  # a staging failure raised here counts as observed
         return fut
 
+    def _cancel(self, fut: CheckpointFuture) -> bool:
+        if fut._handed_over.is_set() and not (
+            fut.staged.done() and self.engine.cancel(fut.call_idx)
+        ):
+            return False  # being staged, or started in the worker
+        fut._cancelled = fut._observed = True
+        self._resolve(
+            fut,
+            None,
+            CheckpointCancelledError(
+                f"checkpoint call {fut.call_idx} was cancelled before it started writing; "
+                "nothing was written",
+                call_idx=fut.call_idx,
+            ),
+        )
+        return True
+
     async def finalize(self) -> list[CheckpointResult]:
-        """Wait until every request scheduled so far is finalized; return their results in
-        scheduling order. If any failed, raise the first failure once all have settled."""
-        self._check_open()
-        batch, self._unreported = self._unreported, []
+        """Wait until every request scheduled before this call is finalized; return the
+        results of those that succeeded, in scheduling order. If any failed and nobody
+        observed it yet, raise them all as a :class:`CheckpointErrorGroup` once every one
+        has settled. Cancelled, it loses nothing: a later ``finalize()`` or the exit
+        reports what it would have."""
+        self._check_thread()
+        if self._state is _State.NEW:
+            raise QueueMisuseError(_NOT_OPEN)
+        if self._state is not _State.OPEN:
+            raise QueueClosedError("the queue is closed")
+        batch = list(self._unreported)
         for fut in batch:
             await fut._done.wait()
-        failed = [fut for fut in batch if fut._error is not None]
-        for fut in failed:
+        done = {id(fut) for fut in batch}
+        self._unreported = [fut for fut in self._unreported if id(fut) not in done]
+        errors = [f._error for f in batch if f._error is not None and not f._observed]
+        for fut in batch:
             fut._observed = True
-        if failed:
-            raise failed[0]._error  # type: ignore[misc]
-        return [fut.result() for fut in batch]
+        if errors:
+            raise _group(errors)
+        return [fut._result for fut in batch if fut._result is not None]
 
     def pending(self) -> int:
         """How many scheduled requests are not resolved yet."""
@@ -225,15 +435,15 @@ class AsyncCheckpointQueue:
 
     # The blocking API belongs to AsyncCallsQueue; mixing the two would race the poller.
     def schedule_async_request(self, *args: object, **kwargs: object) -> int:
-        """Not available here: raises :class:`QueueClosedError` (use ``await schedule``)."""
-        raise QueueClosedError(
+        """Not available here: raises :class:`QueueMisuseError` (use ``await schedule``)."""
+        raise QueueMisuseError(
             "AsyncCheckpointQueue is driven by its event-loop poller: use `await "
             "queue.schedule(request)`, or use AsyncCallsQueue for a blocking loop"
         )
 
     def maybe_finalize_async_calls(self, *args: object, **kwargs: object) -> list[int]:
-        """Not available here: raises :class:`QueueClosedError` (use ``await finalize``)."""
-        raise QueueClosedError(
+        """Not available here: raises :class:`QueueMisuseError` (use ``await finalize``)."""
+        raise QueueMisuseError(
             "AsyncCheckpointQueue finalizes in its event-loop poller: `await "
             "queue.finalize()` or await the request's future; use AsyncCallsQueue for "
             "maybe_finalize_async_calls"
@@ -241,59 +451,137 @@ class AsyncCheckpointQueue:
 
     # -- the two tasks ------------------------------------------------------------------
 
-    async def _stager(self, receive: MemoryObjectReceiveStream[_Staging]) -> None:
-        engine = self.engine
-        async with receive:
-            async for request, fut, needs_global in receive:
-                try:
-                    await anyio.to_thread.run_sync(
-                        engine.schedule, request, fut.call_idx, needs_global
-                    )
-                except CheckpointError as err:
-                    self._resolve(fut, None, err)
-                    continue
-                except Exception as exc:  # defensive: never leave a future hanging
-                    wrapped = StagingError(
-                        f"staging call {fut.call_idx} failed: {type(exc).__name__}: {exc}",
-                        call_idx=fut.call_idx,
-                    )
-                    wrapped.__cause__ = exc
-                    self._resolve(fut, None, wrapped)
-                    continue
-                fut._set_staged()
-                self._wake()
+    async def _run_task(self, name: str, scope: anyio.CancelScope, fn: Any, *args: Any) -> None:
+        try:
+            with scope:  # shielded: only the queue's own close cancels it
+                await fn(*args)
+        except Exception as exc:
+            self._break(name, exc)
+        except BaseException as exc:  # cancelled from outside: the event loop is ending
+            if self._state is _State.OPEN:
+                self._report_never_closed()
+            self._break(name, exc)
+            raise
+        finally:
+            self._tasks_left -= 1
+            if not self._tasks_left:
+                self._tasks_done.set()
 
-    def _wake(self) -> None:
-        if self._wakeup is not None:
+    def _break(self, name: str, exc: BaseException) -> None:
+        """A task died: fail every pending future and refuse new work, saying why."""
+        what = f"the {name} task of the AsyncCheckpointQueue died ({type(exc).__name__}: {exc})"
+        if self._broken is None:
+            self._broken = QueueBrokenError(
+                f"{what}; the queue takes no new work: leave `async with` and open a new queue"
+            )
+            self._broken.__cause__ = exc
+        self._must_kill = True
+        for fut in list(self._futures.values()):
+            error = QueueBrokenError(
+                f"checkpoint call {fut.call_idx} failed because {what}; it was not finalized",
+                call_idx=fut.call_idx,
+            )
+            error.__cause__ = exc
+            self._resolve(fut, None, error)
+        self._wakeup.set()
+
+    async def _stager(self, receive: MemoryObjectReceiveStream[_Staging]) -> None:
+        async with receive:
+            async for request, fut, needs_global, event in receive:
+                try:
+                    await self._stage_one(request, fut, needs_global, event)
+                finally:
+                    self._queued_for_staging -= 1
+
+    async def _stage_one(
+        self, request: AsyncRequest, fut: CheckpointFuture, glob: bool, event: Any
+    ) -> None:
+        if fut.done():  # cancelled, or failed, before its turn came
+            return
+        try:
+            call = await self._in_thread(self._stage, request, fut, glob, event)
+        except CheckpointError as err:
+            self._resolve(fut, None, err)
+            return
+        except Exception as exc:  # never leave a future hanging
+            wrapped = StagingError(
+                f"staging call {fut.call_idx} failed: {type(exc).__name__}: {exc}",
+                call_idx=fut.call_idx,
+            )
+            wrapped.__cause__ = exc
+            self._resolve(fut, None, wrapped)
+            return
+        if call is not None:
+            fut._set_staged()
             self._wakeup.set()
+
+    def _stage(
+        self, request: AsyncRequest, fut: CheckpointFuture, glob: bool, event: Any
+    ) -> Call | None:
+        """In a stager thread: take the request (unless cancelled meanwhile), then copy it
+        and start it in the worker."""
+        if not anyio.from_thread.run_sync(self._take, fut):
+            return None
+        return self.engine.schedule(request, fut.call_idx, glob, event)
+
+    def _take(self, fut: CheckpointFuture) -> bool:
+        if fut.done():
+            return False
+        fut._set_handed_over()  # from here on, fut.cancel() is up to the engine
+        return True
 
     async def _poller(self) -> None:
         engine = self.engine
         while True:
-            if not engine.active:
-                self._wakeup = anyio.Event()
+            self._wakeup = anyio.Event()
+            engine.collect()
+            while engine.active and engine.front_ready():
+                if not await self._settle_front(engine):
+                    break
+            if engine.active:
+                await self._wait_for_news(engine.wait_handles(), engine.next_deadline())
+            else:
                 await self._wakeup.wait()
-                continue
-            self.polls += 1
-            # Blocks in a worker thread: waits for this rank's worker, then (distributed)
-            # one reduction that every rank issues for this same request.
-            settled = await anyio.to_thread.run_sync(engine.settle_front, True, self.no_dist)
+
+    async def _wait_for_news(self, handles: list[int], deadline: float | None) -> None:
+        """Sleep until a handle is readable, the stager woke us, or the deadline passed."""
+        wakeup = self._wakeup
+        with anyio.move_on_after(math.inf if deadline is None else max(deadline, 0.0)):
+            async with anyio.create_task_group() as tg:
+                for fd in handles:
+                    tg.start_soon(_readable, fd, tg.cancel_scope)
+                tg.start_soon(_woken, wakeup, tg.cancel_scope)
+
+    async def _settle_front(self, engine: CallsEngine) -> bool:
+        """Settle the oldest request, whose local outcome is known; False if it was not."""
+        self.polls += 1
+        call = engine.active[0]
+        # Shielded: a reduction once issued must complete on every rank, and a successful
+        # save is committed (its finalize steps run to the end) even while closing.
+        with anyio.CancelScope(shield=True):
+            if is_distributed() and (call.needs_global or not self.no_dist):
+                settled = await self._in_thread(engine.settle_front, True, self.no_dist)
+            else:
+                settled = engine.settle_front(True, self.no_dist)
             if settled is None:
-                continue
-            call = settled.call
-            fut = self._futures.get(call.call_idx)
-            if fut is None:  # resolved already: its scheduling failed
-                continue
+                return False
+            fut = self._futures.get(settled.call.call_idx)  # None: withdrawn or given up
             if settled.error is not None:
-                self._resolve(fut, None, settled.error)
-                continue
+                if fut is not None:
+                    self._resolve(fut, None, settled.error)
+                return True
             start = time.perf_counter()
             try:
-                await anyio.to_thread.run_sync(engine.finalize, settled)
+                if settled.call.finalize_fns:
+                    await self._in_thread(engine.finalize, settled)
+                else:
+                    engine.finalize(settled)  # nothing to run: only the state moves
             except CheckpointError as err:
-                self._resolve(fut, None, err)
-                continue
-            outcome = call.outcome
+                if fut is not None:
+                    self._resolve(fut, None, err)
+                return True
+        if fut is not None:
+            outcome = settled.call.outcome
             result = CheckpointResult(
                 call_idx=call.call_idx,
                 staged_bytes=call.staged_bytes,
@@ -303,12 +591,37 @@ class AsyncCheckpointQueue:
                 value=outcome.result if outcome is not None else None,
             )
             self._resolve(fut, result, None)
+        return True
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     def _resolve(
         self, fut: CheckpointFuture, result: CheckpointResult | None, error: CheckpointError | None
     ) -> None:
-        self._futures.pop(fut.call_idx, None)
+        if self._futures.pop(fut.call_idx, None) is not None and self._room is not None:
+            self._room.release()
         fut._resolve(result, error)
+
+
+async def _readable(fd: int, scope: anyio.CancelScope) -> None:
+    # Closed or replaced under us: look again.
+    with contextlib.suppress(
+        OSError, ValueError, anyio.ClosedResourceError, anyio.BusyResourceError
+    ):
+        await anyio.wait_readable(fd)
+    scope.cancel()
+
+
+async def _woken(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _group(errors: list[CheckpointError]) -> CheckpointErrorGroup:
+    calls = ", ".join(str(e.call_idx) for e in errors)
+    noun = "checkpoint" if len(errors) == 1 else "checkpoints"
+    return CheckpointErrorGroup(f"{len(errors)} {noun} failed (call {calls})", errors)
 
 
 class QueueFacade:
@@ -330,7 +643,7 @@ class QueueFacade:
         await self.queue.__aexit__(exc_type, exc, tb)
 
     async def finalize(self) -> list[CheckpointResult]:
-        """Wait for every checkpoint scheduled so far; raise the first failure."""
+        """Wait for every checkpoint scheduled so far; raise the failures nobody observed."""
         return await self.queue.finalize()
 
     async def aclose(self) -> None:

@@ -3,6 +3,7 @@
     CheckpointError                   base class: catch this to handle any checkpoint failure
     ├── InvalidRequestError           bad input, rejected at the call (also a ValueError)
     ├── QueueClosedError              the queue was closed
+    │   └── QueueBrokenError          the async queue's own task died: it refuses new work
     ├── QueueMisuseError              wrong thread, wrong API, or not entered (a RuntimeError)
     │   └── FrozenRequestError        a finalize step added to an already scheduled request
     ├── StagingError                  copying tensors to host buffers (or preload_fn) failed
@@ -10,6 +11,9 @@
     ├── WorkerCrashedError            the worker process died before it reported a result
     │   └── SaveTimeoutError          the worker passed the save deadline and was killed
     ├── FinalizeError                 a finalize step raised in the caller's process
+    ├── CloseTimeoutError             closing gave up on a worker that did not answer in time
+    ├── CheckpointCancelledError      ``fut.cancel()`` withdrew the request before it ran
+    ├── CheckpointErrorGroup          several failures at once (also an ExceptionGroup)
     ├── DistributedCheckpointError    another rank failed, or ranks stopped agreeing in time
     ├── CheckpointNotFoundError       no committed checkpoint where one was asked for
     ├── CorruptCheckpointError        a file's checksum or size does not match its metadata
@@ -24,7 +28,12 @@ Exceptions that are built in a worker process and carried to the caller define
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from typing import Any
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
 
 
 class CheckpointError(Exception):
@@ -66,8 +75,14 @@ class InvalidRequestError(CheckpointError, ValueError):
 
 
 class QueueClosedError(CheckpointError):
-    """Raised when a queue is used after ``close()``/``aclose()``, or from a thread or event
-    loop it does not belong to. Create a new queue, or call it from its owner."""
+    """Raised when a queue is used after ``close()``/``aclose()``. Create a new queue (a
+    blocking ``AsyncCallsQueue`` starts again by itself at its next request)."""
+
+
+class QueueBrokenError(QueueClosedError):
+    """Raised by every pending future, and by ``schedule`` afterwards, when a task of an
+    ``AsyncCheckpointQueue`` (its stager or poller) died of an unexpected error, which is
+    the ``__cause__``. Leave the ``async with`` block and open a new queue."""
 
 
 class StagingError(CheckpointError):
@@ -124,6 +139,42 @@ class WorkerCrashedError(CheckpointError):
 class FinalizeError(CheckpointError):
     """Raised when a finalize step of a request raised in the caller's process. The steps
     after it did not run; the original exception is the ``__cause__``."""
+
+
+class CloseTimeoutError(CheckpointError):
+    """Raised when leaving an ``AsyncCheckpointQueue`` (or ``aclose()``) gave up on a request
+    whose worker did not answer within the queue's ``timeout``. The worker was stopped; the
+    checkpoint was not finalized. Raise ``timeout`` if saves legitimately take longer."""
+
+
+class CheckpointCancelledError(CheckpointError):
+    """Raised by a future that ``fut.cancel()`` withdrew before it started writing: nothing
+    was written. A cancelled future counts as observed and is never reported again."""
+
+
+class CheckpointErrorGroup(ExceptionGroup[CheckpointError], CheckpointError):  # type: ignore[override]
+    """Raised by ``finalize()`` and when leaving an ``AsyncCheckpointQueue`` with every
+    failure nobody observed yet, in scheduling order, as an anyio task group groups its
+    tasks' errors. It is a :class:`CheckpointError` too, so ``except CheckpointError``
+    catches it; ``except* WorkerError`` picks out one kind."""
+
+    def __new__(cls, message: str, exceptions: Sequence[CheckpointError]) -> CheckpointErrorGroup:
+        return super().__new__(cls, message, exceptions)
+
+    def __init__(self, message: str, exceptions: Sequence[CheckpointError]) -> None:
+        ExceptionGroup.__init__(self, message, exceptions)
+        self.call_idx = None
+        self.rank = None
+        self.finalized_call_idxs = []
+
+    def derive(self, excs: Sequence[CheckpointError]) -> CheckpointErrorGroup:  # type: ignore[override]
+        return CheckpointErrorGroup(self.message, excs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CheckpointErrorGroup, (self.message, list(self.exceptions)))
+
+    def __str__(self) -> str:
+        return ExceptionGroup.__str__(self)
 
 
 class DistributedCheckpointError(CheckpointError):

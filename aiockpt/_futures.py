@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +11,8 @@ from typing import Any
 import anyio
 
 from ._exceptions import CheckpointError
+
+logger = logging.getLogger("aiockpt")
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,19 @@ class CheckpointFuture:
 
     Any number of tasks may await it, in any order; cancelling one of them cancels only
     that wait, never the checkpoint. ``await fut.staged`` resolves as soon as the tensors are
-    staged, after which the caller may modify them.
+    staged, after which the caller may modify them. A failure seen through the future
+    (``await``, ``result()``, ``exception()``, a failed ``await fut.staged``) is observed:
+    neither ``finalize()`` nor the queue's exit raises it again. A failed future that is
+    garbage-collected unobserved is logged by the ``aiockpt`` logger.
     """
 
-    def __init__(self, call_idx: int) -> None:
+    def __init__(
+        self, call_idx: int, canceller: Callable[[CheckpointFuture], bool] | None = None
+    ) -> None:
         self.call_idx = call_idx
         self.staged = _StagedPoint(self)
+        self._canceller = canceller
+        self._handed_over = anyio.Event()  # the stager thread has taken the request
         self._staged = anyio.Event()
         self._done = anyio.Event()
         self._staging_error: CheckpointError | None = None
@@ -59,10 +70,24 @@ class CheckpointFuture:
         self._error: CheckpointError | None = None
         self._callbacks: list[Callable[[CheckpointFuture], object]] = []
         self._observed = False  # someone has seen the outcome (result, exception, await)
+        self._cancelled = False
 
     def done(self) -> bool:
-        """True once the checkpoint is finalized or has failed."""
+        """True once the checkpoint is finalized, has failed or was cancelled."""
         return self._done.is_set()
+
+    def cancelled(self) -> bool:
+        """True if :meth:`cancel` withdrew the request."""
+        return self._cancelled
+
+    def cancel(self) -> bool:
+        """Withdraw the request if it has not started writing: returns True, nothing is
+        written and awaiting the future raises :class:`CheckpointCancelledError`. Returns
+        False once the request is being staged or written, or is done. In a distributed job
+        cancel the same request on every rank, or on none."""
+        if self.done() or self._canceller is None:
+            return False
+        return self._canceller(self)
 
     def result(self) -> CheckpointResult:
         """The result of a finished checkpoint; raises its error if it failed.
@@ -85,9 +110,10 @@ class CheckpointFuture:
 
     def add_done_callback(self, fn: Callable[[CheckpointFuture], object]) -> None:
         """Call ``fn(future)`` in the event loop's thread when the future is done (at once
-        if it already is)."""
+        if it already is). As in asyncio, an exception raised by ``fn`` is logged by the
+        ``aiockpt`` logger and affects nothing else."""
         if self.done():
-            fn(self)
+            self._run_callback(fn)
         else:
             self._callbacks.append(fn)
 
@@ -101,20 +127,38 @@ class CheckpointFuture:
     async def _wait_staged(self) -> None:
         await self._staged.wait()
         if self._staging_error is not None:
+            self._observed = True  # handled here: not raised again by finalize or exit
             raise self._staging_error
 
     def __repr__(self) -> str:
         state = "pending"
-        if self.done():
+        if self._cancelled:
+            state = "cancelled"
+        elif self.done():
             state = "failed" if self._error is not None else "finalized"
         elif self.staged.done():
             state = "staged"
         return f"<CheckpointFuture call_idx={self.call_idx} {state}>"
 
+    def __del__(self) -> None:
+        error = getattr(self, "_error", None)
+        if error is not None and not self._observed:
+            with contextlib.suppress(Exception):  # at interpreter exit logging may be gone
+                logger.error(
+                    "checkpoint call %d failed and its failure was never retrieved "
+                    "(await the future, call finalize(), or leave the queue's `async with`)",
+                    self.call_idx,
+                    exc_info=error,
+                )
+
     # -- resolution, called by the queue in the event loop's thread -----------------------
+
+    def _set_handed_over(self) -> None:
+        self._handed_over.set()
 
     def _set_staged(self, error: CheckpointError | None = None) -> None:
         self._staging_error = error
+        self._handed_over.set()
         self._staged.set()
 
     def _resolve(self, result: CheckpointResult | None, error: CheckpointError | None) -> None:
@@ -126,4 +170,10 @@ class CheckpointFuture:
         self._done.set()
         callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
+            self._run_callback(fn)
+
+    def _run_callback(self, fn: Callable[[CheckpointFuture], object]) -> None:
+        try:
             fn(self)
+        except Exception:
+            logger.exception("done callback %r of checkpoint call %d raised", fn, self.call_idx)
