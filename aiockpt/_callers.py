@@ -375,6 +375,7 @@ class TemporalAsyncCaller(AsyncCaller):
                 process.start()
             except BaseException:
                 reader.close()
+                self._call_idx = None  # never started: nothing in flight, nothing to report
                 raise
             finally:
                 if gc_was_enabled:

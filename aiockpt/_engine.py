@@ -224,30 +224,45 @@ class CallsEngine:
                 caller = self._caller()
                 caller.run(call_idx, request.async_fn, staged.args, staged.kwargs, self.buffers)
             except BaseException as exc:
-                self._schedule_failed(call, caller, exc, start)
+                error = self._schedule_failed(call, caller, exc, start)
+                if isinstance(exc, Exception) and error is not exc:
+                    raise error from exc  # e.g. the worker could not be started: typed
                 raise
             with self._lock:
                 call.sent(caller, time.perf_counter() - start, staged.nbytes)
                 self._running[call_idx] = call
                 if caller not in self._callers:
                     self._callers.append(caller)
-            _ping(self._wake_w)
-            _ping(self._news_w)
+                _ping(self._wake_w)  # under the lock: the pipes close under it too
+                _ping(self._news_w)
             return call
+
+    def refuse_new(self) -> None:
+        """Refuse every later ``schedule`` (a close is starting); waits for a schedule in
+        progress to register its call, so the close sees it."""
+        with self._schedule_lock:
+            self.closed = True
 
     def _schedule_failed(
         self, call: Call, caller: AsyncCaller | None, exc: BaseException, start: float
-    ) -> None:
-        error = (
-            exc
-            if isinstance(exc, CheckpointError)
-            else StagingError(
+    ) -> CheckpointError:
+        if isinstance(exc, CheckpointError):
+            error = exc
+        elif isinstance(exc, Exception):
+            error = StagingError(
+                f"starting the worker for call {call.call_idx} on rank {get_rank()} failed: "
+                f"{type(exc).__name__}: {exc}; nothing was written. Check the machine's "
+                "process and memory limits, then save again",
+                call_idx=call.call_idx,
+                rank=get_rank(),
+            )
+        else:
+            error = StagingError(
                 f"scheduling call {call.call_idx} on rank {get_rank()} was interrupted by "
                 f"{type(exc).__name__}",
                 call_idx=call.call_idx,
                 rank=get_rank(),
             )
-        )
         with self._lock:
             if caller is not None and call.call_idx in caller.in_flight():
                 # Interrupted after the worker got it: it runs, and reads its buffers.
@@ -257,7 +272,8 @@ class CallsEngine:
                     self._callers.append(caller)
             call.failed(error)
             call.error_raised = True  # raised to the caller of schedule right now
-        _ping(self._news_w)
+            _ping(self._news_w)
+        return error
 
     def _stage(self, call: Call, request: AsyncRequest, ready_event: Any) -> StagedArgs:
         rank, call_idx = get_rank(), call.call_idx
@@ -457,8 +473,9 @@ class CallsEngine:
         if not done:
             return None
         with self._lock:
-            if self.active and self.active[0] is call:
-                self.active.popleft()
+            if not self.active or self.active[0] is not call:
+                return None  # another thread settled it meanwhile: its result is theirs
+            self.active.popleft()
             if error is None:
                 call.settled()
             else:
@@ -487,6 +504,20 @@ class CallsEngine:
                 with self._lock:
                     call.failed(error)
                 raise error from exc
+            except BaseException as exc:  # Ctrl-C in a finalize step: fail it, say so
+                name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+                error = FinalizeError(
+                    f"finalize step {name} of checkpoint call {call.call_idx} "
+                    f"({call.target}) on rank {get_rank()} was interrupted by "
+                    f"{type(exc).__name__}; the steps after it did not run, so the checkpoint "
+                    "may not be committed",
+                    call_idx=call.call_idx,
+                    rank=get_rank(),
+                )
+                with self._lock:
+                    call.failed(error)
+                logger.error("%s", error)
+                raise
         with self._lock:
             call.finalized()
 
@@ -555,9 +586,14 @@ class CallsEngine:
         return dropped
 
     def kill_worker(self) -> None:
-        """Kill the persistent worker (tests and emergencies); its requests fail."""
-        if self._persistent_caller is not None:
-            self._persistent_caller.kill()
+        """Kill every worker process now (a close that gave up, tests, emergencies): the
+        persistent worker and any forked one; their requests fail as crashed."""
+        with self._lock:
+            callers = list(self._callers)
+        if self._persistent_caller is not None and self._persistent_caller not in callers:
+            callers.append(self._persistent_caller)
+        for caller in callers:
+            caller.kill()
 
     def report_unfinished(self) -> None:
         """Log, through the ``aiockpt`` logger, every request that was never finalized:

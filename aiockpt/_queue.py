@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from datetime import timedelta
@@ -81,6 +82,9 @@ class AsyncCallsQueue:
                 cpu_shm_mode=cpu_shm_mode,
             )
         self._engine = CallsEngine(options=options)
+        # One thread finalizes at a time, so requests finalize in order and each failure is
+        # raised once; a non-blocking poll that finds another thread finalizing returns.
+        self._finalizing = threading.Lock()
         AsyncCallsQueue._instances.add(self)
 
     @classmethod
@@ -181,6 +185,16 @@ class AsyncCallsQueue:
         raised is settled silently. ``finalize_timeout`` bounds how long ``blocking=True``
         waits for this rank's workers: what is not done by then stays queued.
         """
+        if not self._finalizing.acquire(blocking=blocking):
+            return []
+        try:
+            return self._finalize_locked(blocking, no_dist, finalize_timeout)
+        finally:
+            self._finalizing.release()
+
+    def _finalize_locked(
+        self, blocking: bool, no_dist: bool, finalize_timeout: float | None
+    ) -> list[int]:
         engine = self._engine
         if blocking and finalize_timeout is not None:
             deadline = time.monotonic() + finalize_timeout
@@ -230,17 +244,21 @@ class AsyncCallsQueue:
             if not self._engine.closed:
                 self._engine.abort()
             return
-        if self._engine.closed:
+        engine = self._engine
+        if engine.closed:
             return
+        # From here a schedule on another thread either registered its request (and this
+        # close finalizes it) or starts a fresh engine; none is stranded on this one.
+        engine.refuse_new()
         first: CheckpointError | None = None
         try:
-            while self._engine.active:
+            while engine.active:
                 try:
                     self.maybe_finalize_async_calls(blocking=True, no_dist=no_dist)
                 except CheckpointError as err:
                     first = first or err
         finally:
-            self._engine.stop_workers()
+            engine.stop_workers()
         if first is not None:
             raise first
 

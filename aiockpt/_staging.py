@@ -202,6 +202,16 @@ class StagingArena:
         self.views, self.slots, self.plan = [], [], None
 
 
+def like(original: torch.Tensor, staged: torch.Tensor) -> torch.Tensor:
+    """``staged`` as ``torch.save`` would keep ``original``: a ``Parameter`` stays one, and
+    ``requires_grad`` is kept (the staged copy shares ``staged``'s storage)."""
+    if type(original) is torch.nn.Parameter:
+        return torch.nn.Parameter(staged, requires_grad=original.requires_grad)
+    if original.requires_grad:
+        return staged.detach().requires_grad_(True)
+    return staged
+
+
 @dataclass
 class StagedArgs:
     """The arguments of a request with their tensors copied to host buffers."""
@@ -337,7 +347,7 @@ class StagingBuffers:
                     nbytes += self._copy_storage(t, arena.slots[slot], arena.pinned)
                     if t.is_cuda:
                         devices.add(t.device)
-                staged[id(t)] = arena.views[index]
+                staged[id(t)] = like(t, arena.views[index])
 
         def copy_one(t: torch.Tensor) -> torch.Tensor:
             nonlocal nbytes
@@ -348,7 +358,7 @@ class StagingBuffers:
             if src.device.type == "meta":
                 dst = src
             else:
-                dst = src.resolve_conj().resolve_neg().to("cpu", copy=True)
+                dst = like(t, src.resolve_conj().resolve_neg().to("cpu", copy=True))
                 nbytes += dst.numel() * dst.element_size()
                 if src.is_cuda:
                     devices.add(src.device)

@@ -31,11 +31,12 @@ class _RequestPickler(pickle.Pickler):
         self._buffers = buffers
 
     def reducer_override(self, obj: Any) -> Any:
-        if self._buffers is not None and type(obj) is torch.Tensor:
+        if self._buffers is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):
             where = self._buffers.locate(obj)
             if where is not None:
                 spec = (obj.dtype, tuple(obj.shape), tuple(obj.stride()), obj.storage_offset())
-                return _rebuild_staged, (*where, *spec)
+                kind = (type(obj) is torch.nn.Parameter, obj.requires_grad)
+                return _rebuild_staged, (*where, *spec, *kind)
             if _is_empty_plain(obj):
                 # torch's own pickling of empty storages fails for some dtypes (float8).
                 return _rebuild_empty, (obj.dtype, tuple(obj.shape), tuple(obj.stride()))
@@ -95,6 +96,8 @@ def _rebuild_staged(
     size: tuple[int, ...],
     stride: tuple[int, ...],
     storage_offset: int,
+    parameter: bool = False,
+    requires_grad: bool = False,
 ) -> torch.Tensor:
     key = (arena_id, offset, nbytes)
     storage = _STORAGES.get(key)
@@ -102,4 +105,7 @@ def _rebuild_staged(
         mm = _MAPPED[arena_id]
         slot = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
         storage = _STORAGES[key] = slot.untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, storage_offset, size, stride)
+    t = torch.empty(0, dtype=dtype).set_(storage, storage_offset, size, stride)
+    if parameter:
+        return torch.nn.Parameter(t, requires_grad=requires_grad)
+    return t.requires_grad_(True) if requires_grad else t

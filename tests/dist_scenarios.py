@@ -133,29 +133,39 @@ def killed_rank(rank: int, world: int, tmp: str, timeout_s: float) -> dict[str, 
 
 def fifo_many(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """Three requests in flight on an explicitly passed group: every rank finalizes them in
-    the same order. Odd ranks write slowly, so local completion order differs."""
+    the same order. On odd ranks the first write is held back until the two after it are
+    written, so those ranks complete their requests locally out of order."""
+    from ckpt_helpers import wait_gate
+
     group = dist.new_group(backend="gloo")
     order: list[int] = []
+    gate = os.path.join(tmp, f"gate{rank}")
+    paths = [os.path.join(tmp, f"r{rank}-{i}") for i in range(3)]
+    seen: dict[str, Any] = {}
 
     async def main() -> list[int]:
         async with AsyncCheckpointQueue(
             persistent=False, process_group=group, max_staging_copies=3
         ) as queue:
-            futs = []
             for i in range(3):
-                fut = await queue.schedule(
+                held = rank % 2 == 1 and i == 0
+                await queue.schedule(
                     AsyncRequest(
-                        write_value,
-                        (i, os.path.join(tmp, f"r{rank}-{i}")),
+                        wait_then_write,
+                        (i, gate if held else "/dev/null", paths[i]),
                         [lambda i=i: order.append(i)],
                     )
                 )
-                futs.append(fut)
+            if rank % 2 == 1:
+                for path in paths[1:]:
+                    await anyio.to_thread.run_sync(wait_gate, path)
+                seen["later_written_first"] = not os.path.exists(paths[0])
+                open_gate(gate)
             results = await queue.finalize()
         return [r.call_idx for r in results]
 
     idxs = anyio.run(main)
-    return {"order": order, "results": idxs}
+    return {"order": order, "results": idxs, **seen}
 
 
 def sync_reference_loop(rank: int, world: int, tmp: str) -> dict[str, Any]:

@@ -485,3 +485,166 @@ def test_a_file_its_rename_and_its_directory_are_durable_before_the_save_resolve
     assert ["fsync", temp] in events[:at], events
     # ...and the directory entry of the new name afterwards.
     assert ["fsync", str(tmp_path)] in events[at + 1 :], events
+
+
+def test_a_fork_that_fails_is_a_typed_error_and_breaks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    queue = AsyncCallsQueue(persistent=False)
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    with pytest.raises(StagingError, match="starting the worker for call 0") as info:
+        queue.schedule_async_request(AsyncRequest(write_value, ({"w": torch.ones(8)}, "x"), []))
+    assert isinstance(info.value.__cause__, BlockingIOError)
+    monkeypatch.undo()
+    assert queue._engine.buffers.leased() == [] and queue._engine.running() == []
+    idx = queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "b")), []))
+    assert queue.maybe_finalize_async_calls(blocking=True) == [idx]
+    queue.close()  # returns: nothing is left waiting for a child that never existed
+
+
+def test_a_worker_that_cannot_be_restarted_is_a_typed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import multiprocessing.util
+
+    with AsyncCallsQueue(persistent=True) as queue:
+        queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
+        queue.maybe_finalize_async_calls(blocking=True)
+        caller = queue._engine._persistent_caller
+        assert caller is not None and caller.process is not None
+        queue._engine.kill_worker()
+        caller.process.join(30)  # dead for sure: the next request must start a new one
+
+        def no_spawn(*args: Any, **kwargs: Any) -> int:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", no_spawn)
+        with pytest.raises(StagingError, match="starting the worker for call 1"):
+            queue.schedule_async_request(AsyncRequest(write_value, (2, str(tmp_path / "b")), []))
+        monkeypatch.undo()
+        idx = queue.schedule_async_request(AsyncRequest(write_value, (3, str(tmp_path / "c")), []))
+        assert queue.maybe_finalize_async_calls(blocking=True) == [idx]
+
+
+def test_two_threads_finalizing_raise_each_failure_once_in_order(tmp_path: Path) -> None:
+    raised: list[int] = []
+    finalized: list[int] = []
+    stray: list[BaseException] = []
+    with AsyncCallsQueue(persistent=True) as queue:
+        stop = threading.Event()
+
+        def poll_without_blocking() -> None:
+            while not stop.is_set():
+                try:
+                    finalized.extend(queue.maybe_finalize_async_calls(blocking=False))
+                except WorkerError as err:
+                    assert err.call_idx is not None
+                    raised.append(err.call_idx)
+                except BaseException as exc:
+                    stray.append(exc)
+
+        poller = threading.Thread(target=poll_without_blocking)
+        poller.start()
+        try:
+            for i in range(12):
+                fn = raise_value_error if i % 2 else write_value
+                arg = "disk on fire" if i % 2 else str(tmp_path / f"ok{i}")
+                queue.schedule_async_request(AsyncRequest(fn, ({}, arg), []))
+                try:
+                    finalized.extend(queue.maybe_finalize_async_calls(blocking=True))
+                except WorkerError as err:
+                    assert err.call_idx is not None
+                    raised.append(err.call_idx)
+        finally:
+            stop.set()
+            poller.join(30)
+    assert stray == []
+    assert sorted(raised) == list(range(1, 12, 2))  # each failure exactly once
+    assert sorted(finalized) == list(range(0, 12, 2)) and len(finalized) == 6
+
+
+def test_close_racing_a_schedule_finalizes_it(tmp_path: Path) -> None:
+    started, release = threading.Event(), threading.Event()
+    steps: list[str] = []
+
+    def slow_preload() -> Any:
+        started.set()
+        assert release.wait(30)
+        return {"w": torch.ones(16)}
+
+    queue = AsyncCallsQueue(persistent=True)
+    result: dict[str, Any] = {}
+
+    def schedule() -> None:
+        request = AsyncRequest(
+            write_value,
+            (None, str(tmp_path / "late")),
+            [lambda: steps.append("finalized")],
+            preload_fn=slow_preload,
+            preload_arg_index=0,
+        )
+        result["idx"] = queue.schedule_async_request(request)
+
+    scheduler = threading.Thread(target=schedule)
+    scheduler.start()
+    assert started.wait(30)  # the schedule is past its open-check, staging
+    closer = threading.Thread(target=queue.close)
+    closer.start()
+    release.set()
+    scheduler.join(30)
+    closer.join(60)
+    assert not closer.is_alive() and result["idx"] == 0
+    assert steps == ["finalized"]  # the close saw the late request and finalized it
+    assert (tmp_path / "late").exists()
+    caller = queue._engine._persistent_caller
+    assert caller is None or caller.process is None  # no worker left behind
+
+
+def test_ctrl_c_in_a_finalize_step_fails_that_request_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+
+    def commit() -> None:
+        ran.append("commit")
+        raise KeyboardInterrupt
+
+    with AsyncCallsQueue(persistent=False) as queue:
+        queue.schedule_async_request(
+            AsyncRequest(write_value, (1, str(tmp_path / "k")), [commit, lambda: ran.append("x")])
+        )
+        with caplog.at_level("ERROR", logger="aiockpt"), pytest.raises(KeyboardInterrupt):
+            queue.maybe_finalize_async_calls(blocking=True)
+        assert ran == ["commit"]
+        assert "finalize step" in caplog.text and "interrupted by KeyboardInterrupt" in caplog.text
+        assert "may not be committed" in caplog.text
+        assert queue.get_num_unfinalized_calls() == 0
+
+
+@BOTH
+def test_parameters_and_requires_grad_are_saved_as_torch_save_keeps_them(
+    tmp_path: Path, persistent: bool
+) -> None:
+    model = torch.nn.Linear(4, 3)
+    sd = model.state_dict(keep_vars=True)
+    sd["leaf"] = torch.ones(2, requires_grad=True)
+    ckpt = TorchAsyncCheckpoint(persistent_queue=persistent)
+    try:
+        ckpt.async_save(sd, str(tmp_path / "ours.pt"))
+        ckpt.finalize_async_save(blocking=True)
+    finally:
+        ckpt.close()
+    torch.save(sd, tmp_path / "theirs.pt")
+    ours = torch.load(tmp_path / "ours.pt", weights_only=True)
+    theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
+    for key in ("weight", "bias", "leaf"):
+        assert type(ours[key]) is type(theirs[key]), key
+        assert ours[key].requires_grad == theirs[key].requires_grad, key
+        assert torch.equal(ours[key].detach(), sd[key].detach())
