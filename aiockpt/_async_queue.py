@@ -131,6 +131,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._tasks_left = 0
         self._queued_for_staging = 0  # sent to the stager, not yet staged (or skipped)
         self._drained = False
+        self._finalizing: int | None = None  # the call whose finalize steps are running
         self._must_kill = False  # a worker did not answer in time, or a task died
         self._stopped = False  # the workers are stopped
         self._reported_never_closed = False
@@ -231,6 +232,20 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._raise_unreported()
 
     async def _shutdown(self) -> None:
+        # A shield stops anyio's cancellation, not asyncio's own Task.cancel() (a second
+        # Ctrl-C, an outer asyncio timeout): finish the close all the same, then let the
+        # cancellation through. Each step below can be resumed.
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                await self._shutdown_steps()
+                break
+            except anyio.get_cancelled_exc_class() as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+    async def _shutdown_steps(self) -> None:
         # Shielded throughout: closing is what a cancelled caller needs most.
         with anyio.CancelScope(shield=True):
             async with self._close_lock:
@@ -281,6 +296,10 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
 
     def _give_up(self) -> None:
         for fut in list(self._futures.values()):
+            if fut.call_idx == self._finalizing:
+                # Its worker answered and its finalize steps are running in a thread that
+                # cannot be interrupted: let it settle with its true outcome.
+                continue
             self._must_kill = True
             self._resolve(
                 fut,
@@ -571,6 +590,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                     self._resolve(fut, None, settled.error)
                 return True
             start = time.perf_counter()
+            self._finalizing = settled.call.call_idx
             try:
                 if settled.call.finalize_fns:
                     await self._in_thread(engine.finalize, settled)
@@ -580,6 +600,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 if fut is not None:
                     self._resolve(fut, None, err)
                 return True
+            finally:
+                self._finalizing = None
         if fut is not None:
             outcome = settled.call.outcome
             result = CheckpointResult(

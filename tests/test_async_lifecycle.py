@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,12 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 
 @pytest.fixture
 def gate(tmp_path: Path) -> Iterator[str]:
-    """A FIFO a worker blocks on until the test opens it; released in teardown."""
+    """A gate a worker blocks on until the test opens it; opened in teardown whatever
+    happened, so no worker is left parked on it."""
     path = make_gate(str(tmp_path), "gate")
     yield path
-    with contextlib.suppress(OSError):  # ENXIO: nobody is waiting on it
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fd, b"go")
-        os.close(fd)
+    with contextlib.suppress(OSError):
+        open_gate(path)
 
 
 def gated(state: Any, gate: str, path: Path, finalize: list[Any] | None = None) -> AsyncRequest:
@@ -586,3 +586,67 @@ async def test_a_raising_finalize_step_fails_only_its_request(tmp_path: Path) ->
     assert isinstance(error, FinalizeError) and error.call_idx == 0
     assert "metadata disk gone" in str(error) and "the steps after it did not run" in str(error)
     assert ran == [1]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_two_native_asyncio_cancels_during_the_exit_still_close(
+    tmp_path: Path, gate: str, anyio_backend: str
+) -> None:
+    """A second Ctrl-C under asyncio.run (or an asyncio timeout around a TaskGroup) is a
+    plain Task.cancel() that anyio's shield cannot stop: the close still finishes, the
+    save is finalized, the worker stopped, and then the cancellation propagates."""
+    import asyncio
+
+    steps: list[str] = []
+    seen: dict[str, Any] = {}
+
+    async def body() -> None:
+        async with AsyncCheckpointQueue(timeout=timedelta(seconds=60)) as queue:
+            seen["queue"] = queue
+            await queue.schedule(
+                gated({"w": torch.ones(4)}, gate, tmp_path / "a.pt", [lambda: steps.append("fin")])
+            )
+            await asyncio.sleep(60)
+
+    task = asyncio.ensure_future(body())
+    while "queue" not in seen or seen["queue"].pending() == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    while seen["queue"]._state.name != "CLOSING":  # the exit is waiting for the save
+        await asyncio.sleep(0.01)
+    task.cancel()  # a second one, while closing
+    await asyncio.sleep(0.05)
+    open_gate(gate)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 60)
+    assert steps == ["fin"]
+    assert torch.equal(saved(tmp_path / "a.pt")["w"], torch.ones(4))
+    caller = seen["queue"].engine._persistent_caller
+    assert caller is None or caller.process is None
+
+
+_commit_started = threading.Event()
+
+
+def _slow_failing_commit() -> None:
+    import time
+
+    _commit_started.set()
+    time.sleep(2.5)  # longer than the queue's close timeout below
+    raise OSError(28, "disk full while committing")
+
+
+async def test_a_finalize_step_running_at_the_close_timeout_settles_truly(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(CheckpointErrorGroup) as info:
+        async with AsyncCheckpointQueue(timeout=timedelta(seconds=1)) as queue:
+            _commit_started.clear()
+            await queue.schedule(
+                AsyncRequest(write_value, (1, str(tmp_path / "a")), [_slow_failing_commit])
+            )
+            # Leave the block while the finalize step runs: the close times out meanwhile.
+            assert await anyio.to_thread.run_sync(_commit_started.wait, 60)
+    errors = info.value.exceptions
+    assert len(errors) == 1 and isinstance(errors[0], FinalizeError), errors
+    assert "disk full while committing" in str(errors[0])
