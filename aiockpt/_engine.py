@@ -112,6 +112,7 @@ class CallsEngine:
         )
         self.active: deque[Call] = deque()  # not settled yet, oldest first
         self._running: dict[int, Call] = {}  # sent, not reported yet
+        self._early: dict[int, LocalOutcome] = {}  # reported before its call registered
         self._callers: list[AsyncCaller] = []  # callers that may still have news
         self.call_idx = -1
         self.closed = False
@@ -230,9 +231,7 @@ class CallsEngine:
                 raise
             with self._lock:
                 call.sent(caller, time.perf_counter() - start, staged.nbytes)
-                self._running[call_idx] = call
-                if caller not in self._callers:
-                    self._callers.append(caller)
+                self._register_running(call, caller)
                 _ping(self._wake_w)  # under the lock: the pipes close under it too
                 _ping(self._news_w)
             return call
@@ -264,12 +263,12 @@ class CallsEngine:
                 rank=get_rank(),
             )
         with self._lock:
-            if caller is not None and call.call_idx in caller.in_flight():
+            if caller is not None and (
+                call.call_idx in caller.in_flight() or call.call_idx in self._early
+            ):
                 # Interrupted after the worker got it: it runs, and reads its buffers.
                 call.sent(caller, time.perf_counter() - start, 0)
-                self._running[call.call_idx] = call
-                if caller not in self._callers:
-                    self._callers.append(caller)
+                self._register_running(call, caller)
             call.failed(error)
             call.error_raised = True  # raised to the caller of schedule right now
             _ping(self._news_w)
@@ -318,6 +317,19 @@ class CallsEngine:
 
     # -- reading the workers ------------------------------------------------------------
 
+    def _register_running(self, call: Call, caller: AsyncCaller) -> None:
+        """Under the lock, once ``caller.run`` returned: the call now awaits its report,
+        unless the report was read already (a fast worker answers before this)."""
+        if caller not in self._callers:
+            self._callers.append(caller)
+        early = self._early.pop(call.call_idx, None)
+        if early is None:
+            self._running[call.call_idx] = call
+        else:
+            call.reported(early)
+            self._changed.notify_all()
+            _ping(self._news_w)
+
     def _collect_locked(self) -> bool:
         """Read every worker's news (never blocks); True if any call was reported."""
         news = False
@@ -325,6 +337,8 @@ class CallsEngine:
             for outcome in caller.collect():
                 call = self._running.pop(outcome.call_idx, None)
                 if call is None:
+                    # Its schedule has not registered it yet: keep it for that moment.
+                    self._early[outcome.call_idx] = outcome
                     continue
                 if call.timed_out:
                     outcome = self._timeout_outcome(call)

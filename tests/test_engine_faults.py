@@ -648,3 +648,30 @@ def test_parameters_and_requires_grad_are_saved_as_torch_save_keeps_them(
         assert type(ours[key]) is type(theirs[key]), key
         assert ours[key].requires_grad == theirs[key].requires_grad, key
         assert torch.equal(ours[key].detach(), sd[key].detach())
+
+
+def test_a_reply_read_before_its_call_registered_is_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fast worker can answer before ``schedule`` has registered the call; another
+    thread (the event loop's poller, a waiting stager) may read that answer meanwhile."""
+    from multiprocessing.connection import wait
+
+    with AsyncCallsQueue(persistent=True) as queue:
+        engine = queue._engine
+        queue.schedule_async_request(AsyncRequest(write_value, (0, str(tmp_path / "a")), []))
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+        caller = engine._persistent_caller
+        assert caller is not None
+        real_run = caller.run
+
+        def run_then_someone_reads(*args: Any) -> None:
+            real_run(*args)
+            assert caller._conn is not None
+            assert wait([caller._conn], 30)  # the worker answered already...
+            engine.collect()  # ...and another thread read it before registration
+
+        monkeypatch.setattr(caller, "run", run_then_someone_reads)
+        idx = queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "b")), []))
+        monkeypatch.undo()
+        assert queue.maybe_finalize_async_calls(blocking=True, finalize_timeout=30) == [idx]
