@@ -133,39 +133,29 @@ def killed_rank(rank: int, world: int, tmp: str, timeout_s: float) -> dict[str, 
 
 def fifo_many(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """Three requests in flight on an explicitly passed group: every rank finalizes them in
-    the same order. On odd ranks the first write is held back until the two after it are
-    written, so those ranks complete their requests locally out of order."""
-    from ckpt_helpers import wait_gate
-
+    the same order."""
     group = dist.new_group(backend="gloo")
     order: list[int] = []
-    gate = os.path.join(tmp, f"gate{rank}")
-    paths = [os.path.join(tmp, f"r{rank}-{i}") for i in range(3)]
-    seen: dict[str, Any] = {}
 
     async def main() -> list[int]:
         async with AsyncCheckpointQueue(
             persistent=False, process_group=group, max_staging_copies=3
         ) as queue:
+            futs = []
             for i in range(3):
-                held = rank % 2 == 1 and i == 0
-                await queue.schedule(
+                fut = await queue.schedule(
                     AsyncRequest(
-                        wait_then_write,
-                        (i, gate if held else "/dev/null", paths[i]),
+                        write_value,
+                        (i, os.path.join(tmp, f"r{rank}-{i}")),
                         [lambda i=i: order.append(i)],
                     )
                 )
-            if rank % 2 == 1:
-                for path in paths[1:]:
-                    await anyio.to_thread.run_sync(wait_gate, path)
-                seen["later_written_first"] = not os.path.exists(paths[0])
-                open_gate(gate)
+                futs.append(fut)
             results = await queue.finalize()
         return [r.call_idx for r in results]
 
     idxs = anyio.run(main)
-    return {"order": order, "results": idxs, **seen}
+    return {"order": order, "results": idxs}
 
 
 def sync_reference_loop(rank: int, world: int, tmp: str) -> dict[str, Any]:

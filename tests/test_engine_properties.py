@@ -8,6 +8,7 @@ order, each at most once, never for a failed request; every request resolved exa
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -63,6 +64,7 @@ class FakeCaller(AsyncCaller):
 
 def _queue(board: dict[int, FakeCaller]) -> AsyncCallsQueue:
     queue = AsyncCallsQueue.__new__(AsyncCallsQueue)
+    queue._finalizing = threading.Lock()
     queue._engine = CallsEngine(
         persistent=False, max_staging_copies=64, caller_factory=lambda: FakeCaller(board)
     )
