@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -107,3 +108,14 @@ def values(results: list[tuple[Any, ...] | None]) -> list[Any]:
     assert not errors, "\n".join(errors)
     assert all(res is not None for res in results), f"a rank died: {results}"
     return [res[1] for res in results if res is not None]
+
+
+def run_torchrun(
+    script: str, *args: str, timeout: float = 150.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (relative to the repository) under torchrun with 2 ranks on loopback."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)

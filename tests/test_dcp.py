@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from dcp_scenarios import global_tensors
-from dist_harness import free_port, run_ranks, values
+from dist_harness import run_ranks, run_torchrun, values
 
 import aiockpt.dcp
 from aiockpt import (
@@ -272,30 +270,15 @@ def test_object_items_load_with_weights_only(tmp_path: Path) -> None:
 
 
 def test_torchrun_example(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-            "examples/torchrun_dcp.py",
-            "--out",
-            str(tmp_path),
-            "--steps",
-            "9",
-            "--every",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
+    out = run_torchrun(
+        "examples/torchrun_dcp.py",
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "9",
+        "--every",
+        "3",
         timeout=150,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     steps = sorted(p.name for p in tmp_path.iterdir())

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from dist_harness import free_port, run_ranks, values
+from dist_harness import run_ranks, run_torchrun, values
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,30 +72,15 @@ def test_sync_reference_loop_with_global_completion(tmp_path: Path) -> None:
 
 
 def test_torchrun_example(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-            "examples/torchrun_sharded.py",
-            "--out",
-            str(tmp_path),
-            "--steps",
-            "12",
-            "--every",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
+    out = run_torchrun(
+        "examples/torchrun_sharded.py",
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "12",
+        "--every",
+        "4",
         timeout=120,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     steps = sorted(p.name for p in tmp_path.iterdir())
