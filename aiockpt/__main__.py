@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import sys
+from typing import Any
 
 from ._exceptions import CheckpointError, CheckpointNotFoundError
 
@@ -17,11 +18,24 @@ def _clean(value: object, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _ls_row(directory: str, name: str) -> str:
+def _read_listing(path: str) -> dict[str, Any]:
+    """What ``ls`` shows of a checkpoint: its metadata.json, or a DCP checkpoint's checksum
+    sidecar (both record files, extra, created and world size)."""
     from ._metadata import read_metadata
+    from .dcp import CHECKSUMS
+    from .dcp._load import read_checksums
 
+    if not os.path.lexists(os.path.join(path, ".metadata")):
+        return read_metadata(path)
+    sidecar = read_checksums(path)
+    if sidecar is None:
+        raise CheckpointError(f"a DCP checkpoint without {CHECKSUMS} (not written by aiockpt)")
+    return sidecar
+
+
+def _ls_row(directory: str, name: str) -> str:
     try:
-        meta = read_metadata(os.path.join(directory, name))
+        meta = _read_listing(os.path.join(directory, name))
     except CheckpointNotFoundError:
         return f"{_clean(name, 24):24}{'':>20}{'':>7}{'':>12}  no (incomplete or in progress)"
     except CheckpointError as err:
@@ -43,7 +57,7 @@ def _ls(directory: str) -> int:
     from ._metadata import METADATA
     from ._steps import parse_step_name
 
-    if os.path.isfile(os.path.join(directory, METADATA)):
+    if any(os.path.isfile(os.path.join(directory, m)) for m in (METADATA, ".metadata")):
         names = [os.path.basename(os.path.normpath(directory))]
         directory = os.path.dirname(os.path.normpath(directory)) or "."
     elif os.path.isdir(directory):

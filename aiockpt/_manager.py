@@ -1,17 +1,19 @@
 """Checkpoint managers for training loops: numbered steps in one directory, retention,
 latest, restore and rollback. ``AsyncCheckpointManager`` for async code (it makes no
 filesystem call on the event loop), ``CheckpointManager`` for a plain loop; both write
-sharded, committed checkpoints through the queues. The rules live in ``_steps``."""
+sharded, committed checkpoints through the queues, as a ``torch.save`` file per rank or in
+the ``torch.distributed.checkpoint`` format. The rules live in ``_steps``."""
 
 from __future__ import annotations
 
 from types import TracebackType
 from typing import Any
 
+import anyio
 from typing_extensions import Self
 
 from ._async_queue import AsyncCheckpointQueue, QueueFacade
-from ._exceptions import CheckpointError, QueueClosedError
+from ._exceptions import CheckpointError, InvalidRequestError, QueueClosedError
 from ._futures import CheckpointFuture
 from ._load import in_thread, load_path
 from ._queue import AsyncCallsQueue
@@ -20,9 +22,40 @@ from ._steps import StepDirectory
 from ._storage import Storage
 
 
-def _restore(steps: StepDirectory, step: Any, **load_options: Any) -> Any:
+def _restore(steps: StepDirectory, step: Any, state_dict: Any, **load_options: Any) -> Any:
+    if steps.format == "dcp":
+        if not isinstance(state_dict, dict):
+            raise InvalidRequestError(
+                "a checkpoint in the DCP format loads in place, resharded: pass the state "
+                "dict to fill, restore(state_dict=...), on every rank"
+            )
+        from .dcp import load as load_dcp
+
+        load_dcp(state_dict, steps.restore_path(step), **load_options)
+        return state_dict
+    if state_dict is not None:
+        raise InvalidRequestError(
+            "restore(state_dict=...) loads in place in format='dcp' only; with "
+            "format='torch' restore() returns this rank's state dict"
+        )
     path = steps.restore_path(step)
     return load_path(path, storage=steps.storage, nofollow=True, **load_options)
+
+
+def _step_directory(
+    directory: Any,
+    keep_last: Any,
+    storage: Storage | None,
+    format: str,
+    planner: Any,
+    thread_count: int,
+) -> StepDirectory:
+    dcp_options: dict[str, Any] = {}
+    if planner is not None:
+        dcp_options["planner"] = planner
+    if thread_count != 1:
+        dcp_options["thread_count"] = thread_count
+    return StepDirectory(directory, keep_last, storage, format, dcp_options)
 
 
 class _Steps:
@@ -52,6 +85,13 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
     are deleted only after a newer one is committed. Saves must go forward (see
     :meth:`rollback`). Entering takes the directory's lock (:class:`DirectoryLockedError`
     if another manager holds it). Queue options pass through.
+
+    ``format="torch"`` (the default) writes a ``torch.save`` file per rank, read back by
+    :meth:`restore` at the same world size. ``format="dcp"`` writes each step in the
+    ``torch.distributed.checkpoint`` format (committed by ``.metadata``, with checksums),
+    planned with ``planner`` (default ``DefaultSavePlanner``, reused while the state dict's
+    structure holds) and written by ``thread_count`` threads per rank; ``dcp.load`` reads
+    it at any world size, and ``await mgr.restore(state_dict=sd)`` loads it into ``sd``.
     """
 
     def __init__(
@@ -60,10 +100,14 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         keep_last: int | None = None,
         *,
         storage: Storage | None = None,
+        format: str = "torch",
+        planner: Any = None,
+        thread_count: int = 1,
         **queue_options: Any,
     ) -> None:
-        self.steps = StepDirectory(directory, keep_last, storage)
+        self.steps = _step_directory(directory, keep_last, storage, format, planner, thread_count)
         self.queue = AsyncCheckpointQueue(**queue_options)
+        self._scheduling: anyio.Lock | None = None
 
     async def __aenter__(self) -> Self:
         await in_thread(self.steps.open)
@@ -102,7 +146,19 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
     ) -> CheckpointFuture:
         """Schedule the checkpoint of ``step``; its future resolves once it is committed.
         ``step`` must be above every committed step and every step being saved;
-        ``extra`` must be JSON. Both are checked here, before anything is written."""
+        ``extra`` must be JSON. Both are checked here, before anything is written.
+        In a distributed job every rank saves every step (with ``format="dcp"`` planning
+        is collective): tasks saving concurrently are served in the order they called."""
+        if self._scheduling is None:
+            self._scheduling = anyio.Lock()
+        # Concurrent saves plan and schedule one at a time, in call order, so that every
+        # rank runs its planning collectives and numbers its calls in the same order.
+        async with self._scheduling:
+            return await self._save(step, state_dict, extra, wait_for_staging)
+
+    async def _save(
+        self, step: int, state_dict: Any, extra: dict[str, Any] | None, wait_for_staging: bool
+    ) -> CheckpointFuture:
         completion = self.queue.engine.completion
         reserved: list[int] = []
 
@@ -130,10 +186,15 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         fut.add_done_callback(lambda _: self.steps.settled(number))
         return fut
 
-    async def restore(self, step: int | None = None, **load_options: Any) -> Any:
-        """Load (and verify) this rank's shard of ``step``, by default the newest committed.
-        Options are :func:`aiockpt.load`'s."""
-        return await in_thread(lambda: _restore(self.steps, step, **load_options))
+    async def restore(
+        self, step: int | None = None, *, state_dict: Any = None, **load_options: Any
+    ) -> Any:
+        """Load (and verify) ``step``, by default the newest committed. ``format="torch"``:
+        returns this rank's state dict (options are :func:`aiockpt.load`'s).
+        ``format="dcp"``: loads into ``state_dict`` in place, resharding, and returns it
+        (collective; options are :func:`aiockpt.dcp.load`'s). Raises
+        :class:`CheckpointNotFoundError` if there is no such committed step."""
+        return await in_thread(lambda: _restore(self.steps, step, state_dict, **load_options))
 
     async def alatest_step(self) -> int | None:
         """:meth:`latest_step` without blocking the event loop."""
@@ -154,6 +215,7 @@ class CheckpointManager(_Steps):
     """The blocking twin of :class:`AsyncCheckpointManager`, for plain training loops:
     call ``poll()`` every step (it never blocks) and ``close()`` at the end. Creating it
     takes the directory's lock (:class:`DirectoryLockedError` if another manager holds it).
+    ``format``, ``planner`` and ``thread_count`` are :class:`AsyncCheckpointManager`'s.
     """
 
     def __init__(
@@ -162,9 +224,12 @@ class CheckpointManager(_Steps):
         keep_last: int | None = None,
         *,
         storage: Storage | None = None,
+        format: str = "torch",
+        planner: Any = None,
+        thread_count: int = 1,
         **queue_options: Any,
     ) -> None:
-        self.steps = StepDirectory(directory, keep_last, storage)
+        self.steps = _step_directory(directory, keep_last, storage, format, planner, thread_count)
         self.steps.open()
         try:
             self.queue = AsyncCallsQueue(**queue_options)
@@ -206,9 +271,12 @@ class CheckpointManager(_Steps):
         self._settle(done)
         return done
 
-    def restore(self, step: int | None = None, **load_options: Any) -> Any:
-        """Load (and verify) this rank's shard of ``step``, by default the newest committed."""
-        return _restore(self.steps, step, **load_options)
+    def restore(
+        self, step: int | None = None, *, state_dict: Any = None, **load_options: Any
+    ) -> Any:
+        """Load (and verify) ``step``, by default the newest committed (see
+        :meth:`AsyncCheckpointManager.restore`; ``format="dcp"`` loads into ``state_dict``)."""
+        return _restore(self.steps, step, state_dict, **load_options)
 
     def rollback(self, to_step: int) -> list[int]:
         """Un-commit and delete the steps above ``to_step``; returns them (see

@@ -7,8 +7,9 @@ The rules, enforced here for both managers:
   (after a divergence, say), ``rollback(to_step)`` first un-commits and deletes the steps
   above ``to_step``. So the checkpoint just committed is always the newest, and retention
   (which keeps the newest ``keep_last``) never deletes it.
-- Deleting a step un-commits it first (``metadata.json`` removed and fsync'd), so a crash
-  mid-way never leaves a committed step with missing files.
+- Deleting a step un-commits it first (``metadata.json``, or ``.metadata`` in the DCP
+  format, removed and fsync'd), so a crash mid-way never leaves a committed step with
+  missing files.
 - Only real directories count as steps: a link, a file or a FIFO named ``step-*`` is
   never followed, listed as a step or deleted through.
 - One process writes the directory: rank 0 holds ``.aiockpt.lock`` while the manager is
@@ -17,6 +18,7 @@ The rules, enforced here for both managers:
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 import re
@@ -36,9 +38,12 @@ from ._files import entry_kind, open_dir, opened
 from ._metadata import METADATA, check_extra
 from ._request import AsyncRequest
 from ._sharded import sharded_request
-from ._storage import LocalStorage, Storage
+from ._storage import DCP_MARKER, LocalStorage, Storage
+
+logger = logging.getLogger("aiockpt")
 
 MAX_STEP = 2**63 - 1
+FORMATS = ("torch", "dcp")
 _STEP_NAME = re.compile(r"^step-([0-9]{12,19})$")
 
 
@@ -73,9 +78,13 @@ class Listing:
     committed: list[int] = field(default_factory=list)
     partial: list[int] = field(default_factory=list)  # no metadata: failed or in progress
     refused: list[tuple[str, str]] = field(default_factory=list)  # (name, what it is)
+    foreign: list[int] = field(default_factory=list)  # committed in the other format
 
 
-def _scan_local(directory: str) -> Listing:
+_OTHER_MARKER = {METADATA: DCP_MARKER, DCP_MARKER: METADATA}
+
+
+def _scan_local(directory: str, marker: str) -> Listing:
     found = Listing()
     try:
         dfd = open_dir(directory)
@@ -87,37 +96,42 @@ def _scan_local(directory: str) -> Listing:
             if step is None:
                 continue
             try:
-                kind = entry_kind(name, dfd)
-                if kind != "a directory":
-                    found.refused.append((name, kind))
+                what = entry_kind(name, dfd)
+                if what != "a directory":
+                    found.refused.append((name, what))
                     continue
                 with opened(open_dir(os.path.join(directory, name), dir_fd=dfd, name=name)) as s:
                     try:
-                        marker: str | None = entry_kind(METADATA, s)
+                        kind: str | None = entry_kind(marker, s)
                     except FileNotFoundError:
-                        marker = None
+                        kind = None
+                    other = _OTHER_MARKER[marker]
+                    foreign = kind is None and other in os.listdir(s)
             except (FileNotFoundError, CheckpointError):
                 continue  # removed or replaced while we looked
-            if marker is None:
+            if foreign:  # never taken for a failed save (and deleted) by this format
+                found.foreign.append(step)
+            elif kind is None:
                 found.partial.append(step)
-            elif marker != "a regular file":
-                found.refused.append((name, f"a directory whose {METADATA} is {marker}"))
+            elif kind != "a regular file":
+                found.refused.append((name, f"a directory whose {marker} is {kind}"))
             else:
                 found.committed.append(step)
     found.committed.sort()
     found.partial.sort()
+    found.foreign.sort()
     return found
 
 
-def _scan(directory: str, storage: Storage) -> Listing:
+def _scan(directory: str, storage: Storage, marker: str = METADATA) -> Listing:
     if isinstance(storage, LocalStorage):
-        return _scan_local(directory)
+        return _scan_local(directory, marker)
     found = Listing()
     for name in storage.list_dir(directory):
         step = parse_step_name(name)
         if step is not None:
             inside = storage.list_dir(os.path.join(directory, name))
-            (found.committed if METADATA in inside else found.partial).append(step)
+            (found.committed if marker in inside else found.partial).append(step)
     found.committed.sort()
     found.partial.sort()
     return found
@@ -128,9 +142,29 @@ class StepDirectory:
 
     ``open()`` (filesystem calls: off the event loop) creates the directory, takes the lock
     on rank 0 and reads the newest committed step; ``close()`` releases the lock.
+    ``format`` is ``"torch"`` (a ``torch.save`` file per rank and ``metadata.json``) or
+    ``"dcp"`` (the ``torch.distributed.checkpoint`` format, committed by ``.metadata``).
     """
 
-    def __init__(self, directory: Any, keep_last: Any, storage: Storage | None) -> None:
+    def __init__(
+        self,
+        directory: Any,
+        keep_last: Any,
+        storage: Storage | None,
+        format: str = "torch",
+        dcp_options: dict[str, Any] | None = None,
+    ) -> None:
+        if format not in FORMATS:
+            raise InvalidRequestError(f"format must be one of {FORMATS}, not {format!r}")
+        if format == "dcp" and storage is not None and not isinstance(storage, LocalStorage):
+            raise InvalidRequestError(
+                "format='dcp' writes through the local (or mounted) filesystem: a custom "
+                "storage is supported with format='torch' only"
+            )
+        if dcp_options and format != "dcp":
+            raise InvalidRequestError(
+                f"{sorted(dcp_options)} apply to format='dcp' only, not format={format!r}"
+            )
         if keep_last is not None and (
             isinstance(keep_last, bool)
             or not isinstance(keep_last, numbers.Integral)
@@ -140,6 +174,10 @@ class StepDirectory:
         self.directory = os.fspath(directory)
         self.keep_last = None if keep_last is None else int(keep_last)
         self.storage = storage if storage is not None else LocalStorage()
+        self.format = format
+        self.marker = DCP_MARKER if format == "dcp" else METADATA
+        self.dcp_options = dict(dcp_options or {})
+        self._plan_cache: Any = None  # the DCP format's SavePlanCache, made on first use
         self.lock = DirectoryLock(self.directory)
         self._mutex = threading.Lock()
         self._in_flight: set[int] = set()  # scheduled, outcome not yet known here
@@ -155,10 +193,18 @@ class StepDirectory:
         if get_rank() == 0 and isinstance(self.storage, LocalStorage):
             self.lock.acquire()
         try:
-            committed = self.scan().committed
+            found = self.scan()
+            if found.foreign:
+                other = "torch" if self.format == "dcp" else "dcp"
+                raise InvalidRequestError(
+                    f"{self.directory!r} holds checkpoints in the {other!r} format (steps "
+                    f"{found.foreign[-3:]}); open it with format={other!r}, or use another "
+                    "directory for this format"
+                )
         except BaseException:
             self.lock.release()
             raise
+        committed = found.committed
         self._newest = committed[-1] if committed else -1
         self._open = True
 
@@ -169,7 +215,7 @@ class StepDirectory:
     # -- reading -----------------------------------------------------------------------
 
     def scan(self) -> Listing:
-        return _scan(self.directory, self.storage)
+        return _scan(self.directory, self.storage, self.marker)
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, step_name(step))
@@ -206,20 +252,54 @@ class StepDirectory:
             )
         self._reserve(step)
         try:
-            request = sharded_request(
-                state_dict,
-                self.path(step),
-                {**extra, "step": step},
-                completion,
-                self.storage,
-                after_commit=lambda: self.prune(step),
-                before_commit=lambda: self._check_still_newest(step),
-                on_committed=lambda: self._committed(step),
-            )
+            if self.format == "dcp":
+                request = self._dcp_request(step, state_dict, {**extra, "step": step}, completion)
+            else:
+                request = sharded_request(
+                    state_dict,
+                    self.path(step),
+                    {**extra, "step": step},
+                    completion,
+                    self.storage,
+                    after_commit=lambda: self.prune(step),
+                    before_commit=lambda: self._check_still_newest(step),
+                    on_committed=lambda: self._committed(step),
+                )
         except BaseException:
             self.settled(step)
             raise
         return request, step
+
+    def _dcp_request(
+        self, step: int, state_dict: Any, extra: dict[str, Any], completion: Any
+    ) -> AsyncRequest:
+        """Plan (collective on every rank; callers keep plannings in one order) and build
+        the DCP-format save of ``step``; the plan is reused while the structure holds."""
+        from .dcp import SavePlanCache, dcp_save_request
+
+        if self._plan_cache is None:
+            self._plan_cache = SavePlanCache()
+        return dcp_save_request(
+            state_dict,
+            self.path(step),
+            completion,
+            cache=self._plan_cache,
+            extra=extra,
+            after_commit=lambda: self._prune_logged(step),
+            before_commit=lambda: self._check_still_newest(step),
+            on_committed=lambda: self._committed(step),
+            **self.dcp_options,
+        )
+
+    def _prune_logged(self, step: int) -> None:
+        try:
+            self.prune(step)
+        except Exception:  # the checkpoint stays committed; the next commit tries again
+            logger.warning(
+                "checkpoint %r is committed, but cleaning up after it failed",
+                self.path(step),
+                exc_info=True,
+            )
 
     def _reserve(self, step: int) -> None:
         with self._mutex:

@@ -52,6 +52,8 @@ __all__ = [
     "write_metadata",
 ]
 
+# The commit marker of a checkpoint in the torch.distributed.checkpoint format.
+DCP_MARKER = ".metadata"
 TMP_MARKER = ".tmp-"
 _HOST = socket.gethostname().replace("/", "_")
 
@@ -312,8 +314,8 @@ def make_dir(path: str) -> None:
 
 
 def remove_checkpoint(path: str) -> None:
-    """Delete a checkpoint directory safely: un-commit it first (remove ``metadata.json``
-    and fsync), so a crash mid-way never leaves a committed checkpoint missing files; then
+    """Delete a checkpoint directory safely: un-commit it first (remove ``metadata.json``,
+    or a DCP checkpoint's ``.metadata``, and fsync), so a crash mid-way never leaves a committed checkpoint missing files; then
     delete the rest without following any link. A link or file in its place is unlinked."""
     parent, name = os.path.split(os.path.abspath(path))
     with opened(open_dir(parent)) as pfd:
@@ -322,8 +324,9 @@ def remove_checkpoint(path: str) -> None:
             os.fsync(pfd)
             return
         with opened(open_dir(path, dir_fd=pfd, name=name)) as dfd:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(METADATA, dir_fd=dfd)
+            for marker in (METADATA, DCP_MARKER):  # either format's commit marker
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(marker, dir_fd=dfd)
             os.fsync(dfd)
         shutil.rmtree(path)  # fd-based: never follows a link inside
         os.fsync(pfd)

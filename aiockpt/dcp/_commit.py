@@ -71,7 +71,12 @@ def commit_dcp(
 class CommitDCP(ResultFinalizer):
     """Finalize step of a DCP save, on every rank after global success: gathers every
     rank's write results; the rank holding the global metadata commits; every rank learns
-    whether that worked. ``after_commit`` runs on the committing rank once it has."""
+    whether that worked.
+
+    Hooks, as a checkpoint manager uses them: ``before_commit`` (committing rank) may raise
+    to refuse the commit; ``on_committed`` runs on every rank once the commit is known;
+    ``after_commit`` runs on the committing rank once ``.metadata`` is durable (its failure
+    fails the save, which stays committed)."""
 
     def __init__(
         self,
@@ -80,39 +85,53 @@ class CommitDCP(ResultFinalizer):
         completion: CompletionGroup,
         extra: dict[str, Any] | None = None,
         after_commit: Callable[[], Any] | None = None,
+        *,
+        before_commit: Callable[[], Any] | None = None,
+        on_committed: Callable[[], Any] | None = None,
     ) -> None:
         self.directory = directory
         self.metadata = metadata
         self.completion = completion
         self.extra = extra or {}
         self.after_commit = after_commit
+        self.before_commit = before_commit
+        self.on_committed = on_committed
+
+    def _commit(self, gathered: list[Any]) -> tuple[bool, str | None]:
+        """On the committing rank: (committed, what failed)."""
+        assert self.metadata is not None
+        committed = False
+        try:
+            if self.before_commit is not None:
+                self.before_commit()
+            commit_dcp(
+                self.directory,
+                self.metadata,
+                [r["results"] for r in gathered],
+                [f for r in gathered for f in r["files"]],
+                self.extra,
+            )
+            committed = True
+            if self.after_commit is not None:
+                self.after_commit()
+        except Exception as exc:
+            return committed, (
+                f"the checkpoint in {self.directory!r} is committed, but the step after "
+                f"its commit failed on rank {get_rank()}: {type(exc).__name__}: {exc}"
+                if committed
+                else f"could not commit the checkpoint in {self.directory!r} on rank "
+                f"{get_rank()} ({type(exc).__name__}: {exc}); it has no .metadata and "
+                "is not a checkpoint"
+            )
+        return True, None
 
     def __call__(self, result: Any, call_idx: int) -> None:
         gathered = self.completion.all_gather_object(call_idx, result)
-        failure = None
-        if self.metadata is not None:
-            committed = False
-            try:
-                commit_dcp(
-                    self.directory,
-                    self.metadata,
-                    [r["results"] for r in gathered],
-                    [f for r in gathered for f in r["files"]],
-                    self.extra,
-                )
-                committed = True
-                if self.after_commit is not None:
-                    self.after_commit()
-            except Exception as exc:
-                failure = (
-                    f"the checkpoint in {self.directory!r} is committed, but the step after "
-                    f"its commit failed on rank {get_rank()}: {type(exc).__name__}: {exc}"
-                    if committed
-                    else f"could not commit the checkpoint in {self.directory!r} on rank "
-                    f"{get_rank()} ({type(exc).__name__}: {exc}); it has no .metadata and "
-                    "is not a checkpoint"
-                )
-        failures = [f for f in self.completion.all_gather_object(call_idx, failure) if f]
+        outcome = None if self.metadata is None else self._commit(gathered)
+        outcomes = [o for o in self.completion.all_gather_object(call_idx, outcome) if o]
+        if any(committed for committed, _ in outcomes) and self.on_committed is not None:
+            self.on_committed()
+        failures = [failure for _, failure in outcomes if failure]
         if failures:
             raise OSError(failures[0])
 
@@ -137,6 +156,9 @@ def request_for_plan(
     thread_count: int = 1,
     extra: dict[str, Any] | None = None,
     after_commit: Callable[[], Any] | None = None,
+    *,
+    before_commit: Callable[[], Any] | None = None,
+    on_committed: Callable[[], Any] | None = None,
 ) -> AsyncRequest:
     """The request that writes a planned save: its tensors are plain (local shards), so the
     engine stages them; its finalize step commits."""
@@ -149,7 +171,17 @@ def request_for_plan(
     return AsyncRequest(
         wrap_for_async(write_rank_files),
         (planned.buckets, directory, thread_count),
-        [CommitDCP(directory, planned.metadata, completion, extra, after_commit)],
+        [
+            CommitDCP(
+                directory,
+                planned.metadata,
+                completion,
+                extra,
+                after_commit,
+                before_commit=before_commit,
+                on_committed=on_committed,
+            )
+        ],
     )
 
 
@@ -164,14 +196,25 @@ def dcp_save_request(
     thread_count: int = 1,
     extra: dict[str, Any] | None = None,
     after_commit: Callable[[], Any] | None = None,
+    before_commit: Callable[[], Any] | None = None,
+    on_committed: Callable[[], Any] | None = None,
 ) -> AsyncRequest:
     """Plan a DCP save of ``state_dict`` into ``directory`` (collective, on every rank) and
     return the request that writes it; schedule it with ``needs_global=True``.
 
     ``completion`` is the queue's completion group (``queue._engine.completion``);
-    ``extra`` is recorded in the checksum sidecar; ``after_commit`` runs on rank 0 once
-    ``.metadata`` is durable (retention, say).
+    ``extra`` is recorded in the checksum sidecar; the hooks are :class:`CommitDCP`'s
+    (``after_commit`` runs on rank 0 once ``.metadata`` is durable: retention, say).
     """
     path = checked_directory(directory)
     planned = plan_save(state_dict, planner, cache, process_group, thread_count)
-    return request_for_plan(planned, path, completion, thread_count, extra, after_commit)
+    return request_for_plan(
+        planned,
+        path,
+        completion,
+        thread_count,
+        extra,
+        after_commit,
+        before_commit=before_commit,
+        on_committed=on_committed,
+    )

@@ -1,0 +1,108 @@
+"""Checkpoint managers in the DCP format, run on every rank by dist_harness.run_ranks
+("dcp_manager_scenarios:name")."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from typing import Any
+
+import anyio
+from dcp_scenarios import _mesh, dtensor_state, mismatches, write_then_stall
+
+import aiockpt.dcp._commit
+from aiockpt import AsyncCheckpointManager, CheckpointError, CheckpointManager
+
+
+def _zeroed(mesh: Any) -> dict[str, Any]:
+    sd = dtensor_state(mesh, 0)
+    for t in sd["model"].values():
+        t.to_local().zero_()
+    sd["plain"].zero_()
+    sd["step"] = 0
+    return sd
+
+
+def manager_steps(rank: int, world: int, tmp: str, mode: str) -> dict[str, Any]:
+    """Steps 1, 2, 3 of DTensor state (offset = step) with keep_last=2; then restore the
+    newest into zeroed DTensors. Reports what every rank saw."""
+    mesh = _mesh(world)
+    directory = os.path.join(tmp, "ckpts")
+    out: dict[str, Any] = {}
+    if mode == "blocking":
+        with CheckpointManager(directory, keep_last=2, format="dcp", thread_count=2) as mgr:
+            for step in (1, 2, 3):
+                idx = mgr.save(step, dtensor_state(mesh, step), extra={"offset": step})
+                out.setdefault("finalized", []).extend(mgr.poll(blocking=True))
+                assert idx == step - 1
+            out["committed"] = mgr.committed_steps()
+            sd = mgr.restore(state_dict=_zeroed(mesh))
+            out["plannings"] = mgr.steps._plan_cache.plannings
+    else:
+
+        async def main() -> None:
+            async with AsyncCheckpointManager(directory, keep_last=2, format="dcp") as mgr:
+                futs = []
+                for step in (1, 2, 3):
+                    futs.append(await mgr.save(step, dtensor_state(mesh, step)))
+                out["finalized"] = [(await fut).call_idx for fut in futs]
+                out["committed"] = await mgr.acommitted_steps()
+                out["sd"] = await mgr.restore(state_dict=_zeroed(mesh))
+                out["plannings"] = mgr.steps._plan_cache.plannings
+
+        anyio.run(main)
+        sd = out.pop("sd")
+    out["mismatches"] = mismatches(sd, 3)
+    return out
+
+
+def manager_worker_killed(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """Step 1 commits; the last rank's worker is SIGKILLed once it has written its files
+    for step 2; the manager then restores step 1 and commits step 3."""
+    mesh = _mesh(world)
+    directory = os.path.join(tmp, "ckpts")
+    gate = os.path.join(tmp, "gate")
+    pid_path = os.path.join(tmp, "pid")
+    if rank == world - 1:
+        os.mkfifo(gate)
+    out: dict[str, Any] = {}
+    real_write = aiockpt.dcp._commit.write_rank_files
+
+    def kill_worker() -> None:
+        # Opening the FIFO returns once the worker opened it: its pid is written by then.
+        fd = os.open(gate, os.O_WRONLY)
+        with open(pid_path) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
+        os.close(fd)
+
+    async def main() -> None:
+        async with AsyncCheckpointManager(directory, keep_last=2, format="dcp") as mgr:
+            await (await mgr.save(1, dtensor_state(mesh, 1)))
+            if rank == world - 1:
+                aiockpt.dcp._commit.write_rank_files = functools.partial(  # type: ignore[assignment]
+                    write_then_stall, gate=gate, pid_path=pid_path
+                )
+            try:
+                fut = await mgr.save(2, dtensor_state(mesh, 2))
+            finally:
+                aiockpt.dcp._commit.write_rank_files = real_write
+            if rank == world - 1:
+                await anyio.to_thread.run_sync(kill_worker)
+            try:
+                await fut
+                out["error"] = None
+            except CheckpointError as err:
+                out["error"] = type(err).__name__
+                out["failed_ranks"] = getattr(err, "failed_ranks", None)
+            out["step2_metadata"] = os.path.exists(
+                os.path.join(directory, "step-000000000002", ".metadata")
+            )
+            out["committed_after_kill"] = await mgr.acommitted_steps()
+            out["restored"] = mismatches(await mgr.restore(state_dict=_zeroed(mesh)), 1)
+            await (await mgr.save(3, dtensor_state(mesh, 3)))
+            out["committed"] = await mgr.acommitted_steps()
+
+    anyio.run(main)
+    out["listing"] = sorted(n for n in os.listdir(directory) if n.startswith("step-"))
+    return out

@@ -1,0 +1,228 @@
+"""Checkpoint managers with ``format="dcp"``: numbered steps in the DCP format, committed by
+``.metadata``, retained, rolled back and restored in place (resharded) on real ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from dcp_scenarios import global_tensors
+from dist_harness import run_ranks, values
+from test_dcp import assert_values, plain_state
+
+import aiockpt.dcp
+from aiockpt import (
+    AsyncCheckpointManager,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    InvalidRequestError,
+)
+
+
+def _state(step: int) -> dict[str, Any]:
+    return {"w": torch.arange(6.0) + step, "nested": {"b": torch.full((2, 3), step)}, "n": step}
+
+
+def _zeroed() -> dict[str, Any]:
+    return {"w": torch.zeros(6), "nested": {"b": torch.zeros(2, 3, dtype=torch.int64)}, "n": 0}
+
+
+def _assert_step(sd: dict[str, Any], step: int) -> None:
+    expected = _state(step)
+    assert torch.equal(sd["w"], expected["w"])
+    assert torch.equal(sd["nested"]["b"], expected["nested"]["b"])
+    assert sd["n"] == step
+
+
+def _steps(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("step-"))
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_blocking_manager_saves_retains_and_restores_in_place(
+    tmp_path: Path, persistent: bool
+) -> None:
+    with CheckpointManager(tmp_path, keep_last=2, format="dcp", persistent=persistent) as mgr:
+        for step in (10, 20, 30):
+            assert mgr.save(step, _state(step), extra={"lr": step / 100}) == step // 10 - 1
+            assert mgr.poll(blocking=True) == [step // 10 - 1]
+        assert mgr.committed_steps() == [20, 30]
+        assert mgr.latest_step() == 30
+        target = _zeroed()
+        assert mgr.restore(state_dict=target) is target
+        _assert_step(target, 30)
+        _assert_step(mgr.restore(20, state_dict=_zeroed()), 20)
+        # The structure never changed: one planning, then the plan is reused.
+        assert mgr.steps._plan_cache.plannings == 1
+        assert mgr.steps._plan_cache.reuses == 2
+    assert _steps(tmp_path) == ["step-000000000020", "step-000000000030"]
+    step_dir = tmp_path / "step-000000000030"
+    assert {".metadata", ".metadata.checksums", "__0_0.distcp"} <= set(os.listdir(step_dir))
+    assert not (step_dir / "metadata.json").exists()
+    sidecar = json.loads((step_dir / ".metadata.checksums").read_text())
+    assert sidecar["extra"] == {"lr": 0.3, "step": 30}
+    # Plain DCP reads it, and aiockpt verifies it.
+    plain = _zeroed()
+    dcp.load(plain, checkpoint_id=str(step_dir))
+    _assert_step(plain, 30)
+    checked = aiockpt.dcp.verify_dcp(str(step_dir))
+    assert checked == [str(step_dir / ".metadata"), str(step_dir / "__0_0.distcp")]
+
+
+def test_cli_lists_dcp_steps(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, format="dcp", persistent=False) as mgr:
+        mgr.save(5, _state(5))
+        mgr.poll(blocking=True)
+        mgr.save(6, _state(6))
+    out = subprocess.run(
+        [sys.executable, "-m", "aiockpt", "ls", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    rows = [line.split() for line in out[1:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("step-000000000005", "5", "1"),
+        ("step-000000000006", "6", "1"),
+    ]
+
+
+def test_restore_needs_a_state_dict_in_the_dcp_format_only(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path / "d", format="dcp", persistent=False) as mgr:
+        with pytest.raises(CheckpointNotFoundError, match="no committed checkpoint"):
+            mgr.restore(state_dict=_zeroed())
+        mgr.save(1, _state(1))
+        mgr.poll(blocking=True)
+        with pytest.raises(InvalidRequestError, match=r"loads in place.*restore\(state_dict="):
+            mgr.restore()
+    with CheckpointManager(tmp_path / "t", persistent=False) as mgr:
+        mgr.save(1, _state(1))
+        mgr.poll(blocking=True)
+        with pytest.raises(InvalidRequestError, match="format='dcp' only"):
+            mgr.restore(state_dict=_zeroed())
+
+
+def test_bad_format_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="format must be one of"):
+        CheckpointManager(tmp_path, format="safetensors")
+    with pytest.raises(InvalidRequestError, match=r"\['thread_count'\] apply to format='dcp'"):
+        CheckpointManager(tmp_path, thread_count=4)
+
+    with pytest.raises(InvalidRequestError, match="custom storage is supported with format='torch'"):
+        CheckpointManager(tmp_path, format="dcp", storage=object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("first", "second"), [("torch", "dcp"), ("dcp", "torch")])
+def test_a_directory_of_the_other_format_is_refused_and_kept(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """Opened in the other format, a committed step must not pass for a failed save (which
+    retention deletes): the manager refuses the directory."""
+    with CheckpointManager(tmp_path, format=first, persistent=False) as mgr:
+        mgr.save(1, _state(1))
+    before = sorted(os.listdir(tmp_path / "step-000000000001"))
+    with pytest.raises(InvalidRequestError, match=f"holds checkpoints in the '{first}' format"):
+        CheckpointManager(tmp_path, keep_last=1, format=second)
+    assert sorted(os.listdir(tmp_path / "step-000000000001")) == before
+    # The lock was released: the right format opens it.
+    with CheckpointManager(tmp_path, format=first, persistent=False) as mgr:
+        assert mgr.committed_steps() == [1]
+
+
+def test_rollback_uncommits_dcp_steps_first(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, format="dcp", persistent=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _state(step))
+            mgr.poll(blocking=True)
+        with pytest.raises(InvalidRequestError, match="saves must go forward"):
+            mgr.save(2, _state(2))
+        assert mgr.rollback(1) == [2, 3]
+        assert mgr.committed_steps() == [1]
+        mgr.save(2, _state(22))
+        mgr.poll(blocking=True)
+        _assert_step(mgr.restore(state_dict=_zeroed()), 22)
+    assert _steps(tmp_path) == ["step-000000000001", "step-000000000002"]
+
+
+def test_async_manager_concurrent_saves_commit_in_call_order(tmp_path: Path) -> None:
+    order: list[int] = []
+
+    async def main() -> None:
+        async with AsyncCheckpointManager(tmp_path, keep_last=3, format="dcp") as mgr:
+
+            async def save(step: int) -> None:
+                fut = await mgr.save(step, _state(step), wait_for_staging=step % 2 == 0)
+                order.append((await fut).call_idx)
+
+            async with anyio.create_task_group() as tg:
+                for step in (1, 2, 3, 4):
+                    tg.start_soon(save, step)
+                    await anyio.sleep(0)  # let each task take its turn at the lock
+            assert await mgr.acommitted_steps() == [2, 3, 4]
+            target = _zeroed()
+            assert await mgr.restore(state_dict=target) is target
+            _assert_step(target, 4)
+            _assert_step(await mgr.restore(3, state_dict=_zeroed()), 3)
+
+    anyio.run(main)
+    assert sorted(order) == [0, 1, 2, 3]
+
+
+def test_async_manager_cancelled_while_planning_releases_the_step(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with AsyncCheckpointManager(tmp_path, format="dcp") as mgr:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await mgr.save(1, _state(1))
+            assert scope.cancelled_caught
+            # Nothing was scheduled for step 1, and it can be saved now.
+            await (await mgr.save(1, _state(1)))
+            assert await mgr.acommitted_steps() == [1]
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("mode", ["blocking", "async"])
+def test_two_ranks_manager_steps_load_resharded_in_one_process(tmp_path: Path, mode: str) -> None:
+    out = values(run_ranks("dcp_manager_scenarios:manager_steps", 2, str(tmp_path), mode=mode))
+    for o in out:
+        assert o["finalized"] == [0, 1, 2], o
+        assert o["committed"] == [2, 3]
+        assert o["mismatches"] == []
+        assert o["plannings"] == 1
+    ckpts = tmp_path / "ckpts"
+    assert _steps(ckpts) == ["step-000000000002", "step-000000000003"]
+    step3 = ckpts / "step-000000000003"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(os.listdir(step3))
+    for loader in ("dcp", "aiockpt"):
+        state = plain_state()
+        if loader == "dcp":
+            dcp.load(state, checkpoint_id=str(step3))
+        else:
+            aiockpt.dcp.load(state, step3)
+        assert_values(state, 3)
+    assert torch.equal(state["model"]["row"], global_tensors(3)["row"])
+
+
+def test_two_ranks_killed_worker_commits_nothing_and_the_manager_goes_on(tmp_path: Path) -> None:
+    out = values(
+        run_ranks("dcp_manager_scenarios:manager_worker_killed", 2, str(tmp_path), timeout=110)
+    )
+    for o in out:
+        assert o["error"] == "DistributedCheckpointError", o
+        assert o["failed_ranks"] == (1,)
+        assert o["step2_metadata"] is False
+        assert o["committed_after_kill"] == [1]
+        assert o["restored"] == []
+        assert o["committed"] == [1, 3]
+    # The failed step's leftovers are deleted once a newer step commits.
+    assert out[0]["listing"] == ["step-000000000001", "step-000000000003"]
