@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 from typing import Any
 
 import torch
@@ -282,14 +283,18 @@ def load(
     directory = os.fspath(checkpoint_id)
     reader = CheckedFileSystemReader(directory, require_checksums)
     reader.read_metadata()  # typed errors here, on this rank, before any collective
+    no_dist = not (dist.is_available() and dist.is_initialized())
     try:
-        dcp_load(
-            state_dict,
-            storage_reader=reader,
-            planner=planner if planner is not None else SafeLoadPlanner(),
-            process_group=process_group,
-            no_dist=not (dist.is_available() and dist.is_initialized()),
-        )
+        with warnings.catch_warnings():
+            if no_dist:  # one process is what the caller has: DCP's warning says nothing
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp_load(
+                state_dict,
+                storage_reader=reader,
+                planner=planner if planner is not None else SafeLoadPlanner(),
+                process_group=process_group,
+                no_dist=no_dist,
+            )
     except CheckpointException as exc:
         typed = _typed_failure(exc, directory)
         if typed is not None:
