@@ -316,3 +316,28 @@ def nvrx_flow(rank: int, world: int, tmp: str) -> dict[str, Any]:
         "reuses": cache.reuses,
         "leftovers": sorted(n for n in os.listdir(os.path.join(tmp, "nvrx-a")) if "results" in n),
     }
+
+
+def sharded_tensor(world: int, offset: float = 0.0) -> Any:
+    """A (legacy) ShardedTensor of shape (8, 3), split by rows over ``world`` ranks."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard as STShard
+    from torch.distributed._shard.sharded_tensor import init_from_local_shards
+
+    rank = dist.get_rank()
+    full = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3) + offset
+    rows = 8 // world
+    local = full[rank * rows : (rank + 1) * rows].clone()
+    meta = ShardMetadata([rank * rows, 0], [rows, 3], f"rank:{rank}/cpu")
+    return init_from_local_shards([STShard(local, meta)], [8, 3])
+
+
+def sharded_tensor_save(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """A ShardedTensor state saved by DCPAsyncCheckpoint; its local shard scribbled on as
+    soon as the save returns (staged)."""
+    ckpt = DCPAsyncCheckpoint()
+    st = sharded_tensor(world, 1.0)
+    ckpt.async_save({"st": st}, os.path.join(tmp, "st"))
+    st.local_shards()[0].tensor.fill_(-1)
+    finalized = ckpt.finalize_async_save(blocking=True, no_dist=False, terminate=True)
+    return {"finalized": finalized}

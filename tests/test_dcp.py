@@ -488,3 +488,17 @@ def test_commit_failures_are_reported_for_what_they_are(tmp_path: Path) -> None:
     out = {"w": torch.zeros(2)}
     aiockpt.dcp.load(out, tmp_path / "b")
     assert torch.equal(out["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("loader", ["dcp", "aiockpt"])
+def test_sharded_tensor_saved_at_2_ranks_loads_in_one_process(tmp_path: Path, loader: str) -> None:
+    """Legacy ShardedTensor local shards are staged like DTensor ones: the values are those
+    at the save, not the ones written into the shard right after it returned."""
+    out = values(run_ranks("dcp_scenarios:sharded_tensor_save", 2, str(tmp_path)))
+    assert out == [{"finalized": [0]}, {"finalized": [0]}]
+    state = {"st": torch.zeros(8, 3)}
+    if loader == "dcp":
+        dcp.load(state, checkpoint_id=str(tmp_path / "st"))
+    else:
+        aiockpt.dcp.load(state, tmp_path / "st")
+    assert torch.equal(state["st"], torch.arange(24.0).reshape(8, 3) + 1.0)

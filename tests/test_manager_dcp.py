@@ -117,7 +117,9 @@ def test_bad_format_options_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match=r"\['thread_count'\] apply to format='dcp'"):
         CheckpointManager(tmp_path, thread_count=4)
 
-    with pytest.raises(InvalidRequestError, match="custom storage is supported with format='torch'"):
+    with pytest.raises(
+        InvalidRequestError, match="custom storage is supported with format='torch'"
+    ):
         CheckpointManager(tmp_path, format="dcp", storage=object())  # type: ignore[arg-type]
 
 
