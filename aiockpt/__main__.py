@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import stat
 import sys
 from typing import Any
 
@@ -25,8 +26,12 @@ def _read_listing(path: str) -> dict[str, Any]:
     from .dcp import CHECKSUMS
     from .dcp._load import read_checksums
 
-    if not os.path.lexists(os.path.join(path, ".metadata")):
+    try:
+        marker = os.lstat(os.path.join(path, ".metadata"))
+    except FileNotFoundError:
         return read_metadata(path)
+    if not stat.S_ISREG(marker.st_mode):
+        raise CheckpointError(".metadata is not a regular file: not a checkpoint")
     sidecar = read_checksums(path)
     if sidecar is None:
         raise CheckpointError(f"a DCP checkpoint without {CHECKSUMS} (not written by aiockpt)")

@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from types import TracebackType
@@ -364,7 +364,12 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
     # -- scheduling ---------------------------------------------------------------------
 
     async def schedule(
-        self, request: AsyncRequest, *, wait_for_staging: bool = True, needs_global: bool = False
+        self,
+        request: AsyncRequest,
+        *,
+        wait_for_staging: bool = True,
+        needs_global: bool = False,
+        on_scheduled: Callable[[CheckpointFuture], object] | None = None,
     ) -> CheckpointFuture:
         """Schedule ``request``; return its future.
 
@@ -378,6 +383,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
 
         Cancelled while waiting for room, nothing is scheduled. Cancelled later, the
         request still runs: its result or failure comes from ``finalize()`` or the exit.
+        ``on_scheduled(future)`` is called as soon as the request has its future, before
+        this returns or can be cancelled: what must follow every scheduled request (say,
+        releasing a resource once it settles) can rely on it.
         """
         self._check_open()
         if not isinstance(request, AsyncRequest):
@@ -394,6 +402,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._next_idx += 1
         self._futures[fut.call_idx] = fut
         self._unreported.append(fut)
+        if on_scheduled is not None:
+            on_scheduled(fut)
         assert self._stage_send is not None
         stager_idle = self._queued_for_staging == 0
         self._queued_for_staging += 1
@@ -521,6 +531,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             call = await self._in_thread(self._stage, request, fut, glob, event)
         except CheckpointError as err:
             self._resolve(fut, None, err)
+            # The failed call still takes part in the completion check, where the other
+            # ranks learn of it: the poller must run it even if nothing else is pending.
+            self._wakeup.set()
             return
         except Exception as exc:  # never leave a future hanging
             wrapped = StagingError(
@@ -529,6 +542,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             )
             wrapped.__cause__ = exc
             self._resolve(fut, None, wrapped)
+            self._wakeup.set()
             return
         if call is not None:
             fut._set_staged()

@@ -148,7 +148,9 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         ``step`` must be above every committed step and every step being saved;
         ``extra`` must be JSON. Both are checked here, before anything is written.
         In a distributed job every rank saves every step (with ``format="dcp"`` planning
-        is collective): tasks saving concurrently are served in the order they called."""
+        is collective): tasks saving concurrently are served in the order they called.
+        Cancelled, a save that has begun is still scheduled (its future settles the step)
+        and the cancellation is raised once it is; a save waiting behind another is not."""
         if self._scheduling is None:
             self._scheduling = anyio.Lock()
         # Concurrent saves plan and schedule one at a time, in call order, so that every
@@ -161,29 +163,35 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
     ) -> CheckpointFuture:
         completion = self.queue.engine.completion
         reserved: list[int] = []
+        scheduled: list[CheckpointFuture] = []
 
         def build() -> AsyncRequest:
             request, number = self.steps.request(step, state_dict, extra, completion)
             reserved.append(number)
             return request
 
-        try:
-            request = await in_thread(build)
-        except BaseException:  # cancelled while the thread ran: nothing was scheduled
-            for number in reserved:
-                self.steps.settled(number)
-            raise
-        (number,) = reserved
-        try:
-            fut = await self.queue.schedule(
-                request, wait_for_staging=wait_for_staging, needs_global=True
-            )
-        except CheckpointError:
-            self.steps.settled(number)  # refused or staging failed: it will not run
-            raise
-        # Cancelled while staging, the save still runs: its step stays reserved (a commit
-        # releases it), so that no other save can write the same directory meanwhile.
-        fut.add_done_callback(lambda _: self.steps.settled(number))
+        def track(fut: CheckpointFuture) -> None:
+            # Committed or failed, the step stops blocking others once its save settles.
+            scheduled.append(fut)
+            fut.add_done_callback(lambda _: self.steps.settled(number))
+
+        # Once this rank starts building the request it schedules it, even if cancelled
+        # meanwhile (the cancellation is delivered right after): the other ranks schedule
+        # theirs, and every rank's calls must be numbered alike.
+        with anyio.CancelScope(shield=True):
+            try:
+                request = await in_thread(build)
+                (number,) = reserved
+                fut = await self.queue.schedule(
+                    request, wait_for_staging=False, needs_global=True, on_scheduled=track
+                )
+            except BaseException:
+                if not scheduled:  # refused: it will not run
+                    for number in reserved:
+                        self.steps.settled(number)
+                raise
+        if wait_for_staging:
+            await fut.staged
         return fut
 
     async def restore(

@@ -279,6 +279,8 @@ class StepDirectory:
 
         if self._plan_cache is None:
             self._plan_cache = SavePlanCache()
+        # A real directory of its own (never a link to elsewhere), as in the torch format.
+        self.storage.makedirs(self.path(step))
         return dcp_save_request(
             state_dict,
             self.path(step),

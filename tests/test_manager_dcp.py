@@ -228,3 +228,145 @@ def test_two_ranks_killed_worker_commits_nothing_and_the_manager_goes_on(tmp_pat
         assert o["committed"] == [1, 3]
     # The failed step's leftovers are deleted once a newer step commits.
     assert out[0]["listing"] == ["step-000000000001", "step-000000000003"]
+
+
+def test_two_ranks_one_rank_failing_after_the_plan_fails_every_rank(tmp_path: Path) -> None:
+    """Ranks agree on a plan, then one cannot serialize its data: it raises at once, the
+    others' saves fail at completion (its idle manager takes part), nothing commits, and
+    the next step commits on every rank: call numbers stayed aligned."""
+    out = values(
+        run_ranks("dcp_manager_scenarios:manager_rank_fails_after_planning", 2, str(tmp_path))
+    )
+    assert out[1]["step2"] == "StagingError"
+    assert "refuses to be pickled" in out[1]["step2_message"]
+    assert "on rank 1" in out[1]["step2_message"]
+    assert out[0]["step2"] == "DistributedCheckpointError"
+    assert out[0]["failed_ranks"] == (1,)
+    assert "refuses to be pickled" in out[0]["step2_message"]
+    for o in out:
+        assert o["step2_metadata"] is False
+        assert o["committed"] == [1, 3]
+        assert o["restored"] == []
+
+
+def test_two_ranks_planner_failing_on_a_reused_plan_fails_every_rank(tmp_path: Path) -> None:
+    out = values(
+        run_ranks("dcp_manager_scenarios:blocking_manager_planner_fails_on_reuse", 2, str(tmp_path))
+    )
+    assert out[0]["save2"] == 1
+    assert out[1]["save2"].startswith("StagingError: ")
+    assert "the planner failed on the last rank" in out[1]["save2"]
+    assert out[0]["errors"] == [("DistributedCheckpointError", 1)]
+    assert out[1]["errors"] == []  # raised at the save already: not raised twice
+    for o in out:
+        assert o["step3"] == [2]
+        assert o["committed"] == [1, 3]
+
+
+def test_a_step_that_is_a_link_is_never_written_through(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    with CheckpointManager(outside, format="dcp", persistent=False) as mgr:
+        mgr.save(1, _state(7))
+    before = {p.name: p.read_bytes() for p in (outside / "step-000000000001").iterdir()}
+    managed = tmp_path / "managed"
+    managed.mkdir()
+    (managed / "step-000000000005").symlink_to(outside / "step-000000000001")
+    with CheckpointManager(managed, format="dcp", persistent=False) as mgr:
+        with pytest.raises(aiockpt.UntrustedEntryError, match="is a symlink"):
+            mgr.save(5, _state(5))
+        mgr.save(6, _state(6))  # nothing was scheduled for step 5; the manager goes on
+        assert mgr.poll(blocking=True) == [0]
+    after = {p.name: p.read_bytes() for p in (outside / "step-000000000001").iterdir()}
+    assert after == before
+
+
+class _NoPickle:
+    def __reduce__(self) -> Any:
+        raise TypeError("this object refuses to be pickled")
+
+
+def test_unserializable_item_or_unpreparable_directory_is_a_typed_error(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, format="dcp", persistent=False) as mgr:
+        with pytest.raises(aiockpt.StagingError, match="refuses to be pickled") as info:
+            mgr.save(1, {"w": torch.ones(2), "obj": _NoPickle()})
+        assert info.value.call_idx == 0 and info.value.rank == 0
+        (tmp_path / "step-000000000002" / ".metadata.checksums" / "x").mkdir(parents=True)
+        with pytest.raises(aiockpt.StagingError, match=r"cannot prepare .* for a new save"):
+            mgr.save(2, _state(2))
+        assert mgr.save(1, _state(1)) == 2  # both steps were released
+        assert mgr.poll(blocking=True) == [2]
+        assert mgr.committed_steps() == [1]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s["files"][0].pop("nbytes"), "malformed file record"),
+        (lambda s: s["files"].__setitem__(0, "__0_0.distcp"), "malformed file record"),
+        (lambda s: s.pop("world_size"), "records no world size"),
+        (lambda s: s["metadata"].pop("xxh3_64"), "malformed file record"),
+    ],
+)
+def test_an_edited_sidecar_is_corrupt_for_restore_and_ls(
+    tmp_path: Path, edit: Any, message: str
+) -> None:
+    with CheckpointManager(tmp_path, format="dcp", persistent=False) as mgr:
+        mgr.save(1, _state(1))
+    sidecar_path = tmp_path / "step-000000000001" / ".metadata.checksums"
+    sidecar = json.loads(sidecar_path.read_text())
+    edit(sidecar)
+    sidecar_path.write_text(json.dumps(sidecar))
+    with (
+        CheckpointManager(tmp_path, format="dcp", persistent=False) as mgr,
+        pytest.raises(aiockpt.CorruptCheckpointError, match=message),
+    ):
+        mgr.restore(state_dict=_zeroed())
+    listing = subprocess.run(
+        [sys.executable, "-m", "aiockpt", "ls", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "step-000000000001         BAD: " in listing.stdout
+    assert message in listing.stdout
+
+
+def test_restore_into_a_state_dict_that_does_not_fit_is_a_typed_error(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, format="dcp", persistent=False) as mgr:
+        mgr.save(1, _state(1))
+        mgr.poll(blocking=True)
+        with pytest.raises(InvalidRequestError, match=r"failed on rank 0: RuntimeError: Missing"):
+            mgr.restore(state_dict={**_zeroed(), "extra": torch.zeros(1)})
+        with pytest.raises(InvalidRequestError, match="ValueError: Size mismatch"):
+            mgr.restore(state_dict={**_zeroed(), "w": torch.zeros(7)})
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_save_cancelled_while_waiting_for_room_still_runs_and_settles(
+    tmp_path: Path, backend: str
+) -> None:
+    """Once begun (planned: every rank plans), a save is scheduled even if cancelled, so
+    that every rank numbers its calls alike; its step is released when it settles."""
+
+    async def main() -> None:
+        async with AsyncCheckpointManager(tmp_path, format="dcp", max_pending=1) as mgr:
+            fut1 = await mgr.save(1, {"w": torch.ones(2**22)})
+            with anyio.CancelScope() as scope:
+
+                async def cancel_once_begun() -> None:
+                    while 2 not in mgr.steps._in_flight:  # reserved: save(2) has begun
+                        await anyio.sleep(0.001)
+                    scope.cancel()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(cancel_once_begun)
+                    await mgr.save(2, _state(2))  # waits for room behind save(1)
+            assert scope.cancelled_caught
+            await fut1
+            await mgr.queue.finalize()
+            assert await mgr.acommitted_steps() == [1, 2]
+            assert mgr.steps._in_flight == set()
+            assert await mgr.rollback(1) == [2]
+
+    anyio.run(main, backend=backend)

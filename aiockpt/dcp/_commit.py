@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from .._dist import CompletionGroup, get_rank, get_world_size
 from .._engine import ResultFinalizer
-from .._exceptions import InvalidRequestError
+from .._exceptions import InvalidRequestError, StorageError
 from .._request import AsyncRequest
 from .._storage import remove_temporaries, write_atomic
 from ..utils import wrap_for_async
@@ -149,6 +149,25 @@ def checked_directory(checkpoint_id: Any) -> str:
     return path
 
 
+def _prepare_directory(directory: str) -> None:
+    # The previous checkpoint in this directory stops being one before any of its files is
+    # replaced: each rank drops the marker before its own worker renames anything.
+    for name in (METADATA, CHECKSUMS):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+    remove_temporaries(directory, f"__{get_rank()}_")  # left by an interrupted attempt
+
+
+class _Raise:
+    """A ``preload_fn`` that raises ``error``: a request that fails where it is staged."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __call__(self) -> Any:
+        raise self.error
+
+
 def request_for_plan(
     planned: PlannedSave,
     directory: str,
@@ -162,12 +181,22 @@ def request_for_plan(
 ) -> AsyncRequest:
     """The request that writes a planned save: its tensors are plain (local shards), so the
     engine stages them; its finalize step commits."""
-    # The previous checkpoint in this directory stops being one before any of its files is
-    # replaced: each rank drops the marker before its own worker renames anything.
-    for name in (METADATA, CHECKSUMS):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, name))
-    remove_temporaries(directory, f"__{get_rank()}_")  # left by an interrupted attempt
+    failure = planned.failure
+    if failure is None:
+        try:
+            _prepare_directory(directory)
+        except OSError as exc:
+            failure = StorageError(
+                f"cannot prepare {directory!r} for a new save on rank {get_rank()}: "
+                f"{type(exc).__name__}: {exc}",
+                path=directory,
+                rank=get_rank(),
+            )
+            failure.__cause__ = exc
+    if failure is not None:
+        # Scheduled all the same, failing when it is staged: this rank raises at once,
+        # and the others learn of it at completion instead of waiting for this rank.
+        return AsyncRequest(None, (None,), [], preload_fn=_Raise(failure), preload_arg_index=0)
     return AsyncRequest(
         wrap_for_async(write_rank_files),
         (planned.buckets, directory, thread_count),

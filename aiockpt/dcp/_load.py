@@ -28,6 +28,7 @@ from .._exceptions import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    InvalidRequestError,
     UnsafeCheckpointError,
 )
 from .._files import open_file, opened, read_at_most
@@ -124,9 +125,28 @@ def read_checksums(directory: str) -> dict[str, Any] | None:
         or not isinstance(sidecar.get("metadata"), dict)
     ):
         raise CorruptCheckpointError(f"{path!r} is not an aiockpt checksum file", path=path)
-    for record in sidecar["files"]:
-        safe_join(directory, record.get("name") if isinstance(record, dict) else record)
+    for record in [sidecar["metadata"], *sidecar["files"]]:
+        _check_sidecar_record(record, path)
+        safe_join(directory, record["name"])
+    if not isinstance(sidecar.get("world_size"), int) or isinstance(sidecar["world_size"], bool):
+        raise CorruptCheckpointError(f"{path!r} records no world size", path=path)
     return sidecar
+
+
+def _check_sidecar_record(record: Any, path: str) -> None:
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("name"), str)
+        and isinstance(record.get("nbytes"), int)
+        and not isinstance(record["nbytes"], bool)
+        and record["nbytes"] >= 0
+        and isinstance(record.get("xxh3_64"), str)
+    ):
+        raise CorruptCheckpointError(
+            f"{path!r} holds a malformed file record {str(record)[:100]!r} (a name, a size "
+            "and an xxh3_64 checksum each); the checkpoint cannot be checked",
+            path=path,
+        )
 
 
 def read_dcp_metadata(directory: str, require_checksums: bool = False) -> Metadata:
@@ -249,7 +269,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def _typed_failure(exc: CheckpointException, directory: str) -> CheckpointError | None:
+def _typed_failure(exc: CheckpointException, directory: str) -> CheckpointError:
+    """DCP's ``CheckpointException`` (a ``BaseException``) as a CheckpointError: a typed
+    one raised on some rank as is; otherwise what failed where, as ``InvalidRequestError``
+    (the state dict does not fit the checkpoint) or ``CorruptCheckpointError`` (reading)."""
+    inners = []
     for rank, failure in sorted(exc.failures.items()):
         inner = failure[0] if isinstance(failure, tuple) else failure
         if isinstance(inner, CheckpointError):
@@ -258,7 +282,18 @@ def _typed_failure(exc: CheckpointException, directory: str) -> CheckpointError 
             err.args = (err.message,)
             err.rank = rank
             return err
-    return None
+        inners.append((rank, inner))
+    if not inners:
+        return CorruptCheckpointError(f"loading {directory!r} failed: {exc}", path=directory)
+    rank, inner = inners[0]
+    what = f"loading {directory!r} failed on rank {rank}: {type(inner).__name__}: {inner}"
+    if isinstance(inner, OSError):
+        return CorruptCheckpointError(f"{what}; the checkpoint cannot be read", path=directory)
+    return InvalidRequestError(
+        f"{what}; the state dict to load into must have the checkpoint's keys, shapes and "
+        "dtypes (load a subset with a planner that allows partial loads)",
+        rank=rank,
+    )
 
 
 def load(
@@ -296,7 +331,4 @@ def load(
                 no_dist=no_dist,
             )
     except CheckpointException as exc:
-        typed = _typed_failure(exc, directory)
-        if typed is not None:
-            raise typed from exc
-        raise
+        raise _typed_failure(exc, directory) from exc

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.utils import _DistWrapper
 
 from .._dist import get_rank
-from .._exceptions import InvalidRequestError
+from .._exceptions import CheckpointError, DistributedCheckpointError, InvalidRequestError
 
 DATA_SUFFIX = ".distcp"
 
@@ -49,6 +49,10 @@ class PlannedSave:
     reused_plan: bool
     nbytes: int = 0
     items: int = 0
+    # Set when this rank failed after the ranks agreed to save (or without them, on a
+    # reused plan): the save must still be scheduled, failing, so that every rank's calls
+    # stay numbered alike and every rank learns of the failure at completion.
+    failure: CheckpointError | None = None
 
 
 def _planning_failure(exc: CheckpointException) -> InvalidRequestError:
@@ -80,10 +84,6 @@ def plan_save(
     Every rank must reuse or replan at the same save: in an SPMD program a change in the
     state dict's structure happens on every rank at once.
     """
-    if not isinstance(state_dict, dict):
-        raise InvalidRequestError(
-            f"a DCP checkpoint saves a dict of state, not {type(state_dict).__name__}"
-        )
     if thread_count < 1:
         raise InvalidRequestError(f"thread_count must be at least 1, not {thread_count}")
     planner = planner if planner is not None else DefaultSavePlanner()
@@ -103,8 +103,21 @@ def plan_save(
     metadata: Metadata | None = None
 
     def local_step() -> SavePlan:
+        # Checked here, so that inside the planning collective a bad state dict on one
+        # rank fails every rank instead of leaving the others waiting for it.
+        if not isinstance(state_dict, dict):
+            raise InvalidRequestError(
+                f"a DCP checkpoint saves a dict of state, not {type(state_dict).__name__}"
+            )
         planner.set_up_planner(state_dict, None, wrapper.is_coordinator)
         return planner.create_local_plan()
+
+    def failed(what: str, exc: Exception) -> PlannedSave:
+        failure = InvalidRequestError(
+            f"{what} on rank {get_rank()} failed: {type(exc).__name__}: {exc}", rank=get_rank()
+        )
+        failure.__cause__ = exc
+        return PlannedSave([], None, reused, failure=failure)
 
     def global_step(all_plans: list[SavePlan]) -> list[SavePlan]:
         nonlocal metadata
@@ -118,11 +131,8 @@ def plan_save(
     if cache is not None and cache.central_plan is not None:
         try:
             local = local_step()
-        except Exception as exc:
-            raise InvalidRequestError(
-                f"planning the checkpoint on rank {get_rank()} failed: "
-                f"{type(exc).__name__}: {exc}; nothing was scheduled"
-            ) from exc
+        except Exception as exc:  # the other ranks may be reusing the plan: go on, failing
+            return failed("planning the checkpoint", exc)
         reused = local == cache.local_plan
     if reused:
         assert cache is not None and cache.central_plan is not None
@@ -140,13 +150,24 @@ def plan_save(
             central = wrapper.reduce_scatter("plan", local_step_kept, global_step)
         except CheckpointException as exc:
             raise _planning_failure(exc) from exc
+        except RuntimeError as exc:  # the collective itself: a rank absent, or gone
+            raise DistributedCheckpointError(
+                f"the planning collective failed on rank {get_rank()}: {exc}. Every rank must "
+                "save at once, and the state dict's structure must change on every rank at "
+                "the same save (a rank whose structure is unchanged reuses its plan and does "
+                "not take part); nothing was scheduled on this rank",
+                rank=get_rank(),
+            ) from exc
         if cache is not None:
             cache.local_plan = kept[-1] if kept else None
             cache.central_plan = central
             cache.metadata = metadata
             cache.plannings += 1
-    final = planner.finish_plan(central)
-    buckets, nbytes = _resolve(final, planner, thread_count)
+    try:
+        final = planner.finish_plan(central)
+        buckets, nbytes = _resolve(final, planner, thread_count)
+    except Exception as exc:  # e.g. an object that cannot be serialized
+        return failed("preparing the checkpoint's data", exc)
     return PlannedSave(buckets, metadata, reused, nbytes, len(final.items))
 
 
