@@ -103,6 +103,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         no_dist: bool = False,
         single_threaded_staging: bool = True,
         max_pending: int | None = None,
+        save_timeout: float | None = None,
+        start_timeout: float = 300.0,
     ) -> None:
         if max_pending is not None and max_pending < 1:
             raise InvalidRequestError(f"max_pending must be at least 1 or None, not {max_pending}")
@@ -113,6 +115,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             process_group=process_group,
             timeout=timeout,
             single_threaded_staging=single_threaded_staging,
+            save_timeout=save_timeout,
+            start_timeout=start_timeout,
         )
         self.persistent = persistent
         self.no_dist = no_dist

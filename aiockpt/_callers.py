@@ -499,6 +499,7 @@ class PersistentAsyncCaller(AsyncCaller):
         self._ready = False  # the current worker has said hello
         self._head_since: float | None = None  # when the oldest call in flight began
         self._eof_at: float | None = None
+        self._start_overdue = False
         self._news: list[LocalOutcome] = []
         self.starts = 0  # workers started so far
 
@@ -611,10 +612,19 @@ class PersistentAsyncCaller(AsyncCaller):
                 objects.append(self._conn)
             return objects
 
+    def _start_deadline(self) -> float | None:
+        """While a request waits for the worker to be ready: when the wait ends."""
+        if self._ready or not self._inflight or self._head_since is None:
+            return None
+        return self._head_since + self.settings.start_timeout
+
     def deadline(self) -> float | None:
         if self._eof_at is not None:
             return self._eof_at + EXIT_GRACE_S
-        return self._watch.deadline() if self._watch is not None and self._inflight else None
+        instants = [d for d in (self._start_deadline(),) if d is not None]
+        if self._watch is not None and self._inflight and (d := self._watch.deadline()):
+            instants.append(d)
+        return min(instants) if instants else None
 
     def _read_one(self, conn: Connection) -> None:
         try:
@@ -637,10 +647,11 @@ class PersistentAsyncCaller(AsyncCaller):
             if conn is not None and process is not None:
                 while self._eof_at is None and conn.poll():
                     self._read_one(conn)
-                overdue = (
-                    self._eof_at is not None and time.monotonic() >= self._eof_at + EXIT_GRACE_S
-                )
-                if process.exitcode is not None or overdue:
+                now = time.monotonic()
+                overdue = self._eof_at is not None and now >= self._eof_at + EXIT_GRACE_S
+                start_by = self._start_deadline()
+                self._start_overdue = start_by is not None and now >= start_by
+                if process.exitcode is not None or overdue or self._start_overdue:
                     self._worker_gone()
             news, self._news = self._news, []
             return news
@@ -652,6 +663,13 @@ class PersistentAsyncCaller(AsyncCaller):
             stop_process(self.process, 0.0 if self._eof_at is None else EXIT_GRACE_S)
             exitcode = self.process.exitcode
         hint = "" if self._ready else _START_HINT
+        if self._start_overdue:
+            hint = (
+                f" The worker was not ready within start_timeout={self.settings.start_timeout}s"
+                " and was killed: its import may hang (a lock, a network filesystem, your "
+                "main module doing work at import; a spawned worker imports it)."
+            )
+            self._start_overdue = False
         for position, call_idx in enumerate(self._inflight):
             self._news.append(crash_outcome(call_idx, self.rank, exitcode, position == 0, hint))
         self._inflight.clear()

@@ -39,6 +39,10 @@ class QueueOptions:
             that keeps checkpoint writes out of the way); 0 or None leaves it unchanged.
         sigterm_timeout: seconds a worker that must stop gets after SIGTERM before it is
             sent SIGKILL (when a queue is closed or aborted).
+        start_timeout: seconds a request may wait for a starting persistent worker to be
+            ready (it imports torch and your main module); a worker not ready by then is
+            killed and the requests sent to it fail with :class:`WorkerCrashedError`, so a
+            worker stuck at start never holds a save forever.
         cpu_shm_mode: accepted for compatibility with the reference; aiockpt always stages
             to host memory shared with the worker, so it changes nothing.
     """
@@ -56,12 +60,17 @@ class QueueOptions:
     io_priority: int | None = None
     sigterm_timeout: float = 30.0
     cpu_shm_mode: bool = False
+    start_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.start_method not in ("spawn", "forkserver"):
             raise InvalidRequestError(
                 f"start_method must be 'spawn' or 'forkserver', not {self.start_method!r}; "
                 "persistent=False forks a process per request"
+            )
+        if not self.start_timeout > 0:
+            raise InvalidRequestError(
+                f"start_timeout must be a positive number of seconds, not {self.start_timeout!r}"
             )
         if self.max_staging_copies < 1:
             raise InvalidRequestError("max_staging_copies must be at least 1")
@@ -86,7 +95,9 @@ class QueueOptions:
 
     def worker_settings(self) -> WorkerSettings:
         """What a worker process applies to itself and how it is stopped."""
-        return WorkerSettings(self.cpu_priority, self.io_priority, self.sigterm_timeout)
+        return WorkerSettings(
+            self.cpu_priority, self.io_priority, self.sigterm_timeout, self.start_timeout
+        )
 
 
 @dataclass(frozen=True)
@@ -96,3 +107,4 @@ class WorkerSettings:
     cpu_priority: int | None = None
     io_priority: int | None = None
     sigterm_timeout: float = 30.0
+    start_timeout: float = 300.0

@@ -38,6 +38,8 @@ class AsyncCallsQueue:
         timeout: how long a completion check waits for the other ranks before it raises.
         save_timeout: seconds a worker may spend on one request before it is killed and
             the request fails with :class:`SaveTimeoutError` (default: no limit).
+        start_timeout: seconds a request may wait for the persistent worker to be ready
+            before the worker is killed and the request fails (default 300).
         options: a :class:`QueueOptions` instead of the keywords above.
 
     In a torch.distributed job every rank must schedule the same requests and call
@@ -64,6 +66,7 @@ class AsyncCallsQueue:
         process_group: Any = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
         save_timeout: float | None = None,
+        start_timeout: float = 300.0,
         options: QueueOptions | None = None,
     ) -> None:
         if options is None:
@@ -75,6 +78,7 @@ class AsyncCallsQueue:
                 process_group=process_group,
                 timeout=timeout,
                 save_timeout=save_timeout,
+                start_timeout=start_timeout,
                 is_daemon=is_daemon,
                 cpu_priority=cpu_priority,
                 io_priority=io_priority,

@@ -321,3 +321,19 @@ async def test_another_thread_may_wait_for_a_request_beside_the_poller(tmp_path:
             await anyio.to_thread.run_sync(open_gate, gate)
         assert call.outcome is not None and call.outcome.ok
         assert (await fut).call_idx == 0
+
+
+async def test_save_timeout_fails_a_stuck_save_and_the_queue_goes_on(tmp_path: Path) -> None:
+    from aiockpt import SaveTimeoutError
+
+    gate = make_gate(str(tmp_path), "never-opened")
+    async with AsyncCheckpointQueue(save_timeout=2.0) as queue:
+        stuck = await queue.schedule(
+            AsyncRequest(wait_then_write, (1, gate, str(tmp_path / "a")), [])
+        )
+        with pytest.raises(SaveTimeoutError, match=r"call 0 .* save_timeout=2.0s"):
+            await stuck
+        fut = await queue.schedule(AsyncRequest(write_value, (2, str(tmp_path / "b")), []))
+        assert (await fut).call_idx == 1
+    assert not (tmp_path / "a").exists()
+    assert (tmp_path / "b").exists()

@@ -675,3 +675,41 @@ def test_a_reply_read_before_its_call_registered_is_not_lost(
         idx = queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "b")), []))
         monkeypatch.undo()
         assert queue.maybe_finalize_async_calls(blocking=True, finalize_timeout=30) == [idx]
+
+
+_STUCK_START = """
+import sys, threading
+if __name__ == "__mp_main__":  # the spawned worker imports this module: it never finishes
+    threading.Event().wait()
+from aiockpt import AsyncCallsQueue, AsyncRequest, CheckpointError
+
+def main():
+    queue = AsyncCallsQueue(persistent=True, start_timeout=2.0)
+    queue.schedule_async_request(AsyncRequest(print, ("never printed",), []))
+    try:
+        queue.maybe_finalize_async_calls(blocking=True)
+        print("RESULT no error")
+    except CheckpointError as err:
+        print("RESULT", type(err).__name__, err)
+    queue.close()
+    print("ALIVE", [p.pid for p in __import__("multiprocessing").active_children()])
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_persistent_worker_that_never_starts_fails_the_save_at_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """start_timeout bounds a worker stuck before it is ready (its import hangs)."""
+    script = tmp_path / "stuck_start.py"
+    script.write_text(_STUCK_START)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=90
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("RESULT", "ALIVE"))]
+    assert done.returncode == 0, done.stderr
+    assert lines[0].startswith("RESULT WorkerCrashedError the checkpoint worker of call 0"), lines
+    assert "not ready within start_timeout=2.0s and was killed" in lines[0]
+    assert lines[1] == "ALIVE []"  # the stuck worker was killed, not left behind
