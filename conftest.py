@@ -1,0 +1,84 @@
+"""Runs the code blocks of README.md and of every page in docs/ as tests (with sybil).
+
+Each document runs in a fresh temporary directory (its blocks share it, and share one
+namespace, top to bottom). What runs, by the block's language:
+
+- ``python``: executed; a block fails if it raises.
+- ``bash``: run with ``bash -euo pipefail`` and this interpreter's ``bin`` directory first on
+  ``PATH`` (so ``aiockpt`` and ``python`` are the installed ones); fails on a non-zero exit.
+- ``json``: parsed; fails if it is not JSON.
+- ``diff``: the added (``+``) lines are executed as Python (a migration diff's new imports).
+- ``text``: diagrams and program output; nothing to run.
+
+``<!-- skip: next "reason" -->`` before a block skips it, with the reason shown in the test
+report; it is for blocks that need torchrun, a GPU, or minutes of machine time, and each
+says in the page which test runs its runnable version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from sybil import Example, Sybil
+from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
+
+BIN = os.path.dirname(sys.executable)
+SHELL_TIMEOUT_S = 300
+
+
+def run_shell(example: Example) -> None:
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", example.parsed],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=SHELL_TIMEOUT_S,
+    )
+    if out.returncode != 0:
+        raise AssertionError(
+            f"shell block exited with {out.returncode}\n"
+            f"--- stdout\n{out.stdout}\n--- stderr\n{out.stderr}"
+        )
+    example.namespace["shell_output"] = out.stdout
+
+
+def parse_json(example: Example) -> None:
+    json.loads(example.parsed)
+
+
+def run_diff(example: Example) -> None:
+    added = [line[1:] for line in example.parsed.splitlines() if line.startswith("+")]
+    assert added, "a diff block adds nothing"
+    exec(compile("\n".join(added), example.path, "exec"), example.namespace)
+
+
+def setup(namespace: dict[str, Any]) -> None:
+    namespace["_cwd"] = os.getcwd()
+    namespace["_tmp"] = tempfile.mkdtemp(prefix="aiockpt-doc-")
+    os.chdir(namespace["_tmp"])
+
+
+def teardown(namespace: dict[str, Any]) -> None:
+    os.chdir(namespace["_cwd"])
+    shutil.rmtree(namespace["_tmp"], ignore_errors=True)
+
+
+pytest_collect_file = Sybil(
+    parsers=[
+        PythonCodeBlockParser(),
+        CodeBlockParser(language="bash", evaluator=run_shell),
+        CodeBlockParser(language="json", evaluator=parse_json),
+        CodeBlockParser(language="diff", evaluator=run_diff),
+        SkipParser(),
+    ],
+    patterns=["README.md", "docs/*.md", "docs/**/*.md"],
+    setup=setup,
+    teardown=teardown,
+).pytest()
