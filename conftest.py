@@ -60,6 +60,8 @@ def run_diff(example: Example) -> None:
 
 
 def setup(namespace: dict[str, Any]) -> None:
+    # Snippets are scripts: their `if __name__ == "__main__":` guard is true.
+    namespace["__name__"] = "__main__"
     namespace["_cwd"] = os.getcwd()
     namespace["_tmp"] = tempfile.mkdtemp(prefix="aiockpt-doc-")
     os.chdir(namespace["_tmp"])
