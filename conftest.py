@@ -7,7 +7,8 @@ namespace, top to bottom). What runs, by the block's language:
 - ``bash``: run with ``bash -euo pipefail`` and this interpreter's ``bin`` directory first on
   ``PATH`` (so ``aiockpt`` and ``python`` are the installed ones); fails on a non-zero exit.
 - ``json``: parsed; fails if it is not JSON.
-- ``diff``: the added (``+``) lines are executed as Python (a migration diff's new imports).
+- ``diff``: the new side (added ``+`` and context lines) is executed as Python, and must
+  add something: a migration diff's new imports must import.
 - ``text``: diagrams and program output; nothing to run.
 
 ``<!-- skip: next "reason" -->`` before a block skips it, with the reason shown in the test
@@ -54,9 +55,10 @@ def parse_json(example: Example) -> None:
 
 
 def run_diff(example: Example) -> None:
-    added = [line[1:] for line in example.parsed.splitlines() if line.startswith("+")]
-    assert added, "a diff block adds nothing"
-    exec(compile("\n".join(added), example.path, "exec"), example.namespace)
+    lines = example.parsed.splitlines()
+    assert any(line.startswith("+") for line in lines), "a diff block adds nothing"
+    new_side = [line[1:] for line in lines if line.startswith(("+", " "))]
+    exec(compile("\n".join(new_side), example.path, "exec"), example.namespace)
 
 
 def setup(namespace: dict[str, Any]) -> None:

@@ -26,9 +26,14 @@ class AsyncCallsQueue:
         persistent: one long-lived worker process (True, the default) or a forked process
             per request (False). The worker starts at the first request, or earlier with
             :meth:`warm_up`, :meth:`reserve` or :meth:`warmup_persistent_caller`.
-        is_daemon, cpu_priority, io_priority, sigterm_timeout, cpu_shm_mode: the
-            reference's worker options, described in :class:`QueueOptions` (the worker
-            lowers its CPU priority to nice 10 by default, as the reference does).
+        is_daemon: accepted for compatibility with the reference and ignored (see
+            :class:`QueueOptions`).
+        cpu_priority: the nice value (0-19) the worker raises itself to; the default, 10,
+            is the reference's. None leaves it unchanged.
+        io_priority: the I/O scheduling class the worker sets for itself (1 realtime,
+            2 best-effort, 3 idle); 0 or None leaves it unchanged.
+        sigterm_timeout: seconds a worker that must stop gets after SIGTERM before SIGKILL.
+        cpu_shm_mode: accepted for compatibility with the reference; changes nothing.
         start_method: how the persistent worker starts, ``"spawn"`` or ``"forkserver"``.
         max_staging_copies: host staging copies of the state held at most; scheduling waits
             for an earlier request's worker when all are in use.
