@@ -9,6 +9,8 @@ namespace, top to bottom). What runs, by the block's language:
 - ``json``: parsed; fails if it is not JSON.
 - ``diff``: the new side (added ``+`` and context lines) is executed as Python, and must
   add something: a migration diff's new imports must import.
+- ``python title="NAME"``: written to the file NAME (a script a later ``bash`` block runs,
+  e.g. under torchrun), not executed in place.
 - ``text``: diagrams and program output; nothing to run.
 
 ``<!-- skip: next "reason" -->`` before a block skips it, with the reason shown in the test
@@ -20,14 +22,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from typing import Any
 
-from sybil import Example, Sybil
+from sybil import Document, Example, Region, Sybil
+from sybil.parsers.abstract.lexers import LexerCollection
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
+from sybil.parsers.markdown.lexers import FencedCodeBlockLexer
 
 BIN = os.path.dirname(sys.executable)
 SHELL_TIMEOUT_S = 300
@@ -61,6 +67,36 @@ def run_diff(example: Example) -> None:
     exec(compile("\n".join(new_side), example.path, "exec"), example.namespace)
 
 
+TITLED = re.compile(r'^python title="([\w.-]+)"$')
+
+
+def write_file(example: Example) -> None:
+    name, source = example.parsed
+    with open(name, "w") as f:
+        f.write(source)
+
+
+class FileBlockParser:
+    """```python title="train.py"``` blocks: their source is written to that file."""
+
+    def __init__(self) -> None:
+        self.lexers = LexerCollection(
+            [
+                FencedCodeBlockLexer(
+                    language=r".+", mapping={"language": "arguments", "source": "source"}
+                )
+            ]
+        )
+
+    def __call__(self, document: Document) -> Iterable[Region]:
+        for region in self.lexers(document):
+            match = TITLED.match(region.lexemes["arguments"])
+            if match:
+                region.parsed = (match.group(1), str(region.lexemes["source"]))
+                region.evaluator = write_file
+                yield region
+
+
 def setup(namespace: dict[str, Any]) -> None:
     # Snippets are scripts: their `if __name__ == "__main__":` guard is true.
     namespace["__name__"] = "__main__"
@@ -80,6 +116,7 @@ pytest_collect_file = Sybil(
         CodeBlockParser(language="bash", evaluator=run_shell),
         CodeBlockParser(language="json", evaluator=parse_json),
         CodeBlockParser(language="diff", evaluator=run_diff),
+        FileBlockParser(),
         SkipParser(),
     ],
     patterns=["README.md", "docs/*.md", "docs/**/*.md"],
