@@ -139,6 +139,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
 
     @property
     def engine(self) -> CallsEngine:
+        """The engine behind the queue, while it is open (:class:`QueueMisuseError`
+        otherwise). Internal: its interface may change."""
         if self._engine is None:
             raise QueueMisuseError(_NOT_OPEN)
         return self._engine
