@@ -176,3 +176,12 @@ def test_every_claim_of_the_readme_opening_is_backed_by_tests() -> None:
     ):
         assert claim.lower() in " ".join(readme.split()).lower(), f"README lost {claim!r}"
         assert claims.get(claim), f"no test backs {claim!r} on docs/reliability.md"
+
+
+def test_every_relative_link_of_the_readme_exists() -> None:
+    """The site's links are checked by the strict build; the README is not part of it."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    relative = [link for link in links if "://" not in link]
+    assert len(relative) >= 10
+    missing = [link for link in relative if not (ROOT / link).exists()]
+    assert missing == []
