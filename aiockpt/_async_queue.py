@@ -88,7 +88,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
     worker), runs their finalize steps, stops the worker, and raises every failure that
     nobody observed, as a :class:`CheckpointErrorGroup`. If the block itself raised (or
     was cancelled), that exception propagates, with the failures attached as notes and
-    logged at ERROR. See ``docs/async.md``.
+    logged at ERROR. See ``docs/concepts/async.md``.
     """
 
     def __init__(
@@ -143,6 +143,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
 
     @property
     def engine(self) -> CallsEngine:
+        """The engine behind the queue, while it is open (:class:`QueueMisuseError`
+        otherwise). Internal: its interface may change."""
         if self._engine is None:
             raise QueueMisuseError(_NOT_OPEN)
         return self._engine

@@ -28,8 +28,37 @@ class AsyncTorchCheckpoint(QueueFacade):
     async def save(
         self, state_dict: Any, path: Any, *, wait_for_staging: bool = True, **torch_save_kwargs: Any
     ) -> CheckpointFuture:
-        """Schedule ``torch.save(state_dict, path, **torch_save_kwargs)``; see
-        :meth:`AsyncCheckpointQueue.schedule` for ``wait_for_staging``."""
+        """Schedule ``torch.save(state_dict, path, **torch_save_kwargs)`` in the worker.
+
+        Args:
+            state_dict: what to save; its tensors are staged, other values pickled.
+            path: the file to write (atomically: the old file or the new one); its
+                directory must exist.
+            wait_for_staging: return once the tensors are staged (True, the default), or
+                at once with the copy running (False): then ``await fut.staged`` before
+                changing them (see :meth:`AsyncCheckpointQueue.schedule`).
+            **torch_save_kwargs: ``torch.save``'s keyword arguments.
+
+        Returns:
+            The save's future: ``await fut`` returns its :class:`CheckpointResult` once
+            the file is durable, or raises its :class:`CheckpointError`.
+
+        Raises:
+            InvalidRequestError: the path's directory does not exist (nothing scheduled).
+            StagingError: copying a tensor failed (with ``wait_for_staging=True``).
+            QueueMisuseError: used outside its ``async with`` block (or from another
+                thread).
+            QueueClosedError: the checkpoint was closed.
+            QueueBrokenError: an earlier failure left the queue unusable.
+
+        Example:
+            ```python
+            async with AsyncTorchCheckpoint() as ckpt:
+                fut = await ckpt.save(model.state_dict(), "step100.pt")
+                ...
+                result = await fut
+            ```
+        """
         request = AsyncRequest(
             save_file_async, (state_dict, checked_path(path)), [], torch_save_kwargs
         )

@@ -151,6 +151,25 @@ def load_sync(
     :class:`CorruptCheckpointError` (damaged bytes or metadata, naming the file),
     :class:`UntrustedEntryError` (a link, FIFO or device inside the checkpoint),
     :class:`UnsafeCheckpointError`, or :class:`InvalidRequestError` (a bad ``rank``).
+
+    Args:
+        path: a file, or a committed checkpoint directory (a manager's step directory, a
+            sharded checkpoint).
+        rank: which shard of a directory to load (default: this process's rank, or 0
+            outside a distributed job).
+        verify: check sizes and checksums before unpickling.
+        weights_only: unpickle only tensors and plain containers (``torch.load``'s).
+        map_location: ``torch.load``'s.
+        storage: the :class:`Storage` the checkpoint lives in (default: local files).
+
+    Returns:
+        The loaded object, as ``torch.load`` returns it.
+
+    Example:
+        ```python
+        state = aiockpt.load_sync("ckpts/step-000000001000")
+        model.load_state_dict(state["model"])
+        ```
     """
     return load_path(
         os.fspath(path),

@@ -26,9 +26,14 @@ class AsyncCallsQueue:
         persistent: one long-lived worker process (True, the default) or a forked process
             per request (False). The worker starts at the first request, or earlier with
             :meth:`warm_up`, :meth:`reserve` or :meth:`warmup_persistent_caller`.
-        is_daemon, cpu_priority, io_priority, sigterm_timeout, cpu_shm_mode: the
-            reference's worker options, described in :class:`QueueOptions` (the worker
-            lowers its CPU priority to nice 10 by default, as the reference does).
+        is_daemon: accepted for compatibility with the reference and ignored (see
+            :class:`QueueOptions`).
+        cpu_priority: the nice value (0-19) the worker raises itself to; the default, 10,
+            is the reference's. None leaves it unchanged.
+        io_priority: the I/O scheduling class the worker sets for itself (1 realtime,
+            2 best-effort, 3 idle); 0 or None leaves it unchanged.
+        sigterm_timeout: seconds a worker that must stop gets after SIGTERM before SIGKILL.
+        cpu_shm_mode: accepted for compatibility with the reference; changes nothing.
         start_method: how the persistent worker starts, ``"spawn"`` or ``"forkserver"``.
         max_staging_copies: host staging copies of the state held at most; scheduling waits
             for an earlier request's worker when all are in use.
@@ -143,6 +148,7 @@ class AsyncCallsQueue:
 
     @property
     def persistent(self) -> bool:
+        """Whether one long-lived worker serves every request (else a fork per request)."""
         return self._engine.persistent
 
     @property
@@ -167,11 +173,32 @@ class AsyncCallsQueue:
 
         Returns once every tensor in the request's arguments is copied to host staging
         buffers: the caller may modify its tensors from then on.
-        Raises :class:`InvalidRequestError` or :class:`StagingError` with nothing written
-        (the call index is used up all the same, on every rank alike).
-        ``needs_global=True`` settles the request across all ranks even when finalizing
-        with ``no_dist=True`` (for requests whose finalize steps commit shared state).
         Another library's ``AsyncRequest`` (the reference's) is accepted by its fields.
+
+        Args:
+            async_request: what to run: ``async_fn(*async_fn_args, **async_fn_kwargs)``
+                in the worker, then ``finalize_fns`` here, in order, once it succeeded.
+            needs_global: settle the request across all ranks even when finalizing with
+                ``no_dist=True`` (for requests whose finalize steps commit shared state).
+
+        Returns:
+            The request's call index (0, 1, 2, ... in scheduling order).
+
+        Raises:
+            InvalidRequestError: a malformed request; nothing is scheduled.
+            StagingError: copying a tensor failed; nothing is written (the call index
+                is used up all the same, on every rank alike).
+            QueueBrokenError: an earlier failure left the queue unusable.
+
+        Example:
+            ```python
+            queue = AsyncCallsQueue()
+            idx = queue.schedule_async_request(
+                AsyncRequest(torch.save, (state_dict, "ckpt.pt"), finalize_fns=[on_done])
+            )
+            assert queue.maybe_finalize_async_calls(blocking=True) == [idx]
+            queue.close()
+            ```
         """
         request = as_request(async_request)
         return self._open_engine().schedule(request, needs_global=needs_global).call_idx
@@ -188,6 +215,21 @@ class AsyncCallsQueue:
         Requests after it stay queued for the next call. A request whose scheduling already
         raised is settled silently. ``finalize_timeout`` bounds how long ``blocking=True``
         waits for this rank's workers: what is not done by then stays queued.
+
+        Args:
+            blocking: wait for every request in flight; ``False`` never waits for a worker
+                (and returns at once if another thread is finalizing).
+            no_dist: settle each request on this rank alone; ``False`` agrees with every
+                rank (one small collective per request; every rank must call it).
+            finalize_timeout: with ``blocking=True``, seconds to wait for this rank's
+                workers at most.
+
+        Returns:
+            The call indices finalized by this call, oldest first.
+
+        Raises:
+            CheckpointError: the oldest failed request's error (a subclass naming the
+                call, the rank and the cause), with ``finalized_call_idxs`` set.
         """
         if not self._finalizing.acquire(blocking=blocking):
             return []

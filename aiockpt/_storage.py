@@ -333,29 +333,92 @@ def remove_checkpoint(path: str) -> None:
 
 
 class Storage(Protocol):
-    """Where checkpoints live. ``write_file`` runs in the worker process (the object is
-    pickled to it), everything else in the caller's. The local filesystem is the default;
-    an object store can implement the same methods (through fsspec, say)."""
+    """Where checkpoints live: the protocol a checkpoint manager (and ``load``) writes and
+    reads through, passed as ``storage=``.
 
-    def write_file(self, state_dict: Any, path: str) -> dict[str, Any]: ...
-    def read_bytes(self, path: str) -> bytes: ...
-    def commit(
-        self, directory: str, files: list[dict[str, Any]], extra: dict[str, Any]
-    ) -> None: ...
-    def read_metadata(self, directory: str) -> dict[str, Any]: ...
-    def list_dir(self, directory: str) -> list[str]: ...
-    def makedirs(self, directory: str) -> None: ...
-    def remove_tree(self, path: str) -> None: ...
-    def remove_temporaries(self, directory: str, prefix: str) -> list[str]: ...
+    ``write_file`` runs in the worker process (the object is pickled to it), everything
+    else in the caller's. :class:`LocalStorage`, the local filesystem, is the default; an
+    object store can implement the same methods (through fsspec, say). Methods raise
+    :class:`StorageError` (or another :class:`CheckpointError`) for a failure the caller
+    should see as a failed checkpoint; any other exception in ``write_file`` fails the
+    save with a :class:`WorkerError` carrying it.
+
+    Example:
+        A storage that reports the files it writes, for a manager:
+
+        ```python
+        class ReportingStorage(LocalStorage):
+            def write_file(self, state_dict, path):
+                record = super().write_file(state_dict, path)
+                print("wrote", record["name"], record["nbytes"], "bytes")
+                return record
+
+        manager = CheckpointManager("ckpts", storage=ReportingStorage())
+        ```
+    """
+
+    def write_file(self, state_dict: Any, path: str) -> dict[str, Any]:
+        """Write ``state_dict`` to ``path`` so that it is durable and atomic (the old file
+        or the new one, never a torn one) once this returns.
+
+        Args:
+            state_dict: the staged state dict (host tensors) to serialize.
+            path: the file to write, inside a step directory made by :meth:`makedirs`.
+
+        Returns:
+            The file's record, stored in the metadata: ``{"name": basename, "nbytes":
+            size, "xxh3_64": hex checksum of the bytes}``.
+        """
+        ...
+
+    def read_bytes(self, path: str) -> bytes:
+        """Return the whole content of the file ``path`` (checked against its record
+        by the caller). Raises :class:`CheckpointNotFoundError` if it does not exist."""
+        ...
+
+    def commit(self, directory: str, files: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+        """Commit the checkpoint in ``directory``: write its metadata (``files``, the
+        records :meth:`write_file` returned on every rank, and ``extra``, JSON), last
+        and atomically. Once this returns the checkpoint must survive a crash."""
+        ...
+
+    def read_metadata(self, directory: str) -> dict[str, Any]:
+        """Return the metadata :meth:`commit` wrote. Raises
+        :class:`CheckpointNotFoundError` if ``directory`` was never committed,
+        :class:`CorruptCheckpointError` if its metadata is damaged."""
+        ...
+
+    def list_dir(self, directory: str) -> list[str]:
+        """Return the names in ``directory``, sorted; an empty list if it does not
+        exist."""
+        ...
+
+    def makedirs(self, directory: str) -> None:
+        """Create ``directory`` (and its parents) if it does not exist, durably."""
+        ...
+
+    def remove_tree(self, path: str) -> None:
+        """Delete the checkpoint directory ``path``, un-committing it first (its
+        metadata goes before its files). A missing one is not an error; one that cannot
+        be deleted raises :class:`StorageError`."""
+        ...
+
+    def remove_temporaries(self, directory: str, prefix: str) -> list[str]:
+        """Remove the temporary files left in ``directory`` by killed writers of names
+        starting with ``prefix``; never a live writer's. Returns the names removed."""
+        ...
 
 
 class LocalStorage:
     """The local (or mounted) filesystem, with atomic, fsync'd writes."""
 
     def write_file(self, state_dict: Any, path: str) -> dict[str, Any]:
+        """``torch.save`` to a temporary name, fsync, rename, fsync the directory; see
+        :meth:`Storage.write_file`."""
         return save_file(state_dict, path)
 
     def read_bytes(self, path: str) -> bytes:
+        """See :meth:`Storage.read_bytes`; opens no link, FIFO or device."""
         with opened(open_file(path)) as fd, os.fdopen(os.dup(fd), "rb") as f:
             return f.read()  # the loaders map files instead; this serves other callers
 
@@ -366,15 +429,19 @@ class LocalStorage:
         fsync_dir(os.path.dirname(os.path.abspath(directory)))
 
     def read_metadata(self, directory: str) -> dict[str, Any]:
+        """Read and check ``metadata.json``; see :meth:`Storage.read_metadata`."""
         return read_metadata(directory)
 
     def list_dir(self, directory: str) -> list[str]:
+        """See :meth:`Storage.list_dir`."""
         try:
             return sorted(os.listdir(directory))
         except FileNotFoundError:
             return []
 
     def makedirs(self, directory: str) -> None:
+        """See :meth:`Storage.makedirs`; the new directory's entry is fsync'd in its
+        parent."""
         make_dir(directory)
 
     def remove_tree(self, path: str) -> None:
@@ -392,4 +459,6 @@ class LocalStorage:
                 ) from exc
 
     def remove_temporaries(self, directory: str, prefix: str) -> list[str]:
+        """See :meth:`Storage.remove_temporaries`; a temporary name says which host and
+        process wrote it, so a live writer's file is never touched."""
         return remove_temporaries(directory, prefix)

@@ -65,12 +65,23 @@ class TorchAsyncCheckpoint:
 
     @property
     def queue(self) -> AsyncCallsQueue:
+        """The :class:`AsyncCallsQueue` that runs the saves (for custom requests beside
+        them, or its :attr:`~AsyncCallsQueue.staging_buffers`)."""
         return self._queue
 
     def reserve(self, state_dict: Any) -> None:
         """Prepare for saving state dicts shaped like ``state_dict``: allocate the staging
         memory and wait for the persistent worker to start, so the first ``async_save``
-        is as fast as later ones. Optional; call it before the training loop."""
+        is as fast as later ones. Optional; call it before the training loop.
+
+        Args:
+            state_dict: a state dict with the shapes and dtypes of those you will save
+                (its values are not read).
+
+        Raises:
+            StagingError: the staging memory could not be allocated.
+            WorkerCrashedError: the worker could not start (its stderr says why).
+        """
         self._queue.reserve(state_dict)
 
     def save(self, obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
@@ -84,7 +95,33 @@ class TorchAsyncCheckpoint:
             torch.save(obj, f, *args, **kwargs)
 
     def async_save(self, state_dict: Any, *args: Any, **kwargs: Any) -> int:
-        """Schedule ``torch.save(state_dict, *args, **kwargs)``; return its call index."""
+        """Schedule ``torch.save(state_dict, *args, **kwargs)`` in the worker; return once
+        the tensors are staged (copied to host buffers): they may change from then on.
+
+        Args:
+            state_dict: what to save; tensors anywhere in it are staged, other values
+                pickled as they are.
+            *args: ``torch.save``'s arguments after the object: the path first (its
+                directory must exist), then ``pickle_module`` and so on.
+            **kwargs: ``torch.save``'s keyword arguments.
+
+        Returns:
+            The call index, which ``finalize_async_save`` returns once the file is
+            durable.
+
+        Raises:
+            InvalidRequestError: no path, or its directory does not exist (nothing is
+                scheduled).
+            StagingError: copying a tensor failed (nothing is written).
+            QueueBrokenError: an earlier failure left the queue unusable.
+
+        Example:
+            ```python
+            ckpt = TorchAsyncCheckpoint()
+            ckpt.async_save(model.state_dict(), "step100.pt")
+            ckpt.finalize_async_save(blocking=True, terminate=True)
+            ```
+        """
         if not args:
             raise InvalidRequestError("async_save needs a path to save to: async_save(sd, path)")
         path = checked_path(args[0])
@@ -105,8 +142,25 @@ class TorchAsyncCheckpoint:
         self, blocking: bool = False, no_dist: bool = True, terminate: bool = False
     ) -> list[int]:
         """Finalize finished saves (all of them with ``blocking=True``); return their call
-        indices. ``terminate=True`` then stops the worker. Raises the CheckpointError of a
-        failed save."""
+        indices. ``terminate=True`` then stops the worker.
+
+        Args:
+            blocking: wait for every save in flight (at the end of training); ``False``
+                (each step) never waits for a worker.
+            no_dist: settle each save on this rank alone; ``False`` agrees on completion
+                with every rank (one small collective per call).
+            terminate: stop the worker afterwards (the next save starts a fresh one).
+
+        Returns:
+            The call indices finalized by this call, oldest first.
+
+        Raises:
+            CheckpointError: a save failed (:class:`WorkerError`,
+                :class:`WorkerCrashedError`, :class:`SaveTimeoutError`,
+                :class:`DistributedCheckpointError`, ...), naming the call, the rank and
+                the cause. Saves finalized before it are in ``err.finalized_call_idxs``;
+                later ones stay queued.
+        """
         try:
             return self._queue.maybe_finalize_async_calls(blocking, no_dist=no_dist)
         finally:

@@ -38,7 +38,7 @@ REQUIRED = inspect.Parameter.empty
 # of nvidia_resiliency_ext.checkpointing.{async_ckpt.core, async_ckpt.torch_ckpt,
 # async_ckpt.filesystem_async, async_ckpt.state_dict_saver,
 # async_ckpt.cached_metadata_filesystem_reader, utils}. None: the name must exist and be
-# callable, its parameters are aiockpt's own (see docs/migrating-from-nvrx.md).
+# callable, its parameters are aiockpt's own (see docs/how-to/migrate-from-nvrx.md).
 SIGNATURES: list[tuple[str, str, list[tuple[str, Any]] | None]] = [
     ("async_ckpt.core", "AsyncRequest.add_finalize_fn", [("self", REQUIRED), ("fn", REQUIRED)]),
     ("async_ckpt.core", "AsyncRequest.execute_sync", [("self", REQUIRED)]),
@@ -585,7 +585,7 @@ def test_failed_save_raises_and_the_loop_keeps_training(tmp_path: Path) -> None:
         ckpt.async_save({"w": torch.ones(1)}, tmp_path / "after.pt")
         finalized: list[int] = []
         while len(finalized) + len(logged) < 3:
-            try:  # the two-line pattern of docs/migrating-from-nvrx.md
+            try:  # the two-line pattern of docs/how-to/migrate-from-nvrx.md
                 finalized += ckpt.finalize_async_save(blocking=True)
             except CheckpointError as err:
                 logged.append(str(err))

@@ -10,5 +10,5 @@ The async checkpointing modules are also here directly (``aiockpt.compat.nvrx.co
 ``.torch_ckpt``, ``.filesystem_async``, ``.state_dict_saver``,
 ``.cached_metadata_filesystem_reader``). One behaviour differs on purpose: a failed save
 raises a :class:`aiockpt.CheckpointError` from ``maybe_finalize_async_calls`` instead of
-counting as finalized (docs/migrating-from-nvrx.md).
+counting as finalized (docs/how-to/migrate-from-nvrx.md).
 """
