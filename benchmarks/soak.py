@@ -51,6 +51,23 @@ class Snapshot:
         )
 
 
+def settle(ckpt: TorchAsyncCheckpoint, timeout: float = 30.0) -> None:
+    """Wait (bounded) until the per-save children of finished saves have exited and their
+    pipes and pidfds are released, so that a count is not taken while one is exiting."""
+    engine = ckpt.queue._engine
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        engine.collect()
+        exiting = [
+            c
+            for c in list(engine._callers)
+            if c is not engine._persistent_caller and getattr(c, "process", None) is not None
+        ]
+        if not exiting:
+            return
+        time.sleep(0.01)
+
+
 def soak(directory: Path, saves: int, persistent: bool, warmup: int = 20) -> dict[str, float]:
     """Run ``saves`` saves (plus ``warmup``) and return what grew after the warm-up."""
     state = {f"layer{i}": torch.randn(256, 256) for i in range(8)}
@@ -60,6 +77,7 @@ def soak(directory: Path, saves: int, persistent: bool, warmup: int = 20) -> dic
         for i in range(warmup):
             ckpt.async_save(state, str(directory / f"ckpt{i % 3}.pt"))
             ckpt.finalize_async_save(blocking=True)
+        settle(ckpt)
         before = Snapshot.take(directory)
         start = time.perf_counter()
         for i in range(saves):
@@ -68,6 +86,7 @@ def soak(directory: Path, saves: int, persistent: bool, warmup: int = 20) -> dic
             ckpt.finalize_async_save(blocking=i % 4 == 3)  # some saves overlap the next
         ckpt.finalize_async_save(blocking=True)
         seconds = time.perf_counter() - start
+        settle(ckpt)
         after = Snapshot.take(directory)
     finally:
         ckpt.close()
