@@ -61,20 +61,6 @@ class Scan:
         return self.plan.nbytes
 
 
-def _staged(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Plain dense tensors go to an arena; sparse, quantized, nested, conjugate/negative
-    views and tensor subclasses are cloned; meta tensors pass as they are."""
-    return (
-        type(t) in _PLAIN
-        and t.layout is _STRIDED
-        and dtype not in _QUANTIZED
-        and not t.is_nested
-        and not t.is_meta
-        and not t.is_neg()
-        and not (dtype.is_complex and t.is_conj())
-    )
-
-
 class PlanCache:
     """Scans arguments and hands back the previous plan while the layout is unchanged."""
 
@@ -93,22 +79,40 @@ class PlanCache:
         sources: list[torch.Tensor] = []
         pointers: list[int] = []
         specs: list[Any] = []
-        for pos, t in enumerate(iter_tensors(args)):
-            seen = first.setdefault(id(t), pos)
-            if seen != pos:  # the same tensor object again: it stays one object
-                index.append(index[seen])
-                key.append(seen)
-                continue
+        flat = iter_tensors(args)
+        # Repeated tensor objects are rare: look for them only if there are any.
+        repeats = len(set(map(id, flat))) != len(flat)
+        for pos, t in enumerate(flat):
+            if repeats:
+                seen = first.setdefault(id(t), pos)
+                if seen != pos:  # the same tensor object again: it stays one object
+                    index.append(index[seen])
+                    key.append(seen)
+                    continue
             dtype = t.dtype
-            storage = t.untyped_storage() if _staged(t, dtype) else None
-            nbytes = storage.nbytes() if storage is not None else 0
-            if storage is None or nbytes == 0:
+            if (
+                type(t) not in _PLAIN
+                or t.layout is not _STRIDED
+                or dtype in _QUANTIZED
+                or t.is_nested
+                or t.is_meta
+                or t.is_neg()
+                or (dtype.is_complex and t.is_conj())
+            ):
+                # Sparse, quantized, nested, conjugate/negative views and subclasses are
+                # cloned; meta tensors pass as they are.
                 index.append(_NOT_STAGED)
                 key.append(_NOT_STAGED)
                 continue
+            storage = t.untyped_storage()
             cdata = storage._cdata
             slot = slot_of.get(cdata)
             if slot is None:
+                nbytes = storage.nbytes()
+                if nbytes == 0:  # nothing to copy: cloned (an empty tensor)
+                    index.append(_NOT_STAGED)
+                    key.append(_NOT_STAGED)
+                    continue
                 slot = slot_of[cdata] = len(sizes)
                 sizes.append(nbytes)
                 sources.append(t)
