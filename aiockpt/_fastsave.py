@@ -76,6 +76,51 @@ class _Hooks:
 _HOOKS_REDUCE = (OrderedDict, ())
 
 
+# Tensors whose reduction is known before they are pickled: the views of staging arenas
+# in a worker, built once per layout. Per arena: id(view) -> (view, storage, storage
+# class, storage numel, dtype, storage offset, size, stride).
+_KNOWN: dict[int, dict[int, tuple[Any, ...]]] = {}
+
+
+def register_views(group: int, views: list[torch.Tensor]) -> None:
+    """Remember how to pickle ``views`` (plain CPU tensors that will not change shape or
+    storage while registered); replaces the views registered under ``group`` before."""
+    known = {}
+    # One tuple object per distinct size or stride: the pickler then writes each once and
+    # refers to it from its memo (tuples are immutable: loading is unchanged).
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for view in views:
+        entry = _CLASSES.get(view.dtype)
+        if entry is None or view.is_neg() or view.is_conj():
+            continue
+        storage = view.untyped_storage()
+        known[id(view)] = (
+            view,
+            storage,
+            entry[0],
+            storage.nbytes() // entry[1],
+            view.dtype,
+            view.storage_offset(),
+            shapes.setdefault(tuple(view.size()), tuple(view.size())),
+            shapes.setdefault(view.stride(), view.stride()),
+        )
+    _KNOWN[group] = known
+
+
+def forget_views(group: int) -> None:
+    """Drop the views registered under ``group``."""
+    _KNOWN.pop(group, None)
+
+
+def _known(obj: torch.Tensor) -> tuple[Any, ...] | None:
+    key = id(obj)
+    for known in _KNOWN.values():
+        entry = known.get(key)
+        if entry is not None and entry[0] is obj:
+            return entry
+    return None
+
+
 class ArchivePickler(pickle.Pickler):
     """Pickles ``data.pkl`` as ``torch.save`` does and collects the storages to write."""
 
@@ -84,6 +129,7 @@ class ArchivePickler(pickle.Pickler):
         self.storages: list[torch.UntypedStorage] = []
         self._keys: dict[int, tuple[str, torch.dtype]] = {}
         self._dtypes: dict[int, torch.dtype] = {}
+        self._shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # see register_views
 
     def _pid(
         self, storage: torch.UntypedStorage, dtype: torch.dtype, kind: Any, numel: int
@@ -117,6 +163,19 @@ class ArchivePickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         tp = type(obj)
+        if tp is torch.Tensor and _KNOWN:
+            entry = _known(obj)
+            if entry is not None:
+                _, storage, kind, numel, dtype, offset, size, stride = entry
+                args = (
+                    self._pid(storage, dtype, kind, numel),
+                    offset,
+                    size,
+                    stride,
+                    obj.requires_grad,
+                    _Hooks(),
+                )
+                return _rebuild_tensor_v2, args
         if tp is torch.Tensor:
             dtype = obj.dtype
             known = _CLASSES.get(dtype)
@@ -134,8 +193,8 @@ class ArchivePickler(pickle.Pickler):
                 args = (
                     self._pid(storage, dtype, known[0], storage.nbytes() // known[1]),
                     obj.storage_offset(),
-                    tuple(obj.size()),
-                    obj.stride(),
+                    self._shapes.setdefault(size := tuple(obj.size()), size),
+                    self._shapes.setdefault(stride := obj.stride(), stride),
                     obj.requires_grad,
                     _Hooks(),
                 )
