@@ -22,6 +22,7 @@ import mmap
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,28 @@ from ._scan import ALIGNMENT, PlanCache, Scan, StagingPlan, align, make_plan
 from ._tree import map_tensors
 
 __all__ = ["ALIGNMENT", "StagedArgs", "StagingArena", "StagingBuffers", "StagingPlan", "make_plan"]
-_SMALL_COPY = 1 << 20  # storages below this are copied with one memmove call each
 _layout_versions = itertools.count(1)
+_SPLIT_COPY = 32 << 20  # storages from this size are copied by two threads
+_copy_pool: ThreadPoolExecutor | None = None
+
+
+def _split_memmove(dst: int, src: int, nbytes: int) -> None:
+    """memmove on two threads (ctypes releases the GIL): the helper copies the second
+    half while this thread copies the first."""
+    global _copy_pool
+    if _copy_pool is None or (os.cpu_count() or 1) < 2:
+        if (os.cpu_count() or 1) < 2:
+            ctypes.memmove(dst, src, nbytes)
+            return
+        _copy_pool = ThreadPoolExecutor(1, thread_name_prefix="aiockpt-copy")
+    half = nbytes // 2 // mmap.PAGESIZE * mmap.PAGESIZE
+    done = _copy_pool.submit(ctypes.memmove, dst + half, src + half, nbytes - half)
+    try:
+        ctypes.memmove(dst, src, half)
+    finally:
+        done.result()
+
+
 # Linux 5.14+: populate (prefault, writable) the pages of a mapping; not named by mmap yet.
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _arena_ids = itertools.count(1)
@@ -299,8 +320,14 @@ class StagingBuffers:
             for slot, src in enumerate(scan.sources):
                 offset, size = slots[slot]
                 nbytes += size
-                if src.is_cpu and (size < _SMALL_COPY or self.single_threaded):
-                    memmove(base + offset, scan.pointers[slot], size)
+                if src.is_cpu:
+                    # memmove: no per-call dispatch, and no intra-op threads, whose
+                    # spin-waits stall the copy on a busy machine. Large storages are
+                    # split with one helper thread unless staging is single-threaded.
+                    if size >= _SPLIT_COPY and not self.single_threaded:
+                        _split_memmove(base + offset, scan.pointers[slot], size)
+                    else:
+                        memmove(base + offset, scan.pointers[slot], size)
                 else:
                     self._copy_storage(src, arena.slots[slot], arena.pinned)
                     if src.is_cuda:
