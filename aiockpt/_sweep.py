@@ -197,6 +197,7 @@ def plot_sweep(report: dict[str, Any], path: str) -> None:
                 ax.plot(xs, ys, style, color=color, marker="o", label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("seconds")
         ax.grid(True, which="both", alpha=0.3)

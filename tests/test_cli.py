@@ -127,8 +127,10 @@ def test_bench_sweep_runs_each_point(tmp_path: Path) -> None:
         mine = point["contenders"]["aiockpt (persistent)"]
         assert mine["failed"] is None and mine["durable_vs_write_floor"] is not None
         assert mine["durable_vs_torch_save"] is None  # torch.save was not run
-    table = out.stdout[out.stdout.index("| tensors |") :].splitlines()
+    tail = out.stdout[out.stdout.index("| tensors |") :].splitlines()
+    table = [line for line in tail if line.startswith("|")]
     assert len(table) == 2 + 2 and table[2].startswith("| 10 | 2 MiB |")
+    assert tail[-1] == f"JSON written to {tmp_path / 's.json'}"
 
 
 def test_bench_reports_a_failing_contender(tmp_path: Path) -> None:
