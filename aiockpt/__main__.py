@@ -110,7 +110,30 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--width", type=int, default=1536)
     demo.add_argument("--depth", type=int, default=4)
     bench = sub.add_parser("bench", help="aiockpt against torch.save and DCP, with floors")
-    bench.add_argument("--size", default="1GiB", help="state dict size, e.g. 1GiB, 256MiB")
+    bench.add_argument(
+        "--size",
+        default=None,
+        help="state dict size, e.g. 1GiB, 256MiB (default 1GiB; with --sweep, the size of "
+        "the tensor-count points, default 256MiB)",
+    )
+    bench.add_argument(
+        "--tensors",
+        type=int,
+        default=None,
+        help="a state dict of this many float32 tensors of --size in total, split evenly",
+    )
+    bench.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run every contender at each tensor count (--counts, at --size) and each "
+        "size (--sizes, at 100 tensors), one contender at a time",
+    )
+    bench.add_argument("--counts", default="100,1000,10000,100000", help="sweep tensor counts")
+    bench.add_argument("--sizes", default="256MiB,1GiB,2GiB,4GiB,8GiB", help="sweep sizes")
+    bench.add_argument("--max-size", default=None, help="sweep: leave out larger points")
+    bench.add_argument(
+        "--max-tensors", type=int, default=None, help="sweep: leave out points with more tensors"
+    )
     bench.add_argument("--saves", type=int, default=3, help="warm saves per contender")
     bench.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     bench.add_argument("--only", nargs="*", default=None, help="contenders whose name has this")

@@ -9,6 +9,7 @@ the same tensors (blocked time) and a raw write + fsync of the same bytes (durab
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -24,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
-import psutil
 import torch
 
 from ._async_torch import AsyncTorchCheckpoint
@@ -35,6 +35,17 @@ from ._tree import iter_tensors
 
 _SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _psutil() -> Any:
+    """psutil, which the memory figures need (an optional dependency)."""
+    try:
+        import psutil
+    except ImportError as exc:
+        raise SystemExit(
+            "aiockpt bench measures memory with psutil: pip install 'aiockpt[bench]'"
+        ) from exc
+    return psutil
 
 
 def parse_size(text: str) -> int:
@@ -67,6 +78,13 @@ def training_state(nbytes: int) -> dict[str, Any]:
     }
 
 
+def uniform_state(nbytes: int, tensors: int) -> dict[str, Any]:
+    """``tensors`` float32 tensors of ``nbytes`` in total, split evenly, each with its own
+    storage: the many-tensor shape of optimizer states and per-layer parameters."""
+    numel = max(nbytes // 4 // tensors, 1)
+    return {f"layers.{i}.weight": torch.empty(numel).uniform_() for i in range(tensors)}
+
+
 def state_bytes(state: Any) -> int:
     return sum(t.numel() * t.element_size() for t in iter_tensors(state))
 
@@ -76,7 +94,8 @@ class MemorySampler:
 
     def __init__(self, period: float = 0.005) -> None:
         self.period = period
-        self._proc = psutil.Process()
+        self._psutil = _psutil()
+        self._proc = self._psutil.Process()
         self._peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aiockpt-bench-rss", daemon=True)
@@ -88,7 +107,7 @@ class MemorySampler:
             try:
                 info = child.memory_info()
                 total += max(info.rss - info.shared, 0)
-            except psutil.Error:
+            except self._psutil.Error:
                 continue
         return int(total)
 
@@ -121,6 +140,7 @@ class Stats:
     peak_extra: list[int] = field(default_factory=list)
     rss_after: list[int] = field(default_factory=list)
     loop_lag: list[float] = field(default_factory=list)
+    failed: str | None = None  # why a save raised; the contender is then left out
 
     def summary(self, nbytes: int) -> dict[str, Any]:
         warm_b = self.blocked[1:] or self.blocked
@@ -136,6 +156,7 @@ class Stats:
         grow = self.rss_after[-1] - self.rss_after[1] if len(self.rss_after) > 2 else None
         out["rss_growth_bytes"] = grow
         out["loop_lag_max_s"] = max(self.loop_lag) if self.loop_lag else None
+        out["failed"] = self.failed
         return out
 
 
@@ -180,24 +201,42 @@ async def run_bench(
     directory: str,
     contenders: list[str] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
+    *,
+    tensors: int | None = None,
+    state: Any = None,
+    floors: bool = True,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-ready report."""
+    """Run the benchmark; returns the JSON-ready report.
+
+    The state dict is ``state`` if given, else ``tensors`` float32 tensors of ``size`` bytes
+    in total, else a training-like state of ``size`` bytes. ``contenders`` selects by name
+    (substrings); ``floors=False`` leaves the floors out unless selected. A contender whose
+    save raises is reported as failed, with the reason, and not run again.
+    """
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, async_save
 
-    state = training_state(size)
+    if state is None:
+        state = uniform_state(size, tensors) if tensors else training_state(size)
     nbytes = state_bytes(state)
+    count = len(iter_tensors(state))
     created_pg = _ensure_process_group()
     sampler = MemorySampler()
     beat = Heartbeat()
     flat = iter_tensors(state)
-    copy_dst = [torch.empty_like(t) for t in flat]
+    copy_dst: list[torch.Tensor] = []  # allocated by the copy floor only: a state's worth
 
     async def floor_copy(sd: Any, path: str) -> tuple[float, float, float | None]:
+        if not copy_dst:
+            copy_dst.extend(torch.empty_like(t) for t in flat)
         best = float("inf")
-        for _ in range(3):  # a floor: the best of three back-to-back copies
+        for _ in range(3):  # a floor: the best of three back-to-back copies, each way
             t = time.perf_counter()
             for dst, src in zip(copy_dst, flat, strict=True):
                 dst.copy_(src)
+            best = min(best, time.perf_counter() - t)
+            t = time.perf_counter()
+            for dst, src in zip(copy_dst, flat, strict=True):
+                ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.nbytes)
             best = min(best, time.perf_counter() - t)
         return best, float("nan"), None
 
@@ -301,30 +340,44 @@ async def run_bench(
             chosen = {
                 n: r
                 for n, r in runners.items()
-                if contenders is None or any(c in n for c in contenders) or r[0] == "floor"
+                if contenders is None
+                or any(c in n for c in contenders)
+                or (floors and r[0] == "floor")
             }
             stats = {n: Stats(n, kind) for n, (kind, _) in chosen.items()}
             rounds = saves + 1
             for rnd in range(rounds):
                 for name, (_, save) in chosen.items():
+                    s = stats[name]
+                    if s.failed is not None:
+                        continue
                     progress(f"[round {rnd + 1}/{rounds}] {name}")
                     path = os.path.join(directory, f"r{rnd}-{re.sub(r'[^a-z]+', '-', name)}")
                     await anyio.to_thread.run_sync(os.sync)
                     before = sampler.reset_peak()
-                    blocked, durable, lag = await save(state, path)
-                    s = stats[name]
+                    try:
+                        blocked, durable, lag = await save(state, path)
+                    except Exception as exc:  # a peer that cannot save this state
+                        s.failed = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                        progress(f"  {name} failed: {s.failed}")
+                        await anyio.to_thread.run_sync(_remove, path)
+                        continue
                     s.blocked.append(blocked)
                     s.durable.append(durable)
                     s.peak_extra.append(sampler.peak - before)
                     s.rss_after.append(sampler.current())
                     if lag is not None:
                         s.loop_lag.append(lag)
-                    if os.path.isdir(path):
-                        await anyio.to_thread.run_sync(shutil.rmtree, path)
-                    elif os.path.exists(path):
-                        await anyio.to_thread.run_sync(os.unlink, path)
+                    await anyio.to_thread.run_sync(_remove, path)
             tg.cancel_scope.cancel()
         report = _report(stats, nbytes, saves)
+        report["tensors"] = count
+        copy_floor = report["floors"]["copy_s"]
+        for row in report["contenders"]:
+            b = row["blocked_warm_s"]
+            row["us_per_tensor_over_copy"] = (
+                (b - copy_floor) / count * 1e6 if b is not None and copy_floor else None
+            )
     finally:
         sync_fork.close()
         sync_persistent.close()
@@ -339,6 +392,13 @@ async def run_bench(
     return report
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
 def _clean(values: list[float]) -> list[float]:
     return [v for v in values if v == v]  # drop NaN (a floor measures one side only)
 
@@ -348,17 +408,19 @@ def _report(stats: dict[str, Stats], nbytes: int, saves: int) -> dict[str, Any]:
         s.blocked, s.durable = _clean(s.blocked), _clean(s.durable)
     rows = [s.summary(nbytes) for s in stats.values()]
     by = {r["name"]: r for r in rows}
-    copy_floor = by["floor: in-place copy_"]["blocked_warm_s"]
-    write_floor = by["floor: raw write+fsync"]["durable_s"]
+    copy_floor = by.get("floor: in-place copy_", {}).get("blocked_warm_s")
+    write_floor = by.get("floor: raw write+fsync", {}).get("durable_s")
     for r in rows:
         r["blocked_vs_copy_floor"] = (
-            r["blocked_warm_s"] / copy_floor if r["blocked_warm_s"] else None
+            r["blocked_warm_s"] / copy_floor if r["blocked_warm_s"] and copy_floor else None
         )
-        r["durable_vs_write_floor"] = r["durable_s"] / write_floor if r["durable_s"] else None
-    dcp = [r for r in rows if r["name"].startswith("dcp")]
-    mine = [r for r in rows if r["kind"] == "aiockpt"]
+        r["durable_vs_write_floor"] = (
+            r["durable_s"] / write_floor if r["durable_s"] and write_floor else None
+        )
+    dcp = [r for r in rows if r["name"].startswith("dcp") and r["durable_s"]]
+    mine = [r for r in rows if r["kind"] == "aiockpt" and r["durable_s"]]
     verdict: dict[str, Any] = {}
-    if dcp and mine:
+    if dcp and mine and copy_floor and write_floor:
         best_dcp_b = min(r["blocked_warm_s"] for r in dcp)
         best_dcp_d = min(r["durable_s"] for r in dcp)
         best_b = min(mine, key=lambda r: r["blocked_warm_s"])
@@ -374,9 +436,10 @@ def _report(stats: dict[str, Stats], nbytes: int, saves: int) -> dict[str, Any]:
     return {
         "state_bytes": nbytes,
         "warm_saves": saves,
+        "floors": {"copy_s": copy_floor, "write_s": write_floor},
         "machine": {
             "cpus": os.cpu_count(),
-            "memory_bytes": psutil.virtual_memory().total,
+            "memory_bytes": _psutil().virtual_memory().total,
             "torch": torch.__version__,
             "python": sys.version.split()[0],
         },
@@ -396,18 +459,26 @@ def format_table(report: dict[str, Any]) -> str:
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}x"
 
+    def us(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     lines = [
-        f"state dict: {report['state_bytes'] / 2**30:.2f} GiB, {report['warm_saves']} warm "
-        f"save(s) per contender, interleaved; times in ms, memory in MiB",
-        f"{'contender':26}{'blocked':>9}{'blocked':>9}{'vs copy':>9}{'durable':>9}"
+        f"state dict: {report['state_bytes'] / 2**30:.2f} GiB in {report['tensors']} tensors, "
+        f"{report['warm_saves']} warm save(s) per contender, interleaved; times in ms, "
+        "memory in MiB, per tensor in us",
+        f"{'contender':26}{'blocked':>9}{'blocked':>9}{'vs copy':>9}{'us/t':>7}{'durable':>9}"
         f"{'vs write':>9}{'GB/s':>7}{'peak+':>7}{'growth':>7}{'loop lag':>9}",
-        f"{'':26}{'cold':>9}{'warm':>9}{'floor':>9}{'':>9}{'floor':>9}",
+        f"{'':26}{'cold':>9}{'warm':>9}{'floor':>9}{'+copy':>7}{'':>9}{'floor':>9}",
     ]
     for r in report["contenders"]:
+        if r["failed"]:
+            lines.append(f"{r['name']:26}  failed: {r['failed']}")
+            continue
         gbps = "-" if r["throughput_gbps"] is None else f"{r['throughput_gbps']:.2f}"
         lines.append(
             f"{r['name']:26}{ms(r['blocked_cold_s']):>9}{ms(r['blocked_warm_s']):>9}"
-            f"{x(r['blocked_vs_copy_floor']):>9}{ms(r['durable_s']):>9}"
+            f"{x(r['blocked_vs_copy_floor']):>9}{us(r['us_per_tensor_over_copy']):>7}"
+            f"{ms(r['durable_s']):>9}"
             f"{x(r['durable_vs_write_floor']):>9}{gbps:>7}{mib(r['peak_extra_bytes']):>7}"
             f"{mib(r['rss_growth_bytes']):>7}{ms(r['loop_lag_max_s']):>9}"
         )
@@ -455,7 +526,11 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 
 def main(args: Any) -> int:
-    size = parse_size(args.size)
+    size = parse_size(args.size or "1GiB")
+    if args.sweep:
+        from ._sweep import main as sweep_main
+
+        return sweep_main(args)
     directory = tempfile.mkdtemp(prefix="aiockpt-bench-", dir=args.dir)
 
     def progress(msg: str) -> None:
@@ -463,7 +538,11 @@ def main(args: Any) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     try:
-        report = anyio.run(run_bench, size, args.saves, directory, args.only, progress)
+        report = anyio.run(
+            lambda: run_bench(
+                size, args.saves, directory, args.only, progress, tensors=args.tensors
+            )
+        )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(format_table(report))

@@ -35,7 +35,7 @@ from typing import Any
 from . import _transport, _worker
 from ._dist import CompletionGroup, get_rank, is_distributed, settle
 from ._exceptions import InvalidRequestError, WorkerCrashedError, WorkerError
-from ._messages import Done, DropArena, Failed, MapArena, Ready, Reply, Run, Stop
+from ._messages import Done, DropArena, Failed, LayOut, MapArena, Ready, Reply, Run, Stop
 from ._options import WorkerSettings
 from ._request import AsyncRequest, LocalOutcome
 from ._staging import StagingBuffers
@@ -496,6 +496,7 @@ class PersistentAsyncCaller(AsyncCaller):
         self._conn: Connection | None = None
         self._inflight: deque[int] = deque()
         self._mapped: set[int] = set()
+        self._layouts: dict[int, int] = {}  # arena id -> layout version the worker has
         self._ready = False  # the current worker has said hello
         self._head_since: float | None = None  # when the oldest call in flight began
         self._eof_at: float | None = None
@@ -544,6 +545,7 @@ class PersistentAsyncCaller(AsyncCaller):
             # Our copy of the child's end must go, or a dead worker would never read as EOF.
             child_end.close()
         self.process, self._conn, self._mapped = process, parent_end, set()
+        self._layouts = {}
         self._watch = DeathWatch(process)
         self._ready, self._eof_at = False, None
         self.starts += 1
@@ -588,12 +590,17 @@ class PersistentAsyncCaller(AsyncCaller):
         for arena_id in self._mapped - live.keys():
             conn.send(DropArena(arena_id))
             self._mapped.discard(arena_id)
+            self._layouts.pop(arena_id, None)
         assert self.process is not None and self.process.pid is not None
         for arena_id, arena in live.items():
             if arena_id not in self._mapped:
                 conn.send(MapArena(arena_id, arena.nbytes))
                 send_handle(conn, arena.fd, self.process.pid)
                 self._mapped.add(arena_id)
+            plan, version = arena.plan, arena.layout_version
+            if plan is not None and self._layouts.get(arena_id) != version:
+                conn.send(LayOut(arena_id, version, plan))
+                self._layouts[arena_id] = version
 
     def in_flight(self) -> list[int]:
         return list(self._inflight)

@@ -25,6 +25,7 @@ EOCD_SIGNATURE = b"PK\x05\x06"
 EOCD_SIZE = 22
 MAGIC = b"aiockpt:xxh3_64:"
 TRAILER_SIZE = len(MAGIC) + 16 + 1 + 20
+_IOV_MAX = 1024
 
 
 class HashingWriter:
@@ -56,6 +57,30 @@ class HashingWriter:
                 self._emit(memoryview(self._tail)[:excess])
                 del self._tail[:excess]
         return size
+
+    def writev(self, buffers: list[Any]) -> None:
+        """Write ``buffers`` in order, many per system call (``os.writev``). The bytes
+        held back for the trailer go first, so the archive's closing record must come in a
+        later :meth:`write`."""
+        if self._tail:
+            self._emit(memoryview(self._tail))
+            self._tail = bytearray()
+        views = [memoryview(b).cast("B") for b in buffers]
+        for view in views:
+            self._hash.update(view)
+            self.nbytes += view.nbytes
+        i = 0
+        while i < len(views):
+            try:
+                written = os.writev(self._fd, views[i : i + _IOV_MAX])
+            except OSError as exc:
+                self.error = exc
+                raise
+            while i < len(views) and written >= views[i].nbytes:
+                written -= views[i].nbytes
+                i += 1
+            if written:
+                views[i] = views[i][written:]
 
     def _emit(self, view: memoryview) -> None:
         self._hash.update(view)

@@ -39,6 +39,7 @@ from ._exceptions import (
 from ._options import QueueOptions
 from ._request import AsyncRequest, LocalOutcome
 from ._staging import StagedArgs, StagingBuffers
+from ._tree import gc_paused
 
 logger = logging.getLogger("aiockpt")
 
@@ -221,9 +222,12 @@ class CallsEngine:
             caller: AsyncCaller | None = None
             start = time.perf_counter()
             try:
-                staged = self._stage(call, request, ready_event)
-                caller = self._caller()
-                caller.run(call_idx, request.async_fn, staged.args, staged.kwargs, self.buffers)
+                # Staging creates a few objects per tensor: with 100k tensors the collector
+                # would walk the whole state dict several times over.
+                with gc_paused():
+                    staged = self._stage(call, request, ready_event)
+                    caller = self._caller()
+                    caller.run(call_idx, request.async_fn, staged.args, staged.kwargs, self.buffers)
             except BaseException as exc:
                 error = self._schedule_failed(call, caller, exc, start)
                 if isinstance(exc, Exception) and error is not exc:

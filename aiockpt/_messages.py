@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # -- caller -> persistent worker ------------------------------------------------------------
 
@@ -21,6 +22,16 @@ class MapArena:
 
     arena_id: int
     nbytes: int
+
+
+@dataclass(frozen=True)
+class LayOut:
+    """Build the tensor views of ``plan`` (a ``StagingPlan``) over a mapped arena; requests
+    then refer to them by index. ``version`` names this layout of the arena."""
+
+    arena_id: int
+    version: int
+    plan: Any
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ class QueueOptions:
         process_group: the group completion checks reduce over (default: a dedicated gloo
             group over all ranks, created on first use).
         timeout: how long a completion check waits for the other ranks before it raises.
-        single_threaded_staging: copy host tensors on one core (plain memmove) rather than
-            with torch's intra-op threads.
+        single_threaded_staging: copy host tensors on one core; otherwise storages of 32
+            MiB and more are copied by two threads (host tensors are always copied with
+            plain memmove, never torch's intra-op threads).
         save_timeout: seconds a worker may spend on one request before it is killed and
             the request fails with :class:`SaveTimeoutError` (None: no limit). Closing a
             queue waits no longer than this for a worker that does not answer.

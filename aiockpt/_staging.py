@@ -22,14 +22,38 @@ import mmap
 import os
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ._tree import iter_tensors, map_tensors
+from ._scan import ALIGNMENT, PlanCache, Scan, StagingPlan, align, make_plan
+from ._tree import map_tensors
 
-ALIGNMENT = 64
+__all__ = ["ALIGNMENT", "StagedArgs", "StagingArena", "StagingBuffers", "StagingPlan", "make_plan"]
+_layout_versions = itertools.count(1)
+_SPLIT_COPY = 32 << 20  # storages from this size are copied by two threads
+_copy_pool: ThreadPoolExecutor | None = None
+
+
+def _split_memmove(dst: int, src: int, nbytes: int) -> None:
+    """memmove on two threads (ctypes releases the GIL): the helper copies the second
+    half while this thread copies the first."""
+    global _copy_pool
+    if _copy_pool is None or (os.cpu_count() or 1) < 2:
+        if (os.cpu_count() or 1) < 2:
+            ctypes.memmove(dst, src, nbytes)
+            return
+        _copy_pool = ThreadPoolExecutor(1, thread_name_prefix="aiockpt-copy")
+    half = nbytes // 2 // mmap.PAGESIZE * mmap.PAGESIZE
+    done = _copy_pool.submit(ctypes.memmove, dst + half, src + half, nbytes - half)
+    try:
+        ctypes.memmove(dst, src, half)
+    finally:
+        done.result()
+
+
 # Linux 5.14+: populate (prefault, writable) the pages of a mapping; not named by mmap yet.
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _arena_ids = itertools.count(1)
@@ -53,25 +77,6 @@ def _cudart() -> Any:
     return torch.cuda.cudart()  # type: ignore[no-untyped-call]
 
 
-def arena_stageable(t: torch.Tensor) -> bool:
-    """Plain dense tensors go to an arena; sparse, quantized, nested, conjugate/negative
-    views and tensor subclasses are cloned; meta tensors pass as they are."""
-    return (
-        type(t) in (torch.Tensor, torch.nn.Parameter)
-        and t.layout == torch.strided
-        and not t.is_quantized
-        and not t.is_nested
-        and not t.is_conj()
-        and not t.is_neg()
-        and t.device.type != "meta"
-        and t.untyped_storage().nbytes() > 0
-    )
-
-
-def _align(n: int) -> int:
-    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-
-
 def _anonymous_fd(nbytes: int) -> int:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("aiockpt-staging", os.MFD_CLOEXEC)
@@ -88,49 +93,6 @@ def _anonymous_fd(nbytes: int) -> int:
         os.close(fd)
         raise
     return fd
-
-
-@dataclass(frozen=True)
-class StagingPlan:
-    """Where each storage of a state dict goes in an arena, and each tensor in it.
-
-    ``slots`` holds ``(offset, nbytes)`` per distinct storage; ``tensors`` holds, per
-    distinct tensor in traversal order, ``(slot, dtype, size, stride, storage_offset)``.
-    Two saves with equal plans reuse the same views.
-    """
-
-    slots: tuple[tuple[int, int], ...]
-    tensors: tuple[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...], int], ...]
-    nbytes: int
-    storage_keys: tuple[int, ...] = field(default=(), compare=False)
-    tensor_ids: tuple[int, ...] = field(default=(), compare=False)
-
-
-def make_plan(args: Any) -> StagingPlan:
-    """The plan for the arena-stageable tensors found in ``args`` (any nested containers)."""
-    slot_of: dict[int, int] = {}
-    slots: list[tuple[int, int]] = []
-    keys: list[int] = []
-    tensors: list[Any] = []
-    ids: list[int] = []
-    seen: set[int] = set()
-    offset = 0
-    for t in iter_tensors(args):
-        if id(t) in seen or not arena_stageable(t):
-            continue
-        seen.add(id(t))
-        storage = t.untyped_storage()
-        key = storage._cdata
-        slot = slot_of.get(key)
-        if slot is None:
-            slot = slot_of[key] = len(slots)
-            size = storage.nbytes()
-            slots.append((offset, size))
-            keys.append(key)
-            offset += _align(size)
-        tensors.append((slot, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset()))
-        ids.append(id(t))
-    return StagingPlan(tuple(slots), tuple(tensors), offset, tuple(keys), tuple(ids))
 
 
 class StagingArena:
@@ -157,8 +119,13 @@ class StagingArena:
                 # A failed call leaves a sticky error that the next CUDA call would report.
                 _cudart().cudaGetLastError()
         self.plan: StagingPlan | None = None
+        self.layout_version = 0  # changes with the plan (a worker rebuilds its views then)
         self.slots: list[torch.Tensor] = []  # one uint8 tensor per storage slot
         self.views: list[torch.Tensor] = []  # one tensor per planned tensor
+        self.view_index: dict[int, int] = {}  # id of a view -> its index in views
+        # Objects handed out by the current lease that wrap a view (a Parameter, a tensor
+        # that requires grad): id -> (object, view index); kept alive with the lease.
+        self.wrapped: dict[int, tuple[torch.Tensor, int]] = {}
         self.owner: int | None = None
 
     def prefault(self) -> None:
@@ -176,15 +143,13 @@ class StagingArena:
 
     def lay_out(self, plan: StagingPlan) -> None:
         """Build the slots and tensor views of ``plan`` (kept until the plan changes)."""
-        if self.plan == plan:
+        if self.plan is plan:
             return
         self.slots = [self.slot(off, size) for off, size in plan.slots]
-        storages = [s.untyped_storage() for s in self.slots]
-        self.views = [
-            torch.empty(0, dtype=dtype).set_(storages[slot], offset, size, stride)
-            for slot, dtype, size, stride, offset in plan.tensors
-        ]
+        self.views = build_views(self.slots, plan)
+        self.view_index = {id(v): i for i, v in enumerate(self.views)}
         self.plan = plan
+        self.layout_version = next(_layout_versions)
 
     def contains(self, ptr: int) -> int | None:
         """Offset of address ``ptr`` in this arena, or None if it lies outside."""
@@ -200,6 +165,16 @@ class StagingArena:
             os.close(self.fd)
             self.fd = -1
         self.views, self.slots, self.plan = [], [], None
+        self.view_index, self.wrapped = {}, {}
+
+
+def build_views(slots: list[torch.Tensor], plan: StagingPlan) -> list[torch.Tensor]:
+    """The tensors of ``plan`` as views of ``slots`` (one uint8 tensor per storage)."""
+    storages = [s.untyped_storage() for s in slots]
+    return [
+        torch.empty(0, dtype=dtype).set_(storages[slot], offset, size, stride)
+        for slot, dtype, size, stride, offset in plan.tensors
+    ]
 
 
 def like(original: torch.Tensor, staged: torch.Tensor) -> torch.Tensor:
@@ -247,6 +222,7 @@ class StagingBuffers:
         self._pin = cuda_available() if pin_memory is None else pin_memory
         self._arenas: list[StagingArena] = []
         self._lock = threading.Lock()
+        self._plans = PlanCache()
         self.allocations = 0  # arenas created so far: a warm save does not add one
 
     @property
@@ -264,15 +240,15 @@ class StagingBuffers:
         with self._lock:
             return [a.owner for a in self._arenas if a.owner is not None]
 
-    @staticmethod
-    def plan(args: tuple[Any, ...], kwargs: dict[str, Any]) -> StagingPlan:
-        """The staging plan of the tensors in ``args``/``kwargs``."""
-        return make_plan((args, kwargs))
+    def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scan:
+        """Scan ``args``/``kwargs``: the staging plan of their tensors (the previous plan
+        object while the layout is unchanged) and what copying them needs."""
+        return self._plans.scan((args, kwargs))
 
     def reserve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Allocate (and lay out) a free arena for these arguments ahead of the first save,
         so that save copies into memory that is already there."""
-        plan = self.plan(args, kwargs)
+        plan = self.plan(args, kwargs).plan
         if plan.nbytes == 0:
             return
         with self._lock:
@@ -285,20 +261,21 @@ class StagingBuffers:
         owner: int,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        plan: StagingPlan | None = None,
+        scan: Scan | None = None,
     ) -> StagedArgs:
         """Copy the tensors of ``args``/``kwargs`` into a free arena leased to ``owner``.
 
-        Raises ``LookupError`` when every arena is leased (release one, then call again).
+        ``scan`` is :meth:`plan`'s result for these arguments, if already taken. Raises
+        ``LookupError`` when every arena is leased (release one, then call again).
         """
-        plan = plan if plan is not None else self.plan(args, kwargs)
+        scan = scan if scan is not None else self.plan(args, kwargs)
         arena = None
-        if plan.nbytes:
+        if scan.nbytes:
             with self._lock:
-                arena = self._pick(plan, grow=True)
+                arena = self._pick(scan.plan, grow=True)
                 arena.owner = owner
         try:
-            return self._copy(arena, plan, args, kwargs)
+            return self._copy(arena, scan, args, kwargs)
         except BaseException:
             if arena is not None:
                 self.release(owner)
@@ -308,7 +285,7 @@ class StagingBuffers:
         free = [a for a in self._arenas if a.owner is None]
         fitting = [a for a in free if a.nbytes >= plan.nbytes]
         # Prefer the arena that already holds this layout: its views are reused as-is.
-        fitting.sort(key=lambda a: (a.plan != plan, a.nbytes))
+        fitting.sort(key=lambda a: (a.plan is not plan, a.nbytes))
         if fitting:
             return fitting[0]
         if not free and len(self._arenas) >= self.max_copies:
@@ -317,7 +294,7 @@ class StagingBuffers:
         if free:  # too small: replace it rather than hold two copies
             self._drop(free[0])
             if grow:
-                nbytes = _align(int(nbytes * (1 + self.GROWTH_HEADROOM)))
+                nbytes = align(int(nbytes * (1 + self.GROWTH_HEADROOM)))
         arena = StagingArena(nbytes, pin=self._pin)
         self._arenas.append(arena)
         self.allocations += 1
@@ -326,42 +303,58 @@ class StagingBuffers:
     def _copy(
         self,
         arena: StagingArena | None,
-        plan: StagingPlan,
+        scan: Scan,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> StagedArgs:
         devices: set[torch.device] = set()
-        staged: dict[int, torch.Tensor] = {}
         nbytes = 0
+        views: list[torch.Tensor] = []
         if arena is not None:
-            arena.lay_out(plan)
-            copied: set[int] = set()
-            sources = {tid: i for i, tid in enumerate(plan.tensor_ids)}
-            for t in iter_tensors((args, kwargs)):
-                index = sources.get(id(t))
-                if index is None or id(t) in staged:
-                    continue
-                slot = plan.tensors[index][0]
-                if slot not in copied:
-                    copied.add(slot)
-                    nbytes += self._copy_storage(t, arena.slots[slot], arena.pinned)
-                    if t.is_cuda:
-                        devices.add(t.device)
-                staged[id(t)] = like(t, arena.views[index])
+            arena.lay_out(scan.plan)
+            arena.wrapped = {}
+            views = arena.views
+            slots = scan.plan.slots
+            base = arena.base_ptr
+            memmove = ctypes.memmove
+            for slot, src in enumerate(scan.sources):
+                offset, size = slots[slot]
+                nbytes += size
+                if src.is_cpu:
+                    # memmove: no per-call dispatch, and no intra-op threads, whose
+                    # spin-waits stall the copy on a busy machine. Large storages are
+                    # split with one helper thread unless staging is single-threaded.
+                    if size >= _SPLIT_COPY and not self.single_threaded:
+                        _split_memmove(base + offset, scan.pointers[slot], size)
+                    else:
+                        memmove(base + offset, scan.pointers[slot], size)
+                else:
+                    self._copy_storage(src, arena.slots[slot], arena.pinned)
+                    if src.is_cuda:
+                        devices.add(src.device)
+        staged: dict[int, torch.Tensor] = {}
+        positions = iter(scan.index)
 
         def copy_one(t: torch.Tensor) -> torch.Tensor:
             nonlocal nbytes
+            index = next(positions)
             done = staged.get(id(t))
             if done is not None:
                 return done
-            src = t.detach()
-            if src.device.type == "meta":
-                dst = src
+            if index >= 0:
+                view = views[index]
+                dst = like(t, view)
+                if dst is not view and arena is not None:
+                    arena.wrapped[id(dst)] = (dst, index)
             else:
-                dst = like(t, src.resolve_conj().resolve_neg().to("cpu", copy=True))
-                nbytes += dst.numel() * dst.element_size()
-                if src.is_cuda:
-                    devices.add(src.device)
+                src = t.detach()
+                if src.device.type == "meta":
+                    dst = src
+                else:
+                    dst = like(t, src.resolve_conj().resolve_neg().to("cpu", copy=True))
+                    nbytes += dst.numel() * dst.element_size()
+                    if src.is_cuda:
+                        devices.add(src.device)
             staged[id(t)] = dst
             return dst
 
@@ -372,13 +365,22 @@ class StagingBuffers:
 
     def _copy_storage(self, t: torch.Tensor, dst: torch.Tensor, pinned: bool) -> int:
         storage = t.untyped_storage()
-        size = storage.nbytes()
-        if t.device.type == "cpu" and self.single_threaded:
-            ctypes.memmove(dst.data_ptr(), storage.data_ptr(), size)
-        else:
-            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-            dst.copy_(src, non_blocking=pinned and t.is_cuda)
-        return size
+        src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+        dst.copy_(src, non_blocking=pinned and t.is_cuda)
+        return storage.nbytes()
+
+    def reference(self, t: torch.Tensor) -> tuple[int, int, bool, bool] | None:
+        """``(arena id, view index, is a Parameter, requires grad)`` of a tensor that
+        :meth:`stage` handed out as an arena view (or a wrapper of one), else None."""
+        key = id(t)
+        for arena in self._arenas:
+            index = arena.view_index.get(key)
+            if index is not None:
+                return arena.id, index, False, False
+            wrapped = arena.wrapped.get(key)
+            if wrapped is not None and wrapped[0] is t:
+                return arena.id, wrapped[1], type(t) is torch.nn.Parameter, t.requires_grad
+        return None
 
     def release(self, owner: int) -> None:
         """Give back the arena leased to ``owner`` (no-op if it holds none)."""

@@ -1,10 +1,11 @@
 """Sending a staged request to a persistent worker without copying its tensors.
 
-Staged tensors are pickled as references into a shared arena (arena id, the byte range of
-their storage, dtype, size, stride, storage offset); the worker maps each arena once, from
-the file descriptor the caller sent it, and rebuilds the tensors as views of the same pages.
-Tensors that shared a storage in the caller share one in the worker. Everything else is
-pickled as usual.
+The worker maps each arena once, from the file descriptor the caller sent it, and builds
+the tensor views of the arena's layout once per layout (:func:`lay_out`). A staged tensor
+is then pickled as ``(arena id, view index)``, a few bytes, and unpickled as that view.
+Other tensors in an arena are pickled with the byte range of their storage, dtype, size,
+stride and storage offset. Tensors that shared a storage in the caller share one in the
+worker. Everything else is pickled as usual.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from typing import Any
 
 import torch
 
-from ._staging import StagingBuffers
+from . import _fastsave
+from ._staging import StagingBuffers, StagingPlan, build_views
 
 # Arenas mapped in this (worker) process, by arena id.
 _MAPPED: dict[int, mmap.mmap] = {}
+# Per arena: the views of its current layout, and its slot storages by byte range.
+_VIEWS: dict[int, list[torch.Tensor]] = {}
+_SLOTS: dict[int, dict[tuple[int, int], torch.UntypedStorage]] = {}
 # Storages rebuilt while unpickling one request: the same byte range is one storage.
 _STORAGES: dict[tuple[int, int, int], torch.UntypedStorage] = {}
 
@@ -32,6 +37,9 @@ class _RequestPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if self._buffers is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):
+            ref = self._buffers.reference(obj)
+            if ref is not None:
+                return _rebuild_view, ref
             where = self._buffers.locate(obj)
             if where is not None:
                 spec = (obj.dtype, tuple(obj.shape), tuple(obj.stride()), obj.storage_offset())
@@ -70,6 +78,30 @@ def map_arena(arena_id: int, fd: int, nbytes: int) -> None:
 def unmap_arena(arena_id: int) -> None:
     """Worker side: forget an arena the caller freed (the pages go with the last view)."""
     _MAPPED.pop(arena_id, None)
+    _VIEWS.pop(arena_id, None)
+    _SLOTS.pop(arena_id, None)
+    _fastsave.forget_views(arena_id)
+
+
+def lay_out(arena_id: int, plan: StagingPlan) -> None:
+    """Worker side: build the views of ``plan`` over a mapped arena."""
+    mm = _MAPPED[arena_id]
+    slots = [
+        torch.frombuffer(mm, dtype=torch.uint8, count=size, offset=offset)
+        for offset, size in plan.slots
+    ]
+    _VIEWS[arena_id] = build_views(slots, plan)
+    _fastsave.register_views(arena_id, _VIEWS[arena_id])
+    _SLOTS[arena_id] = {
+        where: slot.untyped_storage() for where, slot in zip(plan.slots, slots, strict=True)
+    }
+
+
+def _rebuild_view(arena_id: int, index: int, parameter: bool, requires_grad: bool) -> torch.Tensor:
+    t = _VIEWS[arena_id][index]
+    if parameter:
+        return torch.nn.Parameter(t, requires_grad=requires_grad)
+    return t.detach().requires_grad_(True) if requires_grad else t
 
 
 def _is_empty_plain(t: torch.Tensor) -> bool:
@@ -100,7 +132,7 @@ def _rebuild_staged(
     requires_grad: bool = False,
 ) -> torch.Tensor:
     key = (arena_id, offset, nbytes)
-    storage = _STORAGES.get(key)
+    storage = _SLOTS.get(arena_id, {}).get((offset, nbytes)) or _STORAGES.get(key)
     if storage is None:
         mm = _MAPPED[arena_id]
         slot = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)

@@ -3,12 +3,30 @@ subclasses), lists, tuples (named ones too) and dataclass instances."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Keep the cyclic garbage collector off for the block (it is switched back on after,
+    if it was on): walking a big state dict allocates a few objects per tensor, and each
+    collection would traverse every one of them."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -21,9 +39,10 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        out = copy.copy(obj)
+        out = obj.copy() if type(obj) is dict else copy.copy(obj)
         for key, value in obj.items():
-            out[key] = map_tensors(value, fn)
+            # Most values of a state dict are tensors: skip the recursive call for them.
+            out[key] = fn(value) if type(value) in _TENSORS else map_tensors(value, fn)
         return out
     if isinstance(obj, list):
         return [map_tensors(v, fn) for v in obj]
@@ -51,6 +70,17 @@ def _children(obj: Any) -> Any:
 
 def iter_tensors(obj: Any) -> list[torch.Tensor]:
     """Every tensor inside ``obj``, in traversal order (a tensor reached twice appears twice)."""
+    out: list[torch.Tensor] = []
+    _collect(obj, out)
+    return out
+
+
+def _collect(obj: Any, out: list[torch.Tensor]) -> None:
     if isinstance(obj, torch.Tensor):
-        return [obj]
-    return [t for value in _children(obj) for t in iter_tensors(value)]
+        out.append(obj)
+        return
+    for value in _children(obj):
+        if type(value) in _TENSORS:
+            out.append(value)
+        else:
+            _collect(value, out)

@@ -20,7 +20,7 @@ from multiprocessing.reduction import recv_handle
 from typing import Any
 
 from . import _transport
-from ._messages import Done, DropArena, Failed, MapArena, Ready, Reply, Run, Stop
+from ._messages import Done, DropArena, Failed, LayOut, MapArena, Ready, Reply, Run, Stop
 from ._priority import apply_priorities
 
 
@@ -83,6 +83,9 @@ def persistent_main(
                 msg = conn.recv()
                 if isinstance(msg, MapArena):
                     _transport.map_arena(msg.arena_id, recv_handle(conn), msg.nbytes)
+                    continue
+                if isinstance(msg, LayOut):
+                    _transport.lay_out(msg.arena_id, msg.plan)
                     continue
                 jobs.put(msg)
                 if isinstance(msg, Stop):

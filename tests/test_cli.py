@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -73,6 +74,82 @@ def test_bench_can_run_a_subset(tmp_path: Path) -> None:
     rows = [line.split("  ")[0] for line in out.stdout.splitlines()[3:] if line.strip()]
     assert "aiockpt (persistent)" in out.stdout and "dcp.async_save" not in out.stdout
     assert any(r.startswith("floor: in-place copy_") for r in rows)
+
+
+def test_bench_with_many_tensors_prints_per_tensor_cost(tmp_path: Path) -> None:
+    out = cli(
+        "bench", "--tensors", "1000", "--size", "8MiB", "--saves", "1", "--quiet",
+        "--only", "persistent", "torch.save", "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("state dict: 0.01 GiB in 1000 tensors")
+    assert lines[1].split() == [
+        "contender", "blocked", "blocked", "vs", "copy", "us/t", "durable", "vs", "write",
+        "GB/s", "peak+", "growth", "loop", "lag",
+    ]  # fmt: skip
+    expected = [
+        "floor: in-place copy_",
+        "floor: raw write+fsync",
+        "torch.save",
+        "aiockpt (persistent)",
+        "aiockpt (persistent, reserved)",
+    ]
+    for line, name in zip(lines[3:], expected, strict=False):
+        assert line.startswith(name) and len(line.split()) >= 10
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tensors"] == 1000
+    assert report["state_bytes"] == 1000 * (8 * 2**20 // 4 // 1000) * 4
+    rows = {r["name"]: r for r in report["contenders"]}
+    assert rows["torch.save"]["us_per_tensor_over_copy"] is not None
+    assert rows["floor: in-place copy_"]["us_per_tensor_over_copy"] == 0.0
+
+
+def test_bench_sweep_runs_each_point(tmp_path: Path) -> None:
+    out = cli(
+        "bench", "--sweep", "--size", "2MiB", "--counts", "10", "--sizes", "2MiB,4MiB",
+        "--max-size", "3MiB", "--saves", "1", "--only", "aiockpt (persistent)",
+        "--quiet", "--json", str(tmp_path / "s.json"), timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "s.json").read_text())
+    # 4MiB is over --max-size; (100 tensors, 2MiB) is the size point.
+    assert [(p["tensors"], p["size"]) for p in report["points"]] == [
+        (10, 2 * 2**20),
+        (100, 2 * 2**20),
+    ]
+    for point in report["points"]:
+        assert list(point["contenders"]) == [
+            "floor: in-place copy_",
+            "floor: raw write+fsync",
+            "aiockpt (persistent)",
+        ]
+        mine = point["contenders"]["aiockpt (persistent)"]
+        assert mine["failed"] is None and mine["durable_vs_write_floor"] is not None
+        assert mine["durable_vs_torch_save"] is None  # torch.save was not run
+    tail = out.stdout[out.stdout.index("| tensors |") :].splitlines()
+    table = [line for line in tail if line.startswith("|")]
+    assert len(table) == 2 + 2 and table[2].startswith("| 10 | 2 MiB |")
+    assert tail[-1] == f"JSON written to {tmp_path / 's.json'}"
+
+
+def test_bench_reports_a_failing_contender(tmp_path: Path) -> None:
+    import anyio
+
+    from aiockpt import _bench
+
+    class Unpicklable:
+        def __reduce__(self) -> Any:
+            raise TypeError("cannot pickle this")
+
+    state = {"w": torch.ones(10), "odd": Unpicklable()}
+    report = anyio.run(
+        lambda: _bench.run_bench(2**20, 1, str(tmp_path), ["torch.save"], state=state, floors=False)
+    )
+    (row,) = report["contenders"]
+    assert row["name"] == "torch.save"
+    assert row["failed"] == "TypeError: cannot pickle this"
+    assert row["durable_s"] is None
 
 
 def test_verify_and_ls(tmp_path: Path) -> None:
