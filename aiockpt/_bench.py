@@ -496,8 +496,8 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: str) -> None:
-    """Bar chart of warm blocked time and time to durable (needs matplotlib)."""
+def pyplot() -> Any:
+    """matplotlib's pyplot drawing to files; SystemExit saying how to install it if missing."""
     try:
         import matplotlib
 
@@ -505,6 +505,12 @@ def plot(report: dict[str, Any], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise SystemExit("--plot needs matplotlib: pip install 'aiockpt[plot]'") from exc
+    return plt
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Bar chart of warm blocked time and time to durable (needs matplotlib)."""
+    plt = pyplot()
     rows = report["contenders"]
     names = [r["name"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -546,11 +552,16 @@ def main(args: Any) -> int:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(format_table(report))
+    write_outputs(report, args, plot)
+    return 0
+
+
+def write_outputs(report: dict[str, Any], args: Any, draw: Any) -> None:
+    """The report as JSON (``--json``) and as a chart drawn by ``draw`` (``--plot``)."""
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"\nJSON written to {args.json}")
     if args.plot:
-        plot(report, args.plot)
+        draw(report, args.plot)
         print(f"chart written to {args.plot}")
-    return 0

@@ -114,7 +114,8 @@ def forget_views(group: int) -> None:
 
 def _known(obj: torch.Tensor) -> tuple[Any, ...] | None:
     key = id(obj)
-    for known in _KNOWN.values():
+    # The worker's reader thread registers the views of new arenas while this runs.
+    for known in tuple(_KNOWN.values()):
         entry = known.get(key)
         if entry is not None and entry[0] is obj:
             return entry
@@ -204,7 +205,9 @@ class ArchivePickler(pickle.Pickler):
         elif tp is torch.nn.Parameter and not obj.__dict__:
             return _rebuild_parameter, (obj.detach(), obj.requires_grad, _Hooks())
         elif isinstance(obj, _STORAGE_TYPES):
-            return NotImplemented  # reached only as a persistent id
+            # Storages inside tensors become persistent ids before pickling reaches them:
+            # this one is saved on its own, which torch.save pickles its own way.
+            raise Unsupported("a storage object")
         elif not issubclass(tp, torch.Tensor):
             return NotImplemented
         if obj.device.type != "cpu":
@@ -255,7 +258,8 @@ def save(obj: Any, f: Any) -> None:
     Falls back to ``torch.save`` (before anything is written) for objects outside the
     fast path's reach. ``f`` may offer ``writev(buffers)``; otherwise ``write`` is used.
     """
-    if torch.serialization._serialization_tls.skip_data:
+    if torch.serialization._serialization_tls.skip_data or _alignment() != 64:
+        # The archive is laid out with torch's default 64-byte record alignment.
         torch.save(obj, f)
         return
     data = io.BytesIO()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import shutil
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from ._bench import parse_size, run_bench, uniform_state
+from ._bench import parse_size, pyplot, run_bench, uniform_state, write_outputs
 
 CONTENDERS = (
     "floor: in-place copy_",
@@ -160,13 +159,7 @@ def summary_table(points: list[dict[str, Any]]) -> str:
 
 def plot_sweep(report: dict[str, Any], path: str) -> None:
     """Blocked and durable time against tensor count and against size (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install 'aiockpt[plot]'") from exc
+    plt = pyplot()
     points = report["points"]
     by_count = [p for p in points if p["size"] == parse_size(COUNT_SIZE)]
     by_size = [p for p in points if p["tensors"] == SIZE_COUNT]
@@ -197,7 +190,7 @@ def plot_sweep(report: dict[str, Any], path: str) -> None:
                 ax.plot(xs, ys, style, color=color, marker="o", label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("seconds")
         ax.grid(True, which="both", alpha=0.3)
@@ -233,11 +226,5 @@ def main(args: Any) -> int:
         shutil.rmtree(directory, ignore_errors=True)
     print(summary_table(results))
     report = {"points": results, "warm_saves": args.saves}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"\nJSON written to {args.json}")
-    if args.plot:
-        plot_sweep(report, args.plot)
-        print(f"chart written to {args.plot}")
+    write_outputs(report, args, plot_sweep)
     return 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 from typing import Any
 
 import anyio
-from dcp_scenarios import _mesh, dtensor_state, mismatches, write_then_stall
+from dcp_scenarios import _mesh, dtensor_state, kill_stalled_worker, mismatches, write_then_stall
 
 import aiockpt.dcp._commit
 from aiockpt import AsyncCheckpointManager, CheckpointError, CheckpointManager
@@ -69,13 +68,6 @@ def manager_worker_killed(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     real_write = aiockpt.dcp._commit.write_rank_files
 
-    def kill_worker() -> None:
-        # Opening the FIFO returns once the worker opened it: its pid is written by then.
-        fd = os.open(gate, os.O_WRONLY)
-        with open(pid_path) as f:
-            os.kill(int(f.read()), signal.SIGKILL)
-        os.close(fd)
-
     async def main() -> None:
         async with AsyncCheckpointManager(directory, keep_last=2, format="dcp") as mgr:
             await (await mgr.save(1, dtensor_state(mesh, 1)))
@@ -88,7 +80,7 @@ def manager_worker_killed(rank: int, world: int, tmp: str) -> dict[str, Any]:
             finally:
                 aiockpt.dcp._commit.write_rank_files = real_write
             if rank == world - 1:
-                await anyio.to_thread.run_sync(kill_worker)
+                await anyio.to_thread.run_sync(kill_stalled_worker, gate, pid_path)
             try:
                 await fut
                 out["error"] = None

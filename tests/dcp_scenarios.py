@@ -202,6 +202,15 @@ def write_then_stall(
     return result
 
 
+def kill_stalled_worker(gate: str, pid_path: str) -> None:
+    """SIGKILL the worker blocked in ``write_then_stall`` on ``gate``."""
+    # Opening the FIFO returns once the worker opened it: its pid is written by then.
+    fd = os.open(gate, os.O_WRONLY)
+    with open(pid_path) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    os.close(fd)
+
+
 def worker_killed(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """Save ``good``; then the last rank's worker is SIGKILLed while saving ``bad``; then
     save ``after``. Reports what every rank saw."""
@@ -213,11 +222,7 @@ def worker_killed(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def kill_worker() -> None:
-        # Opening the FIFO returns once the worker opened it: its pid is written by then.
-        fd = os.open(gate, os.O_WRONLY)
-        with open(pid_path) as f:
-            os.kill(int(f.read()), signal.SIGKILL)
-        os.close(fd)
+        kill_stalled_worker(gate, pid_path)
 
     async def main() -> None:
         async with AsyncDCPCheckpoint() as ckpt:

@@ -249,3 +249,37 @@ def test_other_tensor_kinds_are_pickled_as_torch_pickles_them(tmp_path: Path) ->
     )
     assert torch.equal(got["u16"], state["u16"])
     assert got["dense"].untyped_storage()._cdata == got["storage_view"].untyped_storage()._cdata
+
+
+def test_bare_storages_and_a_non_default_alignment_go_to_torch_save(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.pt")
+    untyped = torch.arange(4.0).untyped_storage()
+    save_file({"us": untyped, "ts": torch.arange(3).storage()}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert bytes(loaded["us"]) == bytes(untyped)
+    assert loaded["ts"].tolist() == [0, 1, 2]
+    t = torch.arange(4.0)
+    with pytest.raises(RuntimeError, match="view the same data as different types"):
+        save_file({"t": t, "s": t.untyped_storage()}, path)
+    from torch.utils.serialization import config
+
+    saved_alignment = config.save.storage_alignment
+    config.save.storage_alignment = 4096
+    try:
+        save_file({"a": torch.ones(3), "b": torch.zeros(5)}, path)
+    finally:
+        config.save.storage_alignment = saved_alignment
+    with zipfile.ZipFile(path) as archive:
+        infos = [i for i in archive.infolist() if "/data/" in i.filename]
+    raw = Path(path).read_bytes()
+    # Each record's data starts on the 4096-byte alignment, as torch.save lays it out.
+    starts = [
+        i.header_offset
+        + 30
+        + int.from_bytes(raw[i.header_offset + 26 : i.header_offset + 28], "little")
+        + int.from_bytes(raw[i.header_offset + 28 : i.header_offset + 30], "little")
+        for i in infos
+    ]
+    assert [s % 4096 for s in starts] == [0, 0]
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["a"], torch.ones(3)) and torch.equal(loaded["b"], torch.zeros(5))
