@@ -536,23 +536,22 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         try:
             call = await self._in_thread(self._stage, request, fut, glob, event)
         except CheckpointError as err:
-            self._resolve(fut, None, err)
-            # The failed call still takes part in the completion check, where the other
-            # ranks learn of it: the poller must run it even if nothing else is pending.
-            self._wakeup.set()
-            return
+            error = err
         except Exception as exc:  # never leave a future hanging
-            wrapped = StagingError(
+            error = StagingError(
                 f"staging call {fut.call_idx} failed: {type(exc).__name__}: {exc}",
                 call_idx=fut.call_idx,
             )
-            wrapped.__cause__ = exc
-            self._resolve(fut, None, wrapped)
-            self._wakeup.set()
+            error.__cause__ = exc
+        else:
+            if call is not None:
+                fut._set_staged()
+                self._wakeup.set()
             return
-        if call is not None:
-            fut._set_staged()
-            self._wakeup.set()
+        self._resolve(fut, None, error)
+        # The failed call still takes part in the completion check, where the other ranks
+        # learn of it: the poller must run it even if nothing else is pending.
+        self._wakeup.set()
 
     def _stage(
         self, request: AsyncRequest, fut: CheckpointFuture, glob: bool, event: Any

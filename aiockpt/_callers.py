@@ -500,7 +500,6 @@ class PersistentAsyncCaller(AsyncCaller):
         self._ready = False  # the current worker has said hello
         self._head_since: float | None = None  # when the oldest call in flight began
         self._eof_at: float | None = None
-        self._start_overdue = False
         self._news: list[LocalOutcome] = []
         self.starts = 0  # workers started so far
 
@@ -629,7 +628,7 @@ class PersistentAsyncCaller(AsyncCaller):
         if self._eof_at is not None:
             return self._eof_at + EXIT_GRACE_S
         instants = [d for d in (self._start_deadline(),) if d is not None]
-        if self._watch is not None and self._inflight and (d := self._watch.deadline()):
+        if self._watch is not None and self._inflight and (d := self._watch.deadline()) is not None:
             instants.append(d)
         return min(instants) if instants else None
 
@@ -657,26 +656,25 @@ class PersistentAsyncCaller(AsyncCaller):
                 now = time.monotonic()
                 overdue = self._eof_at is not None and now >= self._eof_at + EXIT_GRACE_S
                 start_by = self._start_deadline()
-                self._start_overdue = start_by is not None and now >= start_by
-                if process.exitcode is not None or overdue or self._start_overdue:
-                    self._worker_gone()
+                start_overdue = start_by is not None and now >= start_by
+                if process.exitcode is not None or overdue or start_overdue:
+                    self._worker_gone(start_overdue)
             news, self._news = self._news, []
             return news
 
-    def _worker_gone(self) -> None:
+    def _worker_gone(self, start_overdue: bool = False) -> None:
         """The worker died (or stopped answering): every request in flight failed."""
         exitcode = None
         if self.process is not None:
             stop_process(self.process, 0.0 if self._eof_at is None else EXIT_GRACE_S)
             exitcode = self.process.exitcode
         hint = "" if self._ready else _START_HINT
-        if self._start_overdue:
+        if start_overdue:
             hint = (
                 f" The worker was not ready within start_timeout={self.settings.start_timeout}s"
                 " and was killed: its import may hang (a lock, a network filesystem, your "
                 "main module doing work at import; a spawned worker imports it)."
             )
-            self._start_overdue = False
         for position, call_idx in enumerate(self._inflight):
             self._news.append(crash_outcome(call_idx, self.rank, exitcode, position == 0, hint))
         self._inflight.clear()
