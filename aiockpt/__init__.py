@@ -3,13 +3,26 @@
 The training loop pays only for copying its tensors to host staging buffers; a worker
 process writes them, and the program learns of completion by polling (the blocking API,
 compatible with ``nvidia_resiliency_ext.checkpointing.async_ckpt``) or by awaiting.
+
+Twins share one rule: the blocking class has the plain name, the awaitable one the
+``Async`` prefix (``TorchCheckpoint``/``AsyncTorchCheckpoint``,
+``CheckpointQueue``/``AsyncCheckpointQueue``, ``CheckpointManager``/
+``AsyncCheckpointManager``, ``load``/``aload``). NVRx's names (``AsyncCallsQueue``,
+``TorchAsyncCheckpoint``, ``AsyncRequest``...), where ``Async`` means "in the background",
+are kept for the code written against it.
 """
 
+import warnings as _warnings
+from typing import Any as _Any
+
+from ._aload import aload as aload
+from ._aload import load as load
+from ._aload import load_sync as _load_sync
 from ._async_queue import AsyncCheckpointQueue as AsyncCheckpointQueue
 from ._async_torch import AsyncTorchCheckpoint as AsyncTorchCheckpoint
-from ._callers import AsyncCaller as AsyncCaller
-from ._callers import PersistentAsyncCaller as PersistentAsyncCaller
-from ._callers import TemporalAsyncCaller as TemporalAsyncCaller
+from ._core._callers import AsyncCaller as AsyncCaller
+from ._core._fork import TemporalAsyncCaller as TemporalAsyncCaller
+from ._core._persistent import PersistentAsyncCaller as PersistentAsyncCaller
 from ._exceptions import CheckpointCancelledError as CheckpointCancelledError
 from ._exceptions import CheckpointError as CheckpointError
 from ._exceptions import CheckpointErrorGroup as CheckpointErrorGroup
@@ -33,18 +46,18 @@ from ._exceptions import WorkerCrashedError as WorkerCrashedError
 from ._exceptions import WorkerError as WorkerError
 from ._futures import CheckpointFuture as CheckpointFuture
 from ._futures import CheckpointResult as CheckpointResult
-from ._load import load as load
-from ._load import load_sync as load_sync
 from ._manager import AsyncCheckpointManager as AsyncCheckpointManager
 from ._manager import CheckpointManager as CheckpointManager
 from ._options import QueueOptions as QueueOptions
 from ._queue import AsyncCallsQueue as AsyncCallsQueue
+from ._queue import CheckpointQueue as CheckpointQueue
 from ._request import AsyncRequest as AsyncRequest
-from ._staging import StagingBuffers as StagingBuffers
-from ._storage import LocalStorage as LocalStorage
-from ._storage import Storage as Storage
-from ._storage import verify as verify
+from ._staging._arena import StagingBuffers as StagingBuffers
 from ._torch_ckpt import TorchAsyncCheckpoint as TorchAsyncCheckpoint
+from ._torch_ckpt import TorchCheckpoint as TorchCheckpoint
+from .storage._local import LocalStorage as LocalStorage
+from .storage._local import verify as verify
+from .storage._protocol import Storage as Storage
 from .utils import preload_tensors as preload_tensors
 from .utils import wrap_for_async as wrap_for_async
 
@@ -63,6 +76,7 @@ __all__ = [
     "CheckpointFuture",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointQueue",
     "CheckpointResult",
     "CloseTimeoutError",
     "CorruptCheckpointError",
@@ -84,13 +98,26 @@ __all__ = [
     "StorageError",
     "TemporalAsyncCaller",
     "TorchAsyncCheckpoint",
+    "TorchCheckpoint",
     "UnsafeCheckpointError",
     "UntrustedEntryError",
     "WorkerCrashedError",
     "WorkerError",
+    "aload",
     "load",
-    "load_sync",
     "preload_tensors",
     "verify",
     "wrap_for_async",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    # Deprecated names: they work for one more release, with a warning.
+    if name == "load_sync":
+        _warnings.warn(
+            "aiockpt.load_sync is deprecated: use aiockpt.load (it blocks, like torch.load)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _load_sync
+    raise AttributeError(f"module 'aiockpt' has no attribute {name!r}")

@@ -24,18 +24,17 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
 import anyio
 from anyio import AsyncContextManagerMixin
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from typing_extensions import Self
+from typing_extensions import Self, Unpack
 
-from ._calls import Call
-from ._dist import DEFAULT_TIMEOUT, is_distributed
-from ._engine import CallsEngine
+from ._core._calls import Call
+from ._core._engine import CallsEngine
+from ._dist import CompletionGroup
 from ._exceptions import (
     CheckpointCancelledError,
     CheckpointError,
@@ -48,8 +47,10 @@ from ._exceptions import (
     StagingError,
 )
 from ._futures import CheckpointFuture, CheckpointResult
+from ._options import QueueKeywords, QueueOptions, build_options
+from ._ranks import is_distributed
 from ._request import AsyncRequest
-from ._staging import ready_event
+from ._staging._arena import ready_event
 
 logger = logging.getLogger("aiockpt")
 
@@ -58,11 +59,23 @@ _Staging = tuple[AsyncRequest, CheckpointFuture, bool, Any]
 _NOT_OPEN = "the queue is not open: use `async with AsyncCheckpointQueue() as queue:`"
 
 
-class _State(enum.Enum):
-    NEW = "new"
-    OPEN = "open"
-    CLOSING = "closing"  # refuses new work; draining, then stopping the worker
-    CLOSED = "closed"
+class _State(enum.IntEnum):
+    """The queue's life, in order; closing moves forward one state at a time and can be
+    resumed from any of them (an interrupted close is completed by the next one)::
+
+        NEW ──► OPEN ──► DRAINING ──► STOPPING ──► CLOSED
+         └──────────────────────────────────────────►┘  (closed before it was opened)
+
+    DRAINING: refuses new work, waits (up to the timeout) for the requests in flight.
+    STOPPING: the tasks are cancelled and the worker is stopped (killed first if it must
+    be: see ``_must_kill``). CLOSED: the worker is stopped.
+    """
+
+    NEW = 0
+    OPEN = 1
+    DRAINING = 2
+    STOPPING = 3
+    CLOSED = 4
 
 
 class AsyncCheckpointQueue(AsyncContextManagerMixin):
@@ -75,13 +88,16 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             ...
             result = await fut                     # finalized (on every rank)
 
-    Takes the options of :class:`AsyncCallsQueue`, plus ``no_dist``: settle each request
-    locally even inside a torch.distributed job; ``single_threaded_staging`` (default
-    True): copy host tensors on one core, leaving the others to the event loop and the
-    training step (``False`` uses torch's intra-op threads: faster, but it can starve the
-    loop on a machine with few cores); ``max_pending``: how many requests may be in flight
-    (scheduled, not resolved) before ``schedule`` waits for one to finish (None: bounded
-    only by the staging buffers).
+    Args:
+        persistent: one long-lived worker process (True, the default) or a forked process
+            per request.
+        no_dist: settle each request locally even inside a torch.distributed job.
+        max_pending: how many requests may be in flight (scheduled, not resolved) before
+            ``schedule`` waits for one to finish (None: bounded only by the staging
+            buffers).
+        options: a whole :class:`QueueOptions` instead of keywords (then pass none).
+        **keywords: the other fields of :class:`QueueOptions`, as for
+            :class:`CheckpointQueue` (``save_timeout``, ``start_timeout``, ``timeout``...).
 
     Leaving the ``async with`` (or ``aclose()``) waits for every request, up to
     ``timeout`` (then gives up on the rest with :class:`CloseTimeoutError` and stops the
@@ -95,51 +111,40 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self,
         persistent: bool = True,
         *,
-        start_method: str = "spawn",
-        max_staging_copies: int = 1,
-        pin_memory: bool | None = None,
-        process_group: Any = None,
-        timeout: timedelta = DEFAULT_TIMEOUT,
         no_dist: bool = False,
-        single_threaded_staging: bool = True,
         max_pending: int | None = None,
-        save_timeout: float | None = None,
-        start_timeout: float = 300.0,
+        options: QueueOptions | None = None,
+        **keywords: Unpack[QueueKeywords],
     ) -> None:
         if max_pending is not None and max_pending < 1:
             raise InvalidRequestError(f"max_pending must be at least 1 or None, not {max_pending}")
-        self._options: dict[str, Any] = dict(
-            start_method=start_method,
-            max_staging_copies=max_staging_copies,
-            pin_memory=pin_memory,
-            process_group=process_group,
-            timeout=timeout,
-            single_threaded_staging=single_threaded_staging,
-            save_timeout=save_timeout,
-            start_timeout=start_timeout,
-        )
-        self.persistent = persistent
+        self.options = build_options(persistent, options, keywords)
+        self.persistent = self.options.persistent
         self.no_dist = no_dist
         self.max_pending = max_pending
         self._room = anyio.Semaphore(max_pending) if max_pending else None
-        self._timeout = timeout.total_seconds()
+        self._timeout = self.options.timeout.total_seconds()
         self._engine: CallsEngine | None = None
         self._state = _State.NEW
         self._thread: int | None = None
         self._next_idx = 0
         self._futures: dict[int, CheckpointFuture] = {}  # scheduled, not resolved
         self._unreported: list[CheckpointFuture] = []  # not yet covered by finalize()/exit
-        self._broken: QueueBrokenError | None = None
+        self._broken: QueueBrokenError | None = None  # a task died: no new work
         self._stage_send: MemoryObjectSendStream[_Staging] | None = None
         self._task_scopes: list[anyio.CancelScope] = []
         self._tasks_left = 0
         self._queued_for_staging = 0  # sent to the stager, not yet staged (or skipped)
-        self._drained = False
         self._finalizing: int | None = None  # the call whose finalize steps are running
-        self._must_kill = False  # a worker did not answer in time, or a task died
-        self._stopped = False  # the workers are stopped
+        self._given_up: list[int] = []  # calls whose worker did not answer by the timeout
         self._reported_never_closed = False
         self.polls = 0  # settle attempts made by the poller (one per request when healthy)
+
+    @property
+    def completion(self) -> CompletionGroup:
+        """The group this queue's requests settle over (while it is open): a finalize
+        step that must agree across ranks (a commit) reduces over it."""
+        return self.engine.completion
 
     @property
     def engine(self) -> CallsEngine:
@@ -148,6 +153,12 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         if self._engine is None:
             raise QueueMisuseError(_NOT_OPEN)
         return self._engine
+
+    @property
+    def _must_kill(self) -> bool:
+        """Stop the worker with SIGKILL, not by asking: a task died, or a worker did not
+        answer by the timeout (it may never answer)."""
+        return self._broken is not None or bool(self._given_up)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -221,7 +232,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             raise
 
     def _make_engine(self) -> CallsEngine:
-        engine = CallsEngine(self.persistent, **self._options)
+        engine = CallsEngine(self.options)
         engine.warm_up()  # the worker imports torch now, not at the first save
         return engine
 
@@ -257,25 +268,24 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             async with self._close_lock:
                 if self._state is _State.CLOSED:
                     return
-                self._state = _State.CLOSING
-                if self._stage_send is not None:
-                    self._stage_send.close()
-                if not self._drained:
+                if self._state < _State.DRAINING:
+                    self._state = _State.DRAINING
+                    if self._stage_send is not None:
+                        self._stage_send.close()
+                if self._state is _State.DRAINING:
                     with anyio.move_on_after(self._timeout):
                         while self._futures:
-                            await next(iter(self._futures.values()))._done.wait()
+                            await next(iter(self._futures.values())).wait_settled()
                     self._give_up()
-                    self._drained = True
+                    self._state = _State.STOPPING
                 for scope in self._task_scopes:
                     scope.cancel()
                 if self._must_kill:  # the stager may wait for a buffer the worker holds
                     await self._in_thread(self.engine.kill_worker)
                 await self._tasks_done.wait()
-                if not self._stopped:
-                    if self._must_kill:  # a late schedule may have started a new worker
-                        await self._in_thread(self.engine.kill_worker)
-                    await self._in_thread(self.engine.stop_workers)
-                    self._stopped = True
+                if self._must_kill:  # a late schedule may have started a new worker
+                    await self._in_thread(self.engine.kill_worker)
+                await self._in_thread(self.engine.stop_workers)
                 self._state = _State.CLOSED
 
     def _abandon(self) -> None:
@@ -284,9 +294,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._report_never_closed()
         self._break("closing", RuntimeError("the event loop ended with the queue open"))
         self._report_beside(GeneratorExit())
+        stopped = self._state is _State.CLOSED
         self._state = _State.CLOSED
-        if self._engine is not None and not self._stopped:
-            self._stopped = True
+        if self._engine is not None and not stopped:
             self._engine.kill_worker()
             self._engine.stop_workers()
 
@@ -306,7 +316,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 # Its worker answered and its finalize steps are running in a thread that
                 # cannot be interrupted: let it settle with its true outcome.
                 continue
-            self._must_kill = True
+            self._given_up.append(fut.call_idx)
             self._resolve(
                 fut,
                 None,
@@ -320,11 +330,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             )
 
     def _take_unreported(self) -> list[CheckpointError]:
-        errors = [f._error for f in self._unreported if f._error is not None and not f._observed]
-        for fut in self._unreported:
-            fut._observed = True
+        failures = [fut.take_failure() for fut in self._unreported]
         self._unreported = []
-        return errors
+        return [error for error in failures if error is not None]
 
     def _raise_unreported(self) -> None:
         errors = self._take_unreported()
@@ -363,7 +371,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             raise QueueClosedError("the queue is closed")
 
     def __del__(self) -> None:
-        if getattr(self, "_state", None) in (_State.OPEN, _State.CLOSING):
+        if getattr(self, "_state", None) in (_State.OPEN, _State.DRAINING, _State.STOPPING):
             with contextlib.suppress(Exception):  # at interpreter exit logging may be gone
                 self._report_never_closed()
 
@@ -419,17 +427,15 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         if stager_idle or wait_for_staging:
             # The copy starts now, before the caller's next synchronous step. Behind
             # another request's staging it could not start anyway: a lazy caller goes on.
-            await fut._handed_over.wait()
+            await fut.wait_handed_over()
         if wait_for_staging:
             await fut.staged  # a staging failure raised here counts as observed
         return fut
 
     def _cancel(self, fut: CheckpointFuture) -> bool:
-        if fut._handed_over.is_set() and not (
-            fut.staged.done() and self.engine.cancel(fut.call_idx)
-        ):
+        if fut.handed_over and not (fut.staged.done() and self.engine.cancel(fut.call_idx)):
             return False  # being staged, or started in the worker
-        fut._cancelled = fut._observed = True
+        fut.set_cancelled()
         self._resolve(
             fut,
             None,
@@ -454,33 +460,31 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             raise QueueClosedError("the queue is closed")
         batch = list(self._unreported)
         for fut in batch:
-            await fut._done.wait()
+            await fut.wait_settled()
         done = {id(fut) for fut in batch}
         self._unreported = [fut for fut in self._unreported if id(fut) not in done]
-        errors = [f._error for f in batch if f._error is not None and not f._observed]
-        for fut in batch:
-            fut._observed = True
+        errors = [error for error in (fut.take_failure() for fut in batch) if error is not None]
         if errors:
             raise _group(errors)
-        return [fut._result for fut in batch if fut._result is not None]
+        return [r for r in (fut.succeeded_result() for fut in batch) if r is not None]
 
     def pending(self) -> int:
         """How many scheduled requests are not resolved yet."""
         return len(self._futures)
 
-    # The blocking API belongs to AsyncCallsQueue; mixing the two would race the poller.
+    # The blocking API belongs to CheckpointQueue; mixing the two would race the poller.
     def schedule_async_request(self, *args: object, **kwargs: object) -> int:
         """Not available here: raises :class:`QueueMisuseError` (use ``await schedule``)."""
         raise QueueMisuseError(
             "AsyncCheckpointQueue is driven by its event-loop poller: use `await "
-            "queue.schedule(request)`, or use AsyncCallsQueue for a blocking loop"
+            "queue.schedule(request)`, or use CheckpointQueue for a blocking loop"
         )
 
     def maybe_finalize_async_calls(self, *args: object, **kwargs: object) -> list[int]:
         """Not available here: raises :class:`QueueMisuseError` (use ``await finalize``)."""
         raise QueueMisuseError(
             "AsyncCheckpointQueue finalizes in its event-loop poller: `await "
-            "queue.finalize()` or await the request's future; use AsyncCallsQueue for "
+            "queue.finalize()` or await the request's future; use CheckpointQueue for "
             "maybe_finalize_async_calls"
         )
 
@@ -510,7 +514,6 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 f"{what}; the queue takes no new work: leave `async with` and open a new queue"
             )
             self._broken.__cause__ = exc
-        self._must_kill = True
         for fut in list(self._futures.values()):
             error = QueueBrokenError(
                 f"checkpoint call {fut.call_idx} failed because {what}; it was not finalized",
@@ -545,7 +548,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             error.__cause__ = exc
         else:
             if call is not None:
-                fut._set_staged()
+                fut.set_staged()
                 self._wakeup.set()
             return
         self._resolve(fut, None, error)
@@ -565,7 +568,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
     def _take(self, fut: CheckpointFuture) -> bool:
         if fut.done():
             return False
-        fut._set_handed_over()  # from here on, fut.cancel() is up to the engine
+        fut.set_handed_over()  # from here on, fut.cancel() is up to the engine
         return True
 
     async def _poller(self) -> None:
@@ -642,7 +645,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
     ) -> None:
         if self._futures.pop(fut.call_idx, None) is not None and self._room is not None:
             self._room.release()
-        fut._resolve(result, error)
+        fut.set_outcome(result, error)
 
 
 async def _readable(fd: int, scope: anyio.CancelScope) -> None:

@@ -1,18 +1,22 @@
-"""``AsyncTorchCheckpoint``: the async twin of ``TorchAsyncCheckpoint``."""
+"""``AsyncTorchCheckpoint``: the async twin of ``TorchCheckpoint``."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from typing_extensions import Unpack
+
 from ._async_queue import AsyncCheckpointQueue, QueueFacade
 from ._futures import CheckpointFuture
+from ._options import AsyncQueueFacadeKeywords
 from ._request import AsyncRequest
 from ._sharded import sharded_request
 from ._torch_ckpt import checked_path, save_file_async
 
 
 class AsyncTorchCheckpoint(QueueFacade):
-    """``torch.save`` in the background, awaited::
+    """``torch.save`` in the background, awaited; the async twin of
+    :class:`TorchCheckpoint`::
 
         async with AsyncTorchCheckpoint() as ckpt:
             fut = await ckpt.save(model.state_dict(), "step100.pt")
@@ -20,9 +24,13 @@ class AsyncTorchCheckpoint(QueueFacade):
             await fut              # on disk (or raises CheckpointError)
 
     Options are those of :class:`AsyncCheckpointQueue` (persistent worker by default).
+    ``save`` schedules and is awaited; :meth:`TorchCheckpoint.save` (NVRx's) writes
+    synchronously.
     """
 
-    def __init__(self, persistent: bool = True, **queue_options: Any) -> None:
+    def __init__(
+        self, persistent: bool = True, **queue_options: Unpack[AsyncQueueFacadeKeywords]
+    ) -> None:
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
 
     async def save(
@@ -75,7 +83,7 @@ class AsyncTorchCheckpoint(QueueFacade):
         """Schedule this rank's part of a sharded checkpoint in ``directory`` (on every
         rank). The future resolves once every rank's file is durable and rank 0 has
         written ``metadata.json``; if any rank failed, no metadata is written."""
-        request = sharded_request(state_dict, directory, extra, self.queue.engine.completion)
+        request = sharded_request(state_dict, directory, extra, self.queue.completion)
         return await self.queue.schedule(
             request, wait_for_staging=wait_for_staging, needs_global=True
         )

@@ -39,7 +39,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 class CheckpointError(Exception):
     """Base class of every error aiockpt raises about a checkpoint.
 
-    ``call_idx`` is the index :meth:`AsyncCallsQueue.schedule_async_request` returned for
+    ``call_idx`` is the index :meth:`CheckpointQueue.schedule_async_request` returned for
     the request that failed (``None`` when the error is not about one request) and ``rank``
     the torch.distributed rank that saw it (0 in a single process).
     """
@@ -76,7 +76,7 @@ class InvalidRequestError(CheckpointError, ValueError):
 
 class QueueClosedError(CheckpointError):
     """Raised when a queue is used after ``close()``/``aclose()``. Create a new queue (a
-    blocking ``AsyncCallsQueue`` starts again by itself at its next request)."""
+    blocking ``CheckpointQueue`` starts again by itself at its next request)."""
 
 
 class QueueBrokenError(QueueClosedError):

@@ -151,22 +151,54 @@ class CheckpointFuture:
                     exc_info=error,
                 )
 
-    # -- resolution, called by the queue in the event loop's thread -----------------------
+    # -- the queue's side: called by the queue that made it, in its event loop's thread --
 
-    def _set_handed_over(self) -> None:
+    @property
+    def handed_over(self) -> bool:
+        """The queue's stager has taken the request: cancelling is up to the engine."""
+        return self._handed_over.is_set()
+
+    async def wait_handed_over(self) -> None:
+        """Wait until the stager has taken the request (or it was resolved)."""
+        await self._handed_over.wait()
+
+    async def wait_settled(self) -> None:
+        """Wait until the future is done, without observing its outcome."""
+        await self._done.wait()
+
+    def take_failure(self) -> CheckpointError | None:
+        """The error of a failed checkpoint that nobody has observed yet, marking it
+        observed (so it is reported once); None if it succeeded or was observed."""
+        error = None if self._observed else self._error
+        self._observed = True
+        return error
+
+    def succeeded_result(self) -> CheckpointResult | None:
+        """The result of a checkpoint that succeeded, None otherwise; observes nothing."""
+        return self._result
+
+    def set_handed_over(self) -> None:
+        """Called by the queue: its stager has taken the request."""
         self._handed_over.set()
 
-    def _set_staged(self, error: CheckpointError | None = None) -> None:
+    def set_staged(self, error: CheckpointError | None = None) -> None:
+        """Called by the queue: staging finished (failed with ``error``)."""
         self._staging_error = error
         self._handed_over.set()
         self._staged.set()
 
-    def _resolve(self, result: CheckpointResult | None, error: CheckpointError | None) -> None:
+    def set_cancelled(self) -> None:
+        """Called by the queue: the request was withdrawn (the caller knows: observed)."""
+        self._cancelled = self._observed = True
+
+    def set_outcome(self, result: CheckpointResult | None, error: CheckpointError | None) -> None:
+        """Called by the queue: resolve the future (once; later calls change nothing)
+        and run its done callbacks."""
         if self.done():
             return
         self._result, self._error = result, error
         if not self._staged.is_set():
-            self._set_staged(error)
+            self.set_staged(error)
         self._done.set()
         callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:

@@ -10,36 +10,22 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-from typing_extensions import Self
+from typing_extensions import Self, Unpack
 
+from ._aload import in_thread
 from ._async_queue import AsyncCheckpointQueue, QueueFacade
-from ._exceptions import CheckpointError, InvalidRequestError, QueueClosedError
+from ._exceptions import CheckpointError, QueueClosedError
 from ._futures import CheckpointFuture
-from ._load import in_thread, load_path
-from ._queue import AsyncCallsQueue
+from ._options import AsyncQueueFacadeKeywords, QueueFacadeKeywords
+from ._queue import CheckpointQueue
 from ._request import AsyncRequest
 from ._steps import StepDirectory
-from ._storage import Storage
+from .storage._protocol import Storage
 
 
 def _restore(steps: StepDirectory, step: Any, state_dict: Any, **load_options: Any) -> Any:
-    if steps.format == "dcp":
-        if not isinstance(state_dict, dict):
-            raise InvalidRequestError(
-                "a checkpoint in the DCP format loads in place, resharded: pass the state "
-                "dict to fill, restore(state_dict=...), on every rank"
-            )
-        from .dcp import load as load_dcp
-
-        load_dcp(state_dict, steps.restore_path(step), **load_options)
-        return state_dict
-    if state_dict is not None:
-        raise InvalidRequestError(
-            "restore(state_dict=...) loads in place in format='dcp' only; with "
-            "format='torch' restore() returns this rank's state dict"
-        )
     path = steps.restore_path(step)
-    return load_path(path, storage=steps.storage, nofollow=True, **load_options)
+    return steps.format.restore(path, state_dict, steps.storage, **load_options)
 
 
 def _step_directory(
@@ -50,12 +36,12 @@ def _step_directory(
     planner: Any,
     thread_count: int,
 ) -> StepDirectory:
-    dcp_options: dict[str, Any] = {}
+    format_options: dict[str, Any] = {}
     if planner is not None:
-        dcp_options["planner"] = planner
+        format_options["planner"] = planner
     if thread_count != 1:
-        dcp_options["thread_count"] = thread_count
-    return StepDirectory(directory, keep_last, storage, format, dcp_options)
+        format_options["thread_count"] = thread_count
+    return StepDirectory(directory, keep_last, storage, format, format_options)
 
 
 class _Steps:
@@ -103,10 +89,11 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         format: str = "torch",
         planner: Any = None,
         thread_count: int = 1,
-        **queue_options: Any,
+        persistent: bool = True,
+        **queue_options: Unpack[AsyncQueueFacadeKeywords],
     ) -> None:
         self.steps = _step_directory(directory, keep_last, storage, format, planner, thread_count)
-        self.queue = AsyncCheckpointQueue(**queue_options)
+        self.queue = AsyncCheckpointQueue(persistent, **queue_options)
         self._scheduling: anyio.Lock | None = None
 
     async def __aenter__(self) -> Self:
@@ -161,7 +148,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
     async def _save(
         self, step: int, state_dict: Any, extra: dict[str, Any] | None, wait_for_staging: bool
     ) -> CheckpointFuture:
-        completion = self.queue.engine.completion
+        completion = self.queue.completion
         reserved: list[int] = []
         scheduled: list[CheckpointFuture] = []
 
@@ -235,12 +222,13 @@ class CheckpointManager(_Steps):
         format: str = "torch",
         planner: Any = None,
         thread_count: int = 1,
-        **queue_options: Any,
+        persistent: bool = True,
+        **queue_options: Unpack[QueueFacadeKeywords],
     ) -> None:
         self.steps = _step_directory(directory, keep_last, storage, format, planner, thread_count)
         self.steps.open()
         try:
-            self.queue = AsyncCallsQueue(**queue_options)
+            self.queue = CheckpointQueue(persistent, **queue_options)
         except BaseException:
             self.steps.close()
             raise
@@ -253,7 +241,7 @@ class CheckpointManager(_Steps):
         if self._closed:
             # Its queue could start again, but the directory lock is released.
             raise QueueClosedError("the checkpoint manager is closed; create a new one")
-        request, number = self.steps.request(step, state_dict, extra, self.queue._engine.completion)
+        request, number = self.steps.request(step, state_dict, extra, self.queue.completion)
         try:
             idx = self.queue.schedule_async_request(request, needs_global=True)
         except CheckpointError:

@@ -1,10 +1,12 @@
-"""The options every queue takes, in one frozen object instead of three keyword lists."""
+"""The options every queue takes: one frozen :class:`QueueOptions`, and the typed keywords
+(:class:`QueueKeywords`) that build it wherever a queue or a facade is constructed."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from ._dist import DEFAULT_TIMEOUT
 from ._exceptions import InvalidRequestError
@@ -23,9 +25,10 @@ class QueueOptions:
         process_group: the group completion checks reduce over (default: a dedicated gloo
             group over all ranks, created on first use).
         timeout: how long a completion check waits for the other ranks before it raises.
-        single_threaded_staging: copy host tensors on one core; otherwise storages of 32
-            MiB and more are copied by two threads (host tensors are always copied with
-            plain memmove, never torch's intra-op threads).
+        single_threaded_staging: copy host tensors on one core; otherwise (the default)
+            storages of 32 MiB and more are copied by two threads. Host tensors are always
+            copied with plain memmove, which releases the GIL, never with torch's intra-op
+            threads.
         save_timeout: seconds a worker may spend on one request before it is killed and
             the request fails with :class:`SaveTimeoutError` (None: no limit). Closing a
             queue waits no longer than this for a worker that does not answer.
@@ -109,3 +112,87 @@ class WorkerSettings:
     io_priority: int | None = None
     sigterm_timeout: float = 30.0
     start_timeout: float = 300.0
+
+
+# The keywords that build a QueueOptions, in the groups the signatures need: NVRx's five
+# (positional in CheckpointQueue), the group completion checks reduce over (the DCP facades
+# take a `process_group` of their own, for planning), and the rest.
+
+
+class ReferenceQueueKeywords(TypedDict, total=False):
+    """:class:`QueueOptions` fields that NVRx's ``CheckpointQueue`` takes by position."""
+
+    is_daemon: bool
+    cpu_priority: int | None
+    io_priority: int | None
+    sigterm_timeout: float
+    cpu_shm_mode: bool
+
+
+class EngineKeywords(TypedDict, total=False):
+    """:class:`QueueOptions` fields of aiockpt's own, but for ``process_group``."""
+
+    start_method: str
+    max_staging_copies: int
+    pin_memory: bool | None
+    timeout: timedelta
+    single_threaded_staging: bool
+    save_timeout: float | None
+    start_timeout: float
+
+
+class GroupKeywords(TypedDict, total=False):
+    """The :class:`QueueOptions` field naming the completion checks' process group."""
+
+    process_group: Any
+
+
+class ExtraQueueKeywords(EngineKeywords, GroupKeywords, total=False):
+    """What :class:`~aiockpt.CheckpointQueue` takes by keyword after NVRx's arguments."""
+
+
+class QueueKeywords(ReferenceQueueKeywords, ExtraQueueKeywords, total=False):
+    """The keywords that build a :class:`QueueOptions` (all but ``persistent``, which every
+    queue and facade takes as its first argument); see :class:`QueueOptions` for each."""
+
+
+class QueueFacadeKeywords(QueueKeywords, total=False):
+    """What a blocking facade forwards to its :class:`~aiockpt.CheckpointQueue`: the
+    options' keywords, or ``options=`` a whole :class:`QueueOptions`."""
+
+    options: QueueOptions | None
+
+
+class AsyncQueueFacadeKeywords(QueueFacadeKeywords, total=False):
+    """What an async facade forwards to its :class:`~aiockpt.AsyncCheckpointQueue`."""
+
+    no_dist: bool
+    max_pending: int | None
+
+
+class DCPQueueKeywords(ReferenceQueueKeywords, EngineKeywords, total=False):
+    """What a DCP facade forwards to its :class:`~aiockpt.CheckpointQueue` (its own
+    ``process_group`` is the planning group)."""
+
+    options: QueueOptions | None
+
+
+class AsyncDCPQueueKeywords(DCPQueueKeywords, total=False):
+    """What an async DCP facade forwards to its :class:`~aiockpt.AsyncCheckpointQueue`."""
+
+    no_dist: bool
+    max_pending: int | None
+
+
+def build_options(
+    persistent: bool, options: QueueOptions | None, keywords: Mapping[str, Any]
+) -> QueueOptions:
+    """``options`` if given (then no keyword may be), else a :class:`QueueOptions` of
+    ``persistent`` and ``keywords``."""
+    if options is None:
+        return QueueOptions(persistent, **keywords)
+    if keywords:
+        raise InvalidRequestError(
+            f"pass options=QueueOptions(...) or its keywords, not both (got {sorted(keywords)})"
+        )
+    return options

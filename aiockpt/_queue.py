@@ -1,4 +1,5 @@
-"""The blocking facade, compatible with ``nvidia_resiliency_ext``'s ``AsyncCallsQueue``."""
+"""The blocking queue, :class:`CheckpointQueue`: NVRx's ``AsyncCallsQueue`` (same class,
+same signature), whose finalize calls wait or poll instead of being awaited."""
 
 from __future__ import annotations
 
@@ -6,21 +7,24 @@ import logging
 import threading
 import time
 import weakref
-from datetime import timedelta
 from typing import Any, ClassVar
 
-from ._callers import PersistentAsyncCaller
-from ._dist import DEFAULT_TIMEOUT
-from ._engine import CallsEngine
+from typing_extensions import Unpack
+
+from ._core._engine import CallsEngine
+from ._core._persistent import PersistentAsyncCaller
+from ._dist import CompletionGroup
 from ._exceptions import CheckpointError
-from ._options import QueueOptions
+from ._options import ExtraQueueKeywords, QueueOptions, build_options
 from ._request import AsyncRequest, as_request
 
 logger = logging.getLogger("aiockpt")
 
 
-class AsyncCallsQueue:
-    """Schedules :class:`AsyncRequest` objects and finalizes them in FIFO order.
+class CheckpointQueue:
+    """Schedules :class:`AsyncRequest` objects and finalizes them in FIFO order; the
+    blocking twin of :class:`AsyncCheckpointQueue`. ``AsyncCallsQueue``, NVRx's name, is
+    this class.
 
     Args:
         persistent: one long-lived worker process (True, the default) or a forked process
@@ -34,18 +38,9 @@ class AsyncCallsQueue:
             2 best-effort, 3 idle); 0 or None leaves it unchanged.
         sigterm_timeout: seconds a worker that must stop gets after SIGTERM before SIGKILL.
         cpu_shm_mode: accepted for compatibility with the reference; changes nothing.
-        start_method: how the persistent worker starts, ``"spawn"`` or ``"forkserver"``.
-        max_staging_copies: host staging copies of the state held at most; scheduling waits
-            for an earlier request's worker when all are in use.
-        pin_memory: page-lock the staging buffers (default: when CUDA is available).
-        process_group: the group completion checks reduce over (default: a dedicated gloo
-            group over all ranks, created on first use).
-        timeout: how long a completion check waits for the other ranks before it raises.
-        save_timeout: seconds a worker may spend on one request before it is killed and
-            the request fails with :class:`SaveTimeoutError` (default: no limit).
-        start_timeout: seconds a request may wait for the persistent worker to be ready
-            before the worker is killed and the request fails (default 300).
-        options: a :class:`QueueOptions` instead of the keywords above.
+        options: a whole :class:`QueueOptions` instead of keywords (then pass none).
+        **keywords: the other fields of :class:`QueueOptions` (``start_method``,
+            ``max_staging_copies``, ``save_timeout``, ``start_timeout``, ...).
 
     In a torch.distributed job every rank must schedule the same requests and call
     ``maybe_finalize_async_calls`` with ``no_dist=False`` the same number of times.
@@ -53,7 +48,7 @@ class AsyncCallsQueue:
     starts a fresh worker and call indices start again from 0, as in the reference.
     """
 
-    _instances: ClassVar[weakref.WeakSet[AsyncCallsQueue]] = weakref.WeakSet()
+    _instances: ClassVar[weakref.WeakSet[CheckpointQueue]] = weakref.WeakSet()
     _warm_caller: ClassVar[PersistentAsyncCaller | None] = None
 
     def __init__(
@@ -65,39 +60,29 @@ class AsyncCallsQueue:
         sigterm_timeout: float = 30.0,
         cpu_shm_mode: bool = False,
         *,
-        start_method: str = "spawn",
-        max_staging_copies: int = 1,
-        pin_memory: bool | None = None,
-        process_group: Any = None,
-        timeout: timedelta = DEFAULT_TIMEOUT,
-        save_timeout: float | None = None,
-        start_timeout: float = 300.0,
         options: QueueOptions | None = None,
+        **keywords: Unpack[ExtraQueueKeywords],
     ) -> None:
         if options is None:
             options = QueueOptions(
                 persistent,
-                start_method=start_method,
-                max_staging_copies=max_staging_copies,
-                pin_memory=pin_memory,
-                process_group=process_group,
-                timeout=timeout,
-                save_timeout=save_timeout,
-                start_timeout=start_timeout,
                 is_daemon=is_daemon,
                 cpu_priority=cpu_priority,
                 io_priority=io_priority,
                 sigterm_timeout=sigterm_timeout,
                 cpu_shm_mode=cpu_shm_mode,
+                **keywords,
             )
+        else:
+            options = build_options(persistent, options, keywords)
         self._engine = CallsEngine(options=options)
         # One thread finalizes at a time, so requests finalize in order and each failure is
         # raised once; a non-blocking poll that finds another thread finalizing returns.
         self._finalizing = threading.Lock()
-        AsyncCallsQueue._instances.add(self)
+        CheckpointQueue._instances.add(self)
 
     @classmethod
-    def get_instances(cls) -> list[AsyncCallsQueue]:
+    def get_instances(cls) -> list[CheckpointQueue]:
         """The queues alive in this process (what :func:`abort_nvrx_checkpoint` aborts)."""
         return list(cls._instances)
 
@@ -137,14 +122,25 @@ class AsyncCallsQueue:
             engine = self._engine = CallsEngine(
                 options=engine.options, completion=engine.completion
             )
-        warm = AsyncCallsQueue._warm_caller
+        warm = CheckpointQueue._warm_caller
         if warm is not None and engine.adopt_worker(warm):
-            AsyncCallsQueue._warm_caller = None
+            CheckpointQueue._warm_caller = None
         return engine
 
     def warm_up(self) -> None:
         """Start the persistent worker now rather than at the first request. Optional."""
         self._open_engine().warm_up()
+
+    @property
+    def options(self) -> QueueOptions:
+        """The options the queue was made with."""
+        return self._engine.options
+
+    @property
+    def completion(self) -> CompletionGroup:
+        """The group this queue's requests settle over: a finalize step that must agree
+        across ranks (a commit) reduces over it, in step with the queue."""
+        return self._engine.completion
 
     @property
     def persistent(self) -> bool:
@@ -192,7 +188,7 @@ class AsyncCallsQueue:
 
         Example:
             ```python
-            queue = AsyncCallsQueue()
+            queue = CheckpointQueue()
             idx = queue.schedule_async_request(
                 AsyncRequest(torch.save, (state_dict, "ckpt.pt"), finalize_fns=[on_done])
             )
@@ -283,7 +279,7 @@ class AsyncCallsQueue:
         finalize steps never run and its failure never raised. A worker warmed up by
         :meth:`warmup_persistent_caller` and not taken over yet is stopped too.
         """
-        warm, AsyncCallsQueue._warm_caller = AsyncCallsQueue._warm_caller, None
+        warm, CheckpointQueue._warm_caller = CheckpointQueue._warm_caller, None
         if warm is not None:
             warm.close(abort=abort)
         if abort:
@@ -308,7 +304,7 @@ class AsyncCallsQueue:
         if first is not None:
             raise first
 
-    def __enter__(self) -> AsyncCallsQueue:
+    def __enter__(self) -> CheckpointQueue:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -321,13 +317,18 @@ class AsyncCallsQueue:
 
 
 def abort_nvrx_checkpoint() -> None:
-    """Abort every :class:`AsyncCallsQueue` of this process (``close(abort=True)``): their
+    """Abort every :class:`CheckpointQueue` of this process (``close(abort=True)``): their
     workers are stopped at once and pending saves dropped. For in-process restarts: the
     queues stay usable, and their next request starts a fresh worker. A worker started by
-    :meth:`AsyncCallsQueue.warmup_persistent_caller` and not taken over is stopped too."""
-    for queue in AsyncCallsQueue.get_instances():
+    :meth:`CheckpointQueue.warmup_persistent_caller` and not taken over is stopped too."""
+    for queue in CheckpointQueue.get_instances():
         queue.close(abort=True)
     # A worker warmed up for a queue that was never created (or already dropped).
-    warm, AsyncCallsQueue._warm_caller = AsyncCallsQueue._warm_caller, None
+    warm, CheckpointQueue._warm_caller = CheckpointQueue._warm_caller, None
     if warm is not None:
         warm.close(abort=True)
+
+
+AsyncCallsQueue = CheckpointQueue
+"""NVRx's name for :class:`CheckpointQueue` (``nvidia_resiliency_ext``'s
+``AsyncCallsQueue``): the same class."""

@@ -15,6 +15,7 @@ from ._exceptions import (
     FrozenRequestError,
     InvalidRequestError,
 )
+from ._ranks import get_rank, is_distributed
 
 
 class AsyncRequest(NamedTuple):
@@ -69,8 +70,6 @@ class AsyncRequest(NamedTuple):
         Useful for debugging and for a final save at exit. Returns ``async_fn``'s result.
         In a distributed job every rank must call it.
         """
-        from ._dist import is_distributed  # _dist imports this module
-
         self.validate()
         args = self.prepared_args()
         result = self.async_fn(*args, **(self.async_fn_kwargs or {})) if self.async_fn else None
@@ -86,8 +85,6 @@ class AsyncRequest(NamedTuple):
         check that they all finalized the same call (every rank must call it) and raise
         :class:`DistributedCheckpointError` if not.
         """
-        from ._dist import get_rank, is_distributed  # _dist imports this module
-
         for fn in self.finalize_fns:
             fn()
         if validate_matching_call_idx and is_distributed():

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
-from ._dist import CompletionGroup, get_rank, get_world_size
-from ._engine import ResultFinalizer
+from ._core._engine import ResultFinalizer
+from ._dist import CompletionGroup
 from ._exceptions import DirectoryLockedError, InvalidRequestError
-from ._metadata import METADATA, check_extra
+from ._formats import StepHooks
+from ._ranks import get_rank, get_world_size
 from ._request import AsyncRequest
-from ._storage import LocalStorage, Storage, live_writers, shard_name
+from .storage._load import load_path
+from .storage._local import LocalStorage
+from .storage._metadata import METADATA, check_extra, shard_name
+from .storage._protocol import Storage
 from .utils import wrap_for_async
 
 logger = logging.getLogger("aiockpt")
@@ -119,15 +122,13 @@ def sharded_request(
         )
     name = shard_name(get_rank(), get_world_size())
     storage.remove_temporaries(path, name)  # left by a killed earlier attempt
-    if isinstance(storage, LocalStorage):
-        writers = live_writers(path, name)
-        if writers:
-            raise DirectoryLockedError(
-                f"{name} in {path!r} is being written by pid {writers[0]} on this host, "
-                "perhaps a worker of an earlier job that outlived it: wait for it to finish "
-                "or stop it, then save again",
-                holder=f"pid {writers[0]} on host {socket.gethostname()}",
-            )
+    writers = storage.live_writers(path, name)
+    if writers:
+        raise DirectoryLockedError(
+            f"{name} in {path!r} is being written by {writers[0]}, perhaps a worker of an "
+            "earlier job that outlived it: wait for it to finish or stop it, then save again",
+            holder=writers[0],
+        )
     return AsyncRequest(
         wrap_for_async(storage.write_file),
         (state_dict, os.path.join(path, name)),
@@ -143,3 +144,51 @@ def sharded_request(
             )
         ],
     )
+
+
+class TorchFormat:
+    """``format="torch"``: a ``torch.save`` file per rank, committed by ``metadata.json``
+    (written through the manager's :class:`Storage`)."""
+
+    name = "torch"
+    marker = METADATA
+    needs_local_storage = False
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise InvalidRequestError(
+                f"{sorted(options)} apply to format='dcp' only, not format='torch'"
+            )
+
+    def save_request(
+        self,
+        state_dict: Any,
+        directory: str,
+        extra: dict[str, Any],
+        completion: CompletionGroup,
+        storage: Storage,
+        hooks: StepHooks,
+    ) -> AsyncRequest:
+        return sharded_request(
+            state_dict,
+            directory,
+            extra,
+            completion,
+            storage,
+            after_commit=hooks.after_commit,
+            before_commit=hooks.before_commit,
+            on_committed=hooks.on_committed,
+        )
+
+    def uncommit(self, directory: str) -> None:
+        """Nothing to do: :meth:`Storage.remove_tree` removes ``metadata.json`` first."""
+
+    def restore(
+        self, directory: str, state_dict: Any, storage: Storage, **load_options: Any
+    ) -> Any:
+        if state_dict is not None:
+            raise InvalidRequestError(
+                "restore(state_dict=...) loads in place in format='dcp' only; with "
+                "format='torch' restore() returns this rank's state dict"
+            )
+        return load_path(directory, storage=storage, nofollow=True, **load_options)

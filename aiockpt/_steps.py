@@ -7,9 +7,8 @@ The rules, enforced here for both managers:
   (after a divergence, say), ``rollback(to_step)`` first un-commits and deletes the steps
   above ``to_step``. So the checkpoint just committed is always the newest, and retention
   (which keeps the newest ``keep_last``) never deletes it.
-- Deleting a step un-commits it first (``metadata.json``, or ``.metadata`` in the DCP
-  format, removed and fsync'd), so a crash mid-way never leaves a committed step with
-  missing files.
+- Deleting a step un-commits it first (its format's commit marker removed and fsync'd),
+  so a crash mid-way never leaves a committed step with missing files.
 - Only real directories count as steps: a link, a file or a FIFO named ``step-*`` is
   never followed, listed as a step or deleted through.
 - One process writes the directory: rank 0 holds ``.aiockpt.lock`` while the manager is
@@ -26,24 +25,23 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._dirlock import DirectoryLock
-from ._dist import get_rank, is_distributed
 from ._exceptions import (
     CheckpointError,
     CheckpointNotFoundError,
     InvalidRequestError,
     QueueClosedError,
 )
-from ._files import entry_kind, open_dir, opened
-from ._metadata import METADATA, check_extra
+from ._formats import FORMATS, StepFormat, StepHooks, markers, step_format
+from ._ranks import get_rank, is_distributed
 from ._request import AsyncRequest
-from ._sharded import sharded_request
-from ._storage import DCP_MARKER, LocalStorage, Storage
+from .storage._files import entry_kind, open_dir, opened
+from .storage._local import LocalStorage
+from .storage._metadata import check_extra
+from .storage._protocol import Storage
 
 logger = logging.getLogger("aiockpt")
 
 MAX_STEP = 2**63 - 1
-FORMATS = ("torch", "dcp")
 _STEP_NAME = re.compile(r"^step-([0-9]{12,19})$")
 
 
@@ -78,13 +76,11 @@ class Listing:
     committed: list[int] = field(default_factory=list)
     partial: list[int] = field(default_factory=list)  # no metadata: failed or in progress
     refused: list[tuple[str, str]] = field(default_factory=list)  # (name, what it is)
-    foreign: list[int] = field(default_factory=list)  # committed in the other format
-
-
-_OTHER_MARKER = {METADATA: DCP_MARKER, DCP_MARKER: METADATA}
+    foreign: list[int] = field(default_factory=list)  # committed in another format
 
 
 def _scan_local(directory: str, marker: str) -> Listing:
+    others = [m for m in markers().values() if m != marker]
     found = Listing()
     try:
         dfd = open_dir(directory)
@@ -105,8 +101,7 @@ def _scan_local(directory: str, marker: str) -> Listing:
                         kind: str | None = entry_kind(marker, s)
                     except FileNotFoundError:
                         kind = None
-                    other = _OTHER_MARKER[marker]
-                    foreign = kind is None and other in os.listdir(s)
+                    foreign = kind is None and any(m in os.listdir(s) for m in others)
             except (FileNotFoundError, CheckpointError):
                 continue  # removed or replaced while we looked
             if foreign:  # never taken for a failed save (and deleted) by this format
@@ -123,8 +118,8 @@ def _scan_local(directory: str, marker: str) -> Listing:
     return found
 
 
-def _scan(directory: str, storage: Storage, marker: str = METADATA) -> Listing:
-    if isinstance(storage, LocalStorage):
+def _scan(directory: str, storage: Storage, marker: str) -> Listing:
+    if storage.is_local:
         return _scan_local(directory, marker)
     found = Listing()
     for name in storage.list_dir(directory):
@@ -142,8 +137,9 @@ class StepDirectory:
 
     ``open()`` (filesystem calls: off the event loop) creates the directory, takes the lock
     on rank 0 and reads the newest committed step; ``close()`` releases the lock.
-    ``format`` is ``"torch"`` (a ``torch.save`` file per rank and ``metadata.json``) or
-    ``"dcp"`` (the ``torch.distributed.checkpoint`` format, committed by ``.metadata``).
+    ``format`` names a :mod:`aiockpt._formats` format (``"torch"``: a ``torch.save``
+    file per rank and ``metadata.json``; ``"dcp"``: the ``torch.distributed.checkpoint``
+    layout), configured with ``format_options``.
     """
 
     def __init__(
@@ -152,19 +148,10 @@ class StepDirectory:
         keep_last: Any,
         storage: Storage | None,
         format: str = "torch",
-        dcp_options: dict[str, Any] | None = None,
+        format_options: dict[str, Any] | None = None,
     ) -> None:
         if format not in FORMATS:
             raise InvalidRequestError(f"format must be one of {FORMATS}, not {format!r}")
-        if format == "dcp" and storage is not None and not isinstance(storage, LocalStorage):
-            raise InvalidRequestError(
-                "format='dcp' writes through the local (or mounted) filesystem: a custom "
-                "storage is supported with format='torch' only"
-            )
-        if dcp_options and format != "dcp":
-            raise InvalidRequestError(
-                f"{sorted(dcp_options)} apply to format='dcp' only, not format={format!r}"
-            )
         if keep_last is not None and (
             isinstance(keep_last, bool)
             or not isinstance(keep_last, numbers.Integral)
@@ -174,11 +161,14 @@ class StepDirectory:
         self.directory = os.fspath(directory)
         self.keep_last = None if keep_last is None else int(keep_last)
         self.storage = storage if storage is not None else LocalStorage()
-        self.format = format
-        self.marker = DCP_MARKER if format == "dcp" else METADATA
-        self.dcp_options = dict(dcp_options or {})
-        self._plan_cache: Any = None  # the DCP format's SavePlanCache, made on first use
-        self.lock = DirectoryLock(self.directory)
+        self.format: StepFormat = step_format(format, dict(format_options or {}))
+        if self.format.needs_local_storage and storage is not None and not storage.is_local:
+            raise InvalidRequestError(
+                f"format={format!r} writes through the local (or mounted) filesystem: a "
+                "custom storage is supported with format='torch' only"
+            )
+        self.marker = self.format.marker
+        self.lock = self.storage.lock(self.directory)
         self._mutex = threading.Lock()
         self._in_flight: set[int] = set()  # scheduled, outcome not yet known here
         self._newest = -1  # newest committed step known (-1: none)
@@ -190,16 +180,16 @@ class StepDirectory:
         """Raises :class:`StorageError` (cannot create), :class:`UntrustedEntryError` (the
         directory is a file), :class:`DirectoryLockedError` (another manager holds it)."""
         self.storage.makedirs(self.directory)
-        if get_rank() == 0 and isinstance(self.storage, LocalStorage):
+        if get_rank() == 0:
             self.lock.acquire()
         try:
             found = self.scan()
             if found.foreign:
-                other = "torch" if self.format == "dcp" else "dcp"
                 raise InvalidRequestError(
-                    f"{self.directory!r} holds checkpoints in the {other!r} format (steps "
-                    f"{found.foreign[-3:]}); open it with format={other!r}, or use another "
-                    "directory for this format"
+                    f"{self.directory!r} holds checkpoints in another format than "
+                    f"{self.format.name!r} (steps {found.foreign[-3:]}); open it with the "
+                    f"format they were saved in (one of {FORMATS}), or use another directory "
+                    "for this format"
                 )
         except BaseException:
             self.lock.release()
@@ -251,47 +241,24 @@ class StepDirectory:
                 'extra["step"] is reserved: the manager records the step you save under'
             )
         self._reserve(step)
+        hooks = StepHooks(
+            before_commit=lambda: self._check_still_newest(step),
+            on_committed=lambda: self._committed(step),
+            after_commit=lambda: self._prune_logged(step),
+        )
         try:
-            if self.format == "dcp":
-                request = self._dcp_request(step, state_dict, {**extra, "step": step}, completion)
-            else:
-                request = sharded_request(
-                    state_dict,
-                    self.path(step),
-                    {**extra, "step": step},
-                    completion,
-                    self.storage,
-                    after_commit=lambda: self.prune(step),
-                    before_commit=lambda: self._check_still_newest(step),
-                    on_committed=lambda: self._committed(step),
-                )
+            request = self.format.save_request(
+                state_dict,
+                self.path(step),
+                {**extra, "step": step},
+                completion,
+                self.storage,
+                hooks,
+            )
         except BaseException:
             self.settled(step)
             raise
         return request, step
-
-    def _dcp_request(
-        self, step: int, state_dict: Any, extra: dict[str, Any], completion: Any
-    ) -> AsyncRequest:
-        """Plan (collective on every rank; callers keep plannings in one order) and build
-        the DCP-format save of ``step``; the plan is reused while the structure holds."""
-        from .dcp import SavePlanCache, dcp_save_request
-
-        if self._plan_cache is None:
-            self._plan_cache = SavePlanCache()
-        # A real directory of its own (never a link to elsewhere), as in the torch format.
-        self.storage.makedirs(self.path(step))
-        return dcp_save_request(
-            state_dict,
-            self.path(step),
-            completion,
-            cache=self._plan_cache,
-            extra=extra,
-            after_commit=lambda: self._prune_logged(step),
-            before_commit=lambda: self._check_still_newest(step),
-            on_committed=lambda: self._committed(step),
-            **self.dcp_options,
-        )
 
     def _prune_logged(self, step: int) -> None:
         try:
@@ -340,6 +307,11 @@ class StepDirectory:
 
     # -- deleting ----------------------------------------------------------------------
 
+    def delete(self, step: int) -> None:
+        """Un-commit ``step`` (its format's marker first), then delete its directory."""
+        self.format.uncommit(self.path(step))
+        self.storage.remove_tree(self.path(step))
+
     def prune(self, committed_step: int) -> list[int]:
         """After ``committed_step`` is committed (rank 0): delete the committed steps
         beyond the newest ``keep_last`` and leftovers of failed saves of older steps; never
@@ -353,7 +325,7 @@ class StepDirectory:
             keep = self.keep_last - (committed_step in found.committed)
             doomed += older[: max(0, len(older) - keep)]
         for step in sorted(doomed):
-            self.storage.remove_tree(self.path(step))
+            self.delete(step)
         return sorted(doomed)
 
     def rollback(self, to_step: Any) -> list[int]:
@@ -376,7 +348,7 @@ class StepDirectory:
         doomed = sorted({s for s in found.committed + found.partial if s > to_step})
         if get_rank() == 0:
             for step in reversed(doomed):
-                self.storage.remove_tree(self.path(step))
+                self.delete(step)
         if is_distributed():
             import torch.distributed as dist
 

@@ -1,4 +1,5 @@
-"""``TorchAsyncCheckpoint``: ``torch.save`` in the background, behind the blocking queue."""
+"""``TorchCheckpoint``: ``torch.save`` in the background, behind the blocking queue
+(NVRx's name for it: ``TorchAsyncCheckpoint``)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import os
 from typing import Any
 
 import torch
+from typing_extensions import Unpack
 
 from ._exceptions import InvalidRequestError
-from ._queue import AsyncCallsQueue
+from ._options import QueueFacadeKeywords
+from ._queue import CheckpointQueue
 from ._request import AsyncRequest
 from ._sharded import sharded_request
-from ._storage import save_file
+from .storage._local import save_file
 from .utils import wrap_for_async
 
 # The worker's function for single-file saves: atomic, fsync'd, checksummed torch.save.
@@ -45,8 +48,9 @@ def checked_path(f: Any) -> str:
     return path
 
 
-class TorchAsyncCheckpoint:
-    """``torch.save`` that returns as soon as the tensors are staged.
+class TorchCheckpoint:
+    """``torch.save`` that returns as soon as the tensors are staged; the blocking twin of
+    :class:`AsyncTorchCheckpoint` (whose ``save`` is awaited).
 
     ``async_save(state_dict, path, **torch_save_kwargs)`` has ``torch.save``'s signature;
     the file it writes loads with ``torch.load``. It is written under a temporary name,
@@ -54,19 +58,28 @@ class TorchAsyncCheckpoint:
     Call ``finalize_async_save`` regularly (``blocking=False`` each step) and
     ``finalize_async_save(blocking=True)`` at the end.
     One persistent worker process serves every save (it starts at the first save, or at
-    :meth:`reserve`); ``persistent_queue=False`` forks a process per save instead.
-    ``queue_options`` are :class:`AsyncCallsQueue`'s keywords. After
+    :meth:`reserve`); ``persistent=False`` forks a process per save instead
+    (``persistent_queue=``, NVRx's keyword, is the same). ``queue_options`` are
+    :class:`QueueOptions`' keywords. After
     ``finalize_async_save(terminate=True)`` or :meth:`close` the next save starts a
     fresh worker.
     """
 
-    def __init__(self, persistent_queue: bool = True, **queue_options: Any) -> None:
-        self._queue = AsyncCallsQueue(persistent=persistent_queue, **queue_options)
+    def __init__(
+        self,
+        persistent: bool = True,
+        *,
+        persistent_queue: bool | None = None,
+        **queue_options: Unpack[QueueFacadeKeywords],
+    ) -> None:
+        if persistent_queue is not None:
+            persistent = persistent_queue
+        self._queue = CheckpointQueue(persistent, **queue_options)
 
     @property
-    def queue(self) -> AsyncCallsQueue:
-        """The :class:`AsyncCallsQueue` that runs the saves (for custom requests beside
-        them, or its :attr:`~AsyncCallsQueue.staging_buffers`)."""
+    def queue(self) -> CheckpointQueue:
+        """The :class:`CheckpointQueue` that runs the saves (for custom requests beside
+        them, or its :attr:`~CheckpointQueue.staging_buffers`)."""
         return self._queue
 
     def reserve(self, state_dict: Any) -> None:
@@ -117,7 +130,7 @@ class TorchAsyncCheckpoint:
 
         Example:
             ```python
-            ckpt = TorchAsyncCheckpoint()
+            ckpt = TorchCheckpoint()
             ckpt.async_save(model.state_dict(), "step100.pt")
             ckpt.finalize_async_save(blocking=True, terminate=True)
             ```
@@ -135,7 +148,7 @@ class TorchAsyncCheckpoint:
         every rank). Rank 0 writes ``metadata.json`` (with ``extra``) once every rank's file
         is durable; that happens in ``finalize_async_save``, which settles this request
         across all ranks whatever its ``no_dist``."""
-        request = sharded_request(state_dict, directory, extra, self._queue._engine.completion)
+        request = sharded_request(state_dict, directory, extra, self._queue.completion)
         return self._queue.schedule_async_request(request, needs_global=True)
 
     def finalize_async_save(
@@ -169,5 +182,16 @@ class TorchAsyncCheckpoint:
 
     def close(self, abort: bool = False) -> None:
         """Finalize pending saves and stop the worker. Idempotent. ``abort=True`` stops
-        the worker at once and drops pending saves (see :meth:`AsyncCallsQueue.close`)."""
+        the worker at once and drops pending saves (see :meth:`CheckpointQueue.close`)."""
         self._queue.close(abort, no_dist=True)
+
+
+class TorchAsyncCheckpoint(TorchCheckpoint):
+    """NVRx's name and signature for :class:`TorchCheckpoint` (``persistent_queue`` first):
+    ``nvidia_resiliency_ext.checkpointing.async_ckpt.torch_ckpt.TorchAsyncCheckpoint``.
+    ``save`` writes synchronously, ``async_save`` in the background, as in NVRx."""
+
+    def __init__(
+        self, persistent_queue: bool = True, **queue_options: Unpack[QueueFacadeKeywords]
+    ) -> None:
+        super().__init__(persistent_queue, **queue_options)

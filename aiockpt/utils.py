@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ._staging import cuda_available
-from ._tree import map_tensors
+from ._staging._arena import cuda_available
+from ._staging._tree import map_tensors
 
 
 class _GcDisabled:

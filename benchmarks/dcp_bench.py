@@ -12,7 +12,7 @@ Contenders: ``dcp.async_save`` with the thread and the process executor, each wi
 default stager and with ``DefaultStager(StagingOptions(use_async_staging=True,
 use_shared_memory=True, use_pinned_memory=False, use_non_blocking_copy=False))`` (the
 tuned choice on a CPU machine); aiockpt's ``AsyncDCPCheckpoint`` waiting for staging and
-with lazy staging, and the blocking ``DCPAsyncCheckpoint``; and two floors: an in-place
+with lazy staging, and the blocking ``DCPCheckpoint``; and two floors: an in-place
 copy of the local shards, and a raw write and fsync of them. The first save of each
 contender is a warm-up and not counted; figures are medians.
 
@@ -130,7 +130,7 @@ def _write_floor(state: dict[str, Any], path: str) -> Timing:
 
 
 def _rank(rank: int, world: int, port: int, args: Any, out: str, results: Any) -> None:
-    from aiockpt.dcp import AsyncDCPCheckpoint, DCPAsyncCheckpoint
+    from aiockpt.dcp import AsyncDCPCheckpoint, DCPCheckpoint
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -165,7 +165,7 @@ def _rank(rank: int, world: int, port: int, args: Any, out: str, results: Any) -
     run("dcp.async_save process", _dcp("process", tuned=False))
     run("dcp.async_save process+tuned stager", _dcp("process", tuned=True))
 
-    blocking = DCPAsyncCheckpoint()
+    blocking = DCPCheckpoint()
 
     def aiockpt_blocking(state: dict[str, Any], path: str) -> Timing:
         t = time.perf_counter()
@@ -174,7 +174,7 @@ def _rank(rank: int, world: int, port: int, args: Any, out: str, results: Any) -
         blocking.finalize_async_save(blocking=True, no_dist=False)
         return b, b, time.perf_counter() - t
 
-    run("aiockpt DCPAsyncCheckpoint", aiockpt_blocking)
+    run("aiockpt DCPCheckpoint", aiockpt_blocking)
     blocking.close()
 
     async def aiockpt_async() -> None:

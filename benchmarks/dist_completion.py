@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from aiockpt import AsyncCallsQueue, AsyncRequest
-from aiockpt._storage import save_file
+from aiockpt import AsyncRequest, CheckpointQueue
+from aiockpt.storage._local import save_file
 
 
 def _free_port() -> int:
@@ -47,7 +47,7 @@ def _rank(rank: int, world: int, port: int, mib: int, saves: int, out: str, resu
         timeout=timedelta(seconds=120),
     )
     state = {f"p{i}": torch.randn(mib * 2**20 // 4 // 16) for i in range(16)}
-    queue = AsyncCallsQueue(persistent=True)
+    queue = CheckpointQueue(persistent=True)
     queue._engine.completion.group()  # collective; outside the timed region
     blocked, completion, collectives = [], [], []
     for n in range(saves + 1):  # the first (cold) save is not counted

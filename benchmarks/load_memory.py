@@ -38,7 +38,7 @@ elif how == "read, then torch.load from memory":
     with open(path, "rb") as f:
         state = torch.load(io.BytesIO(f.read()), weights_only=True)
 else:
-    state = aiockpt.load_sync(path)
+    state = aiockpt.load(path)
 loaded = time.perf_counter() - t
 after_load = peak()
 total = sum(float(v.sum()) for v in state.values())
@@ -46,7 +46,7 @@ print(json.dumps({"before": before, "after_load": after_load, "after_use": peak(
                   "load_s": loaded, "sum": total}))
 """
 
-CONTENDERS = ["torch.load", "read, then torch.load from memory", "aiockpt.load_sync"]
+CONTENDERS = ["torch.load", "read, then torch.load from memory", "aiockpt.load"]
 
 
 def measure(how: str, path: str) -> dict[str, float]:
@@ -65,7 +65,7 @@ def main() -> None:
 
     import torch
 
-    from aiockpt._storage import save_file
+    from aiockpt.storage._local import save_file
 
     n = 64
     per = int(args.size_gib * 2**30) // n // 4
@@ -76,7 +76,7 @@ def main() -> None:
         save_file(state, path)
         del state
         file_bytes = os.path.getsize(path)
-        measure("aiockpt.load_sync", path)  # warm the page cache once, for every contender
+        measure("aiockpt.load", path)  # warm the page cache once, for every contender
         mib = 2**20
         print(f"file {file_bytes / mib:.0f} MiB, tensors {tensor_bytes / mib:.0f} MiB")
         print(f"{'contender':36}{'peak RSS rise: load':>22}{'then used':>12}{'load s':>9}")

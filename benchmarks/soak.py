@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from aiockpt import TorchAsyncCheckpoint
+from aiockpt import TorchCheckpoint
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Snapshot:
         )
 
 
-def settle(ckpt: TorchAsyncCheckpoint, timeout: float = 30.0) -> None:
+def settle(ckpt: TorchCheckpoint, timeout: float = 30.0) -> None:
     """Wait (bounded) until the per-save children of finished saves have exited and their
     pipes and pidfds are released, so that a count is not taken while one is exiting."""
     engine = ckpt.queue._engine
@@ -72,7 +72,7 @@ def soak(directory: Path, saves: int, persistent: bool, warmup: int = 20) -> dic
     """Run ``saves`` saves (plus ``warmup``) and return what grew after the warm-up."""
     state = {f"layer{i}": torch.randn(256, 256) for i in range(8)}
     state["step"] = torch.tensor(0)
-    ckpt = TorchAsyncCheckpoint(persistent_queue=persistent)
+    ckpt = TorchCheckpoint(persistent=persistent)
     try:
         for i in range(warmup):
             ckpt.async_save(state, str(directory / f"ckpt{i % 3}.pt"))

@@ -30,7 +30,7 @@ import anyio
 import torch
 
 from aiockpt import AsyncCheckpointManager
-from aiockpt._storage import save_file, write_metadata
+from aiockpt.storage._local import save_file, write_metadata
 
 
 def make_state(size_gib: float) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import anyio
 import torch
 from torch import nn
 
-from aiockpt import AsyncTorchCheckpoint, CheckpointFuture, TorchAsyncCheckpoint
+from aiockpt import AsyncTorchCheckpoint, CheckpointFuture, TorchCheckpoint
 
 
 def make() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -32,7 +32,7 @@ def step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 
 def plain_loop(steps: int, every: int, out: str) -> list[int]:
     model, opt = make()
-    ckpt = TorchAsyncCheckpoint(persistent_queue=True)
+    ckpt = TorchCheckpoint(persistent=True)
     done: list[int] = []
     for i in range(1, steps + 1):
         done += ckpt.finalize_async_save(blocking=False)  # never waits

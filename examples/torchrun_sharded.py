@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from aiockpt import TorchAsyncCheckpoint
+from aiockpt import TorchCheckpoint
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    ckpt = TorchAsyncCheckpoint(persistent_queue=True)
+    ckpt = TorchCheckpoint(persistent=True)
     pending: dict[int, str] = {}
 
     def report(indices: list[int]) -> None:

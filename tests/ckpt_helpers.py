@@ -89,7 +89,8 @@ def open_gate(path: str) -> None:
 
 
 from aiockpt import LocalStorage  # noqa: E402
-from aiockpt._storage import save_file, write_atomic  # noqa: E402
+from aiockpt.storage._atomic import write_atomic  # noqa: E402
+from aiockpt.storage._local import save_file  # noqa: E402
 
 
 class TinyDiskStorage(LocalStorage):

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 import aiockpt.dcp
 from aiockpt import CheckpointError
-from aiockpt.dcp import AsyncDCPCheckpoint, DCPAsyncCheckpoint, dcp_save_request
+from aiockpt.dcp import AsyncDCPCheckpoint, DCPCheckpoint, dcp_save_request
 from aiockpt.dcp._write import write_rank_files
 from aiockpt.utils import wrap_for_async
 
@@ -79,7 +79,7 @@ def dtensor_save(rank: int, world: int, tmp: str, mode: str) -> dict[str, Any]:
         sd["plain"].fill_(-1)
 
     if mode == "blocking":
-        ckpt = DCPAsyncCheckpoint(thread_count=2)
+        ckpt = DCPCheckpoint(thread_count=2)
         for offset, name in ((0, "ckpt-a"), (1, "ckpt-b")):
             sd = dtensor_state(mesh, offset)
             ckpt.async_save(sd, os.path.join(tmp, name))
@@ -161,7 +161,7 @@ def fsdp_save(rank: int, world: int, tmp: str) -> dict[str, Any]:
     expected = _full(state)
     if rank == 0:
         torch.save(expected, os.path.join(tmp, "expected.pt"))
-    ckpt = DCPAsyncCheckpoint()
+    ckpt = DCPCheckpoint()
     ckpt.async_save(state, os.path.join(tmp, "fsdp"))
     finalized = ckpt.finalize_async_save(blocking=True, no_dist=False, terminate=True)
     return {"finalized": finalized, "types": sorted({type(v).__name__ for v in msd.values()})}
@@ -264,7 +264,7 @@ def rank_fails(rank: int, world: int, tmp: str) -> dict[str, Any]:
     if rank == world - 1:
         os.makedirs(os.path.join(bad, f"__{rank}_0.distcp"))
     dist.barrier()
-    ckpt = DCPAsyncCheckpoint()
+    ckpt = DCPCheckpoint()
     ckpt.async_save(dtensor_state(mesh, 1), bad)
     out: dict[str, Any] = {}
     try:
@@ -286,7 +286,7 @@ def rank_fails(rank: int, world: int, tmp: str) -> dict[str, Any]:
 def nvrx_flow(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """NVRx's DCP flow, names imported from aiockpt.dcp, on aiockpt's blocking queue: two
     saves with the plan cache; the second plans without communicating."""
-    from aiockpt import AsyncCallsQueue, AsyncRequest
+    from aiockpt import AsyncRequest, CheckpointQueue
     from aiockpt.dcp import (
         FileSystemWriterAsync,
         SavePlanCache,
@@ -295,7 +295,7 @@ def nvrx_flow(rank: int, world: int, tmp: str) -> dict[str, Any]:
     )
 
     mesh = _mesh(world)
-    queue = AsyncCallsQueue(persistent=True)
+    queue = CheckpointQueue(persistent=True)
     cache = SavePlanCache()
     order: list[int] = []
     for offset, name in ((0, "nvrx-a"), (1, "nvrx-b")):
@@ -338,9 +338,9 @@ def sharded_tensor(world: int, offset: float = 0.0) -> Any:
 
 
 def sharded_tensor_save(rank: int, world: int, tmp: str) -> dict[str, Any]:
-    """A ShardedTensor state saved by DCPAsyncCheckpoint; its local shard scribbled on as
+    """A ShardedTensor state saved by DCPCheckpoint; its local shard scribbled on as
     soon as the save returns (staged)."""
-    ckpt = DCPAsyncCheckpoint()
+    ckpt = DCPCheckpoint()
     st = sharded_tensor(world, 1.0)
     ckpt.async_save({"st": st}, os.path.join(tmp, "st"))
     st.local_shards()[0].tensor.fill_(-1)

@@ -13,11 +13,11 @@ import torch.distributed as dist
 from ckpt_helpers import make_gate, open_gate, wait_then_write, write_value
 
 from aiockpt import (
-    AsyncCallsQueue,
     AsyncCheckpointQueue,
     AsyncRequest,
     AsyncTorchCheckpoint,
     CheckpointError,
+    CheckpointQueue,
     DistributedCheckpointError,
 )
 
@@ -160,7 +160,7 @@ def fifo_many(rank: int, world: int, tmp: str) -> dict[str, Any]:
 
 def sync_reference_loop(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """The reference pattern with no_dist=False: poll every step, save every 4 steps."""
-    queue = AsyncCallsQueue(persistent=True)
+    queue = CheckpointQueue(persistent=True)
     finalized: list[int] = []
     finalize_order: list[int] = []
     for step in range(1, 13):
@@ -185,7 +185,7 @@ def sync_reference_loop(rank: int, world: int, tmp: str) -> dict[str, Any]:
 def absent_rank(rank: int, world: int, tmp: str, timeout_s: float) -> dict[str, Any]:
     """The last rank is alive but never finalizes: the others' blocking finalize times out
     with an error instead of waiting forever."""
-    queue = AsyncCallsQueue(persistent=False, timeout=timedelta(seconds=timeout_s))
+    queue = CheckpointQueue(persistent=False, timeout=timedelta(seconds=timeout_s))
     queue.schedule_async_request(
         AsyncRequest(write_value, (rank, os.path.join(tmp, f"a{rank}")), [])
     )
@@ -219,7 +219,7 @@ def staging_fails_on_one_rank(rank: int, world: int, tmp: str) -> dict[str, Any]
         return state(rank)
 
     out: dict[str, Any] = {}
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         try:
             queue.schedule_async_request(
                 AsyncRequest(

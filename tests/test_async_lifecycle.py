@@ -357,7 +357,7 @@ async def test_a_failed_future_collected_unobserved_is_logged(
 ) -> None:
     for idx, observe in ((7, False), (8, True)):
         fut = _Future(idx)
-        fut._resolve(None, WorkerError(f"call {idx} broke", call_idx=idx))
+        fut.set_outcome(None, WorkerError(f"call {idx} broke", call_idx=idx))
         if observe:
             assert fut.exception() is not None
         del fut

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aiockpt import CheckpointManager
-from aiockpt._bench import parse_size
+from aiockpt._cli._bench import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,7 +136,7 @@ def test_bench_sweep_runs_each_point(tmp_path: Path) -> None:
 def test_bench_reports_a_failing_contender(tmp_path: Path) -> None:
     import anyio
 
-    from aiockpt import _bench
+    from aiockpt._cli import _bench
 
     class Unpicklable:
         def __reduce__(self) -> Any:
@@ -144,7 +144,7 @@ def test_bench_reports_a_failing_contender(tmp_path: Path) -> None:
 
     state = {"w": torch.ones(10), "odd": Unpicklable()}
     report = anyio.run(
-        lambda: _bench.run_bench(2**20, 1, str(tmp_path), ["torch.save"], state=state, floors=False)
+        lambda: _bench.run_bench(2**20, 1, str(tmp_path), ["torch.save"], state=state)
     )
     (row,) = report["contenders"]
     assert row["name"] == "torch.save"
@@ -188,7 +188,7 @@ def test_console_script_is_installed() -> None:
 
 def test_plot_draws_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from aiockpt._bench import plot
+    from aiockpt._cli._bench import plot
 
     rows = [
         {"name": n, "kind": k, "blocked_warm_s": b, "durable_s": d}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from ckpt_helpers import wait_then_write
 
-from aiockpt import AsyncCallsQueue, AsyncRequest, preload_tensors
+from aiockpt import AsyncRequest, CheckpointQueue, preload_tensors
 
 pytestmark = pytest.mark.cuda
 
@@ -18,7 +18,7 @@ def test_gpu_state_is_staged_pinned_and_saved(tmp_path: Path, persistent: bool) 
     weights = torch.randn(1 << 20, device="cuda")
     expected = weights.cpu()
     sd = {"w": weights, "half": weights[:1000].half(), "step": 3}
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, (sd, "/dev/null", str(tmp_path / "g.pt")), [])
         )
@@ -45,7 +45,7 @@ def test_staging_waits_for_the_device_to_host_copy(tmp_path: Path, persistent: b
     behind a long kernel: read the staging buffer on the host at once, with no sync."""
     weights = torch.randn(1 << 22, device="cuda")
     expected = weights.cpu()
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work ahead of the copy
         weights.mul_(1.0)  # same values, queued after the sleep
         queue.schedule_async_request(
@@ -58,7 +58,7 @@ def test_staging_waits_for_the_device_to_host_copy(tmp_path: Path, persistent: b
 
 
 def test_a_failed_host_registration_leaves_no_cuda_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aiockpt._staging import StagingArena
+    from aiockpt._staging._arena import StagingArena
 
     arena = StagingArena(1 << 20, pin=True)
     try:
@@ -75,7 +75,7 @@ def test_a_failed_host_registration_leaves_no_cuda_error(monkeypatch: pytest.Mon
             # Provoke a real sticky error, as a failed registration leaves one.
             return int(real.cudaHostRegister(0, 1 << 20, 0))
 
-    monkeypatch.setattr("aiockpt._staging._cudart", lambda: Refusing())
+    monkeypatch.setattr("aiockpt._staging._arena._cudart", lambda: Refusing())
     arena = StagingArena(1 << 20, pin=True)
     try:
         assert not arena.pinned

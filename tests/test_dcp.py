@@ -201,7 +201,7 @@ class _RunsCode:
 
 def _save_one_process(path: Path, offset: float = 0) -> None:
     g = global_tensors(offset)
-    ckpt = aiockpt.dcp.DCPAsyncCheckpoint(persistent_queue=False)
+    ckpt = aiockpt.dcp.DCPCheckpoint(persistent=False)
     ckpt.async_save(
         {
             "model": {k: g[k] for k in ("row", "uneven", "rep")},
@@ -302,7 +302,7 @@ def test_nvrx_names_on_the_blocking_queue(tmp_path: Path) -> None:
 def test_cli_verify_checks_a_dcp_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from aiockpt.__main__ import main
+    from aiockpt._cli._main import main
 
     ckpt = tmp_path / "ckpt"
     _save_one_process(ckpt)
@@ -336,7 +336,7 @@ class BrokenPlanner(torch.distributed.checkpoint.DefaultSavePlanner):
 
 
 def test_plan_is_reused_until_the_structure_changes(tmp_path: Path) -> None:
-    ckpt = aiockpt.dcp.DCPAsyncCheckpoint(persistent_queue=False, planner=CountingPlanner())
+    ckpt = aiockpt.dcp.DCPCheckpoint(persistent=False, planner=CountingPlanner())
     CountingPlanner.made = 0
     a = {"w": torch.ones(4, 4), "step": 1}
     ckpt.async_save(a, tmp_path / "a")
@@ -360,7 +360,7 @@ def test_plan_is_reused_until_the_structure_changes(tmp_path: Path) -> None:
 
 
 def test_planning_failure_schedules_nothing(tmp_path: Path) -> None:
-    ckpt = aiockpt.dcp.DCPAsyncCheckpoint(persistent_queue=False, planner=BrokenPlanner())
+    ckpt = aiockpt.dcp.DCPCheckpoint(persistent=False, planner=BrokenPlanner())
     with pytest.raises(InvalidRequestError, match=r"failed on rank\(s\) \[0\]: ValueError"):
         ckpt.async_save({"w": torch.ones(2)}, tmp_path / "x")
     assert ckpt.queue.get_num_unfinalized_calls() == 0
@@ -373,10 +373,10 @@ def test_planning_failure_schedules_nothing(tmp_path: Path) -> None:
 
 def test_dcp_save_request_on_a_plain_queue(tmp_path: Path) -> None:
     """What a checkpoint manager builds on: the request, its extra and its after_commit."""
-    from aiockpt import AsyncCallsQueue
+    from aiockpt import CheckpointQueue
 
     committed: list[str] = []
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         request = aiockpt.dcp.dcp_save_request(
             {"w": torch.arange(6.0)},
             tmp_path / "step-1",
@@ -439,7 +439,7 @@ def test_concurrent_saves_plan_in_turn_with_a_shared_planner(tmp_path: Path) -> 
 
 
 def test_second_save_into_a_directory_in_flight_is_refused(tmp_path: Path) -> None:
-    ckpt = aiockpt.dcp.DCPAsyncCheckpoint(persistent_queue=False)
+    ckpt = aiockpt.dcp.DCPCheckpoint(persistent=False)
     ckpt.async_save({"w": torch.ones(3)}, tmp_path / "x")
     with pytest.raises(InvalidRequestError, match="is still in flight"):
         ckpt.async_save({"w": torch.full((3,), 2.0)}, tmp_path / "x" / ".." / "x")
@@ -466,12 +466,12 @@ def test_second_save_into_a_directory_in_flight_is_refused(tmp_path: Path) -> No
 
 
 def test_commit_failures_are_reported_for_what_they_are(tmp_path: Path) -> None:
-    from aiockpt import AsyncCallsQueue, FinalizeError
+    from aiockpt import CheckpointQueue, FinalizeError
 
     def boom() -> None:
         raise RuntimeError("retention broke")
 
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         completion = queue._engine.completion
         request = aiockpt.dcp.dcp_save_request({"w": torch.ones(2)}, tmp_path / "a", completion)
         queue.schedule_async_request(request, needs_global=True)

@@ -66,6 +66,14 @@ def test_reference_lists_exactly_aiockpt_dcp_all() -> None:
     assert sorted(names) == sorted(aiockpt.dcp.__all__)
 
 
+def test_reference_lists_exactly_aiockpt_storage_all() -> None:
+    import aiockpt.storage
+
+    listed = [d for d in directives("storage.md") if d != "aiockpt.storage"]
+    names = [d.removeprefix("aiockpt.storage.") for d in listed]
+    assert sorted(names) == sorted(aiockpt.storage.__all__)
+
+
 def test_reference_covers_the_nvrx_compat_names() -> None:
     import importlib
     import pkgutil

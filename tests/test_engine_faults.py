@@ -34,19 +34,19 @@ from ckpt_helpers import (
     write_value,
 )
 
-import aiockpt._engine as engine_module
+import aiockpt._core._engine as engine_module
 from aiockpt import (
-    AsyncCallsQueue,
     AsyncRequest,
+    CheckpointQueue,
     DistributedCheckpointError,
     InvalidRequestError,
     SaveTimeoutError,
     StagingError,
-    TorchAsyncCheckpoint,
+    TorchCheckpoint,
     WorkerCrashedError,
     WorkerError,
 )
-from aiockpt._messages import MapArena
+from aiockpt._core._messages import MapArena
 
 BOTH = pytest.mark.parametrize("persistent", [False, True], ids=["fork", "persistent"])
 
@@ -60,7 +60,7 @@ def test_a_failed_completion_check_keeps_the_lease_and_the_queue(
 ) -> None:
     gate = make_gate(str(tmp_path), "gate")
     sd = {"w": torch.arange(1000.0)}
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         engine = queue._engine
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, (sd, gate, str(tmp_path / "a")), []), needs_global=True
@@ -85,7 +85,7 @@ def test_a_failed_completion_check_keeps_the_lease_and_the_queue(
 def test_a_raising_poll_leaves_the_call_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
         caller = queue._engine._persistent_caller
         assert caller is not None
@@ -109,7 +109,7 @@ def test_an_interrupt_while_scheduling_uses_the_index_and_breaks_nothing(tmp_pat
     def interrupted() -> Any:
         raise KeyboardInterrupt
 
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         with pytest.raises(KeyboardInterrupt):
             queue.schedule_async_request(
                 AsyncRequest(write_value, (None, str(tmp_path / "x")), [], preload_fn=interrupted)
@@ -128,7 +128,7 @@ def test_a_crash_is_seen_although_a_helper_process_holds_the_connection(
     gate = make_gate(str(tmp_path), "gate")
     pid_file = str(tmp_path / "helper.pid")
     try:
-        with AsyncCallsQueue(persistent=persistent) as queue:
+        with CheckpointQueue(persistent=persistent) as queue:
             queue.schedule_async_request(
                 AsyncRequest(crash_leaving_grandchild, ({}, gate, pid_file), [])
             )
@@ -148,7 +148,7 @@ def test_a_crash_is_seen_although_a_helper_process_holds_the_connection(
 
 def test_a_waiter_is_woken_when_another_thread_reads_its_reply(tmp_path: Path) -> None:
     gate = make_gate(str(tmp_path), "gate")
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         engine = queue._engine
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, (1, gate, str(tmp_path / "a")), [])
@@ -175,7 +175,7 @@ def test_a_waiter_is_woken_when_another_thread_reads_its_reply(tmp_path: Path) -
 def test_a_non_blocking_poll_does_not_wait_for_the_child_to_exit(tmp_path: Path) -> None:
     gate = make_gate(str(tmp_path), "gate")
     try:
-        with AsyncCallsQueue(persistent=False) as queue:
+        with CheckpointQueue(persistent=False) as queue:
             queue.schedule_async_request(AsyncRequest(reply_then_linger, ({}, gate), []))
             call = queue._engine.active[0]
             assert call.caller.process is not None
@@ -192,7 +192,7 @@ def test_a_non_blocking_poll_does_not_wait_for_the_child_to_exit(tmp_path: Path)
 def test_a_result_the_caller_cannot_unpickle_is_that_calls_failure(
     tmp_path: Path, persistent: bool
 ) -> None:
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         queue.schedule_async_request(AsyncRequest(return_unloadable, ({},), []))
         with pytest.raises(WorkerError, match="could not be unpickled in the caller") as info:
             queue.maybe_finalize_async_calls(blocking=True)
@@ -204,7 +204,7 @@ def test_a_result_the_caller_cannot_unpickle_is_that_calls_failure(
 @BOTH
 def test_a_stuck_worker_is_killed_at_the_save_deadline(tmp_path: Path, persistent: bool) -> None:
     gate = make_gate(str(tmp_path), "never-opened")
-    with AsyncCallsQueue(persistent=persistent, save_timeout=2.0) as queue:
+    with CheckpointQueue(persistent=persistent, save_timeout=2.0) as queue:
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, (1, gate, str(tmp_path / "a")), [])
         )
@@ -218,7 +218,7 @@ def test_a_stuck_worker_is_killed_at_the_save_deadline(tmp_path: Path, persisten
 
 def test_close_is_bounded_by_the_save_deadline(tmp_path: Path) -> None:
     gate = make_gate(str(tmp_path), "never-opened")
-    queue = AsyncCallsQueue(persistent=True, save_timeout=1.0)
+    queue = CheckpointQueue(persistent=True, save_timeout=1.0)
     queue.schedule_async_request(AsyncRequest(wait_then_write, (1, gate, str(tmp_path / "a")), []))
     with pytest.raises(SaveTimeoutError, match="call 0"):
         queue.close()
@@ -226,7 +226,7 @@ def test_close_is_bounded_by_the_save_deadline(tmp_path: Path) -> None:
 
 
 def test_the_persistent_workers_reader_failing_is_a_crash_not_a_hang(tmp_path: Path) -> None:
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         caller = queue._engine._persistent_caller
         assert caller is not None
         caller.wait_ready(60)
@@ -246,9 +246,9 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from ckpt_helpers import raise_disk_full, write_value
-from aiockpt import AsyncCallsQueue, AsyncRequest
+from aiockpt import CheckpointQueue, AsyncRequest
 
-queue = AsyncCallsQueue(persistent={persistent})
+queue = CheckpointQueue(persistent={persistent})
 queue.schedule_async_request(AsyncRequest(raise_disk_full, ({{}},), []))
 queue.schedule_async_request(AsyncRequest(write_value, ({{"w": torch.ones(2)}}, {path!r}), []))
 del queue
@@ -275,7 +275,7 @@ def test_saves_never_finalized_are_reported_at_exit(tmp_path: Path, persistent: 
 @BOTH
 def test_the_callers_tensors_are_not_held_after_staging(tmp_path: Path, persistent: bool) -> None:
     gate = make_gate(str(tmp_path), "gate")
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         sd = {"w": torch.arange(10_000.0)}
         ref = weakref.ref(sd["w"])
         queue.schedule_async_request(
@@ -295,7 +295,7 @@ def test_tied_weights_and_overlapping_views_keep_their_sharing(tmp_path: Path) -
     base = torch.arange(10.0)
     sd = {"model": model.state_dict(), "a": base[0:6], "b": base[4:10], "t": base.view(2, 5).t()}
     assert sd["model"]["0.weight"] is not sd["model"]["1.weight"]  # distinct tensor objects
-    ckpt = TorchAsyncCheckpoint(persistent_queue=True)
+    ckpt = TorchCheckpoint(persistent=True)
     try:
         ckpt.async_save(sd, str(tmp_path / "ours.pt"))
         ckpt.finalize_async_save(blocking=True)
@@ -330,7 +330,7 @@ def test_tensors_in_dataclasses_namedtuples_and_dict_subclasses_are_staged(
         "ordered": Ordered(m=torch.zeros(4)),
     }
     gate = make_gate(str(tmp_path), "gate")
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, (state, gate, str(tmp_path / "s.pt")), [])
         )
@@ -350,7 +350,7 @@ def test_tensors_in_dataclasses_namedtuples_and_dict_subclasses_are_staged(
 
 def test_zero_size_tensors_do_not_wait_for_a_leased_buffer(tmp_path: Path) -> None:
     gate = make_gate(str(tmp_path), "gate")
-    with AsyncCallsQueue(persistent=True, max_staging_copies=1) as queue:
+    with CheckpointQueue(persistent=True, max_staging_copies=1) as queue:
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, ({"w": torch.ones(100)}, gate, str(tmp_path / "a")), [])
         )
@@ -364,7 +364,7 @@ def test_zero_size_tensors_do_not_wait_for_a_leased_buffer(tmp_path: Path) -> No
 
 
 def test_meta_and_nested_tensors_are_staged_or_refused_with_a_typed_error(tmp_path: Path) -> None:
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         queue.schedule_async_request(
             AsyncRequest(
                 write_value, ({"m": torch.empty(3, 2, device="meta")}, str(tmp_path / "m")), []
@@ -391,7 +391,7 @@ def test_meta_and_nested_tensors_are_staged_or_refused_with_a_typed_error(tmp_pa
 def test_a_failed_allocation_leaks_no_descriptor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         before = len(os.listdir("/proc/self/fd"))
 
         def no_memory(*args: Any) -> None:
@@ -411,7 +411,7 @@ def test_a_failed_allocation_leaks_no_descriptor(
 
 
 def test_a_growing_state_gets_headroom_and_reuses_it(tmp_path: Path) -> None:
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         buffers = queue._engine.buffers
         for i, n in enumerate((1000, 1001, 1002, 1003)):
             queue.schedule_async_request(
@@ -424,7 +424,7 @@ def test_a_growing_state_gets_headroom_and_reuses_it(tmp_path: Path) -> None:
 
 def test_reserve_makes_the_first_save_allocate_nothing(tmp_path: Path) -> None:
     sd = {"w": torch.ones(4096), "b": torch.zeros(16)}
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         queue.reserve(sd)
         assert queue._engine.buffers.allocations == 1
         caller = queue._engine._persistent_caller
@@ -444,17 +444,17 @@ def test_failing_ranks_messages_are_all_in_the_distributed_error() -> None:
 
 
 def test_misuse_and_closed_are_different_errors() -> None:
-    from aiockpt import QueueClosedError, QueueMisuseError
-    from aiockpt._engine import CallsEngine
+    from aiockpt import QueueClosedError, QueueMisuseError, QueueOptions
+    from aiockpt._core._engine import CallsEngine
 
     assert not issubclass(QueueMisuseError, QueueClosedError)
     assert issubclass(QueueMisuseError, RuntimeError)
-    engine = CallsEngine(persistent=False)
+    engine = CallsEngine(QueueOptions(persistent=False))
     engine.stop_workers()
     with pytest.raises(QueueClosedError):
         engine.schedule(AsyncRequest(None, (), []))
     with pytest.raises(InvalidRequestError, match="save_timeout"):
-        AsyncCallsQueue(persistent=False, save_timeout=0)
+        CheckpointQueue(persistent=False, save_timeout=0)
 
 
 _ = (raise_value_error, signal)
@@ -470,7 +470,7 @@ def test_a_file_its_rename_and_its_directory_are_durable_before_the_save_resolve
 
     target = str(tmp_path / "model.pt")
     log = str(tmp_path / "fsync.json")
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         queue.schedule_async_request(
             AsyncRequest(save_with_fsync_spy, ({"w": torch.ones(8)}, target, log), [])
         )
@@ -492,7 +492,7 @@ def test_a_fork_that_fails_is_a_typed_error_and_breaks_nothing(
 ) -> None:
     import errno
 
-    queue = AsyncCallsQueue(persistent=False)
+    queue = CheckpointQueue(persistent=False)
 
     def no_fork() -> int:
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
@@ -514,7 +514,7 @@ def test_a_worker_that_cannot_be_restarted_is_a_typed_error(
     import errno
     import multiprocessing.util
 
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
         queue.maybe_finalize_async_calls(blocking=True)
         caller = queue._engine._persistent_caller
@@ -537,7 +537,7 @@ def test_two_threads_finalizing_raise_each_failure_once_in_order(tmp_path: Path)
     raised: list[int] = []
     finalized: list[int] = []
     stray: list[BaseException] = []
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         stop = threading.Event()
 
         def poll_without_blocking() -> None:
@@ -579,7 +579,7 @@ def test_close_racing_a_schedule_finalizes_it(tmp_path: Path) -> None:
         assert release.wait(30)
         return {"w": torch.ones(16)}
 
-    queue = AsyncCallsQueue(persistent=True)
+    queue = CheckpointQueue(persistent=True)
     result: dict[str, Any] = {}
 
     def schedule() -> None:
@@ -616,7 +616,7 @@ def test_ctrl_c_in_a_finalize_step_fails_that_request_and_says_so(
         ran.append("commit")
         raise KeyboardInterrupt
 
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         queue.schedule_async_request(
             AsyncRequest(write_value, (1, str(tmp_path / "k")), [commit, lambda: ran.append("x")])
         )
@@ -635,7 +635,7 @@ def test_parameters_and_requires_grad_are_saved_as_torch_save_keeps_them(
     model = torch.nn.Linear(4, 3)
     sd = model.state_dict(keep_vars=True)
     sd["leaf"] = torch.ones(2, requires_grad=True)
-    ckpt = TorchAsyncCheckpoint(persistent_queue=persistent)
+    ckpt = TorchCheckpoint(persistent=persistent)
     try:
         ckpt.async_save(sd, str(tmp_path / "ours.pt"))
         ckpt.finalize_async_save(blocking=True)
@@ -657,7 +657,7 @@ def test_a_reply_read_before_its_call_registered_is_not_lost(
     thread (the event loop's poller, a waiting stager) may read that answer meanwhile."""
     from multiprocessing.connection import wait
 
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         engine = queue._engine
         queue.schedule_async_request(AsyncRequest(write_value, (0, str(tmp_path / "a")), []))
         assert queue.maybe_finalize_async_calls(blocking=True) == [0]
@@ -681,10 +681,10 @@ _STUCK_START = """
 import sys, threading
 if __name__ == "__mp_main__":  # the spawned worker imports this module: it never finishes
     threading.Event().wait()
-from aiockpt import AsyncCallsQueue, AsyncRequest, CheckpointError
+from aiockpt import CheckpointQueue, AsyncRequest, CheckpointError
 
 def main():
-    queue = AsyncCallsQueue(persistent=True, start_timeout=2.0)
+    queue = CheckpointQueue(persistent=True, start_timeout=2.0)
     queue.schedule_async_request(AsyncRequest(print, ("never printed",), []))
     try:
         queue.maybe_finalize_async_calls(blocking=True)

@@ -15,11 +15,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiockpt import AsyncCallsQueue, AsyncRequest, CheckpointError, StagingError
-from aiockpt._callers import AsyncCaller
-from aiockpt._engine import CallsEngine
+from aiockpt import AsyncRequest, CheckpointError, CheckpointQueue, QueueOptions, StagingError
+from aiockpt._core._callers import AsyncCaller
+from aiockpt._core._engine import CallsEngine
 from aiockpt._request import LocalOutcome
-from aiockpt._staging import StagingBuffers
+from aiockpt._staging._arena import StagingBuffers
 
 
 class FakeCaller(AsyncCaller):
@@ -62,11 +62,12 @@ class FakeCaller(AsyncCaller):
         return []
 
 
-def _queue(board: dict[int, FakeCaller]) -> AsyncCallsQueue:
-    queue = AsyncCallsQueue.__new__(AsyncCallsQueue)
+def _queue(board: dict[int, FakeCaller]) -> CheckpointQueue:
+    queue = CheckpointQueue.__new__(CheckpointQueue)
     queue._finalizing = threading.Lock()
     queue._engine = CallsEngine(
-        persistent=False, max_staging_copies=64, caller_factory=lambda: FakeCaller(board)
+        QueueOptions(persistent=False, max_staging_copies=64),
+        caller_factory=lambda: FakeCaller(board),
     )
     return queue
 

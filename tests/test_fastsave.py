@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from aiockpt import _fastsave, _zipwrite
-from aiockpt._load import load_sync
-from aiockpt._storage import save_file, verify_file
+from aiockpt.storage import _fastsave, _zipwrite
+from aiockpt.storage._load import load
+from aiockpt.storage._local import save_file, verify_file
 
 _DTYPES = [
     torch.float32,
@@ -132,7 +132,7 @@ def test_small_state_matches_torch_save_for_every_feature(tmp_path: Path) -> Non
         for mmap in (True, False):
             got = torch.load(path, weights_only=weights_only, mmap=mmap)
             assert_same(got, expected)
-    assert_same(load_sync(path), expected)
+    assert_same(load(path), expected)
     tied = expected["model"]
     assert tied["embed.weight"].untyped_storage()._cdata == tied["window"].untyped_storage()._cdata
 
@@ -143,7 +143,7 @@ def test_hundred_thousand_tensors_round_trip(tmp_path: Path) -> None:
     save_file(state, path)
     expected = torch_saved(state)
     assert_same(torch.load(path, weights_only=True), expected)
-    assert_same(load_sync(path), state)
+    assert_same(load(path), state)
 
 
 def test_archive_layout_is_torch_saves(tmp_path: Path) -> None:

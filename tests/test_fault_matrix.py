@@ -38,7 +38,7 @@ from aiockpt import (
     WorkerCrashedError,
     WorkerError,
 )
-from aiockpt._staging import StagingBuffers
+from aiockpt._staging._arena import StagingBuffers
 
 # fault -> (error type, text the message must contain)
 FAULTS: dict[str, tuple[type[CheckpointError], str]] = {

@@ -17,11 +17,11 @@ from aiockpt import (
     CheckpointManager,
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    load_sync,
+    load,
     verify,
 )
 from aiockpt._exceptions import UntrustedEntryError
-from aiockpt._storage import save_file, write_metadata
+from aiockpt.storage._local import save_file, write_metadata
 
 SHARD = "shard-00000-of-00001.pt"
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_fifo_metadata_or_shard_fails_fast_instead_of_hanging(tmp_path: Path) ->
     ck = committed(tmp_path / "ck", 1.0)
     (ck / "metadata.json").unlink()
     os.mkfifo(ck / "metadata.json")
-    for call in (lambda: load_sync(ck), lambda: verify(str(ck))):
+    for call in (lambda: load(ck), lambda: verify(str(ck))):
         with pytest.raises(UntrustedEntryError, match="is a FIFO, not a regular file") as info:
             call()
         assert info.value.path == str(ck / "metadata.json")
@@ -105,11 +105,11 @@ def test_fifo_metadata_or_shard_fails_fast_instead_of_hanging(tmp_path: Path) ->
     (ck2 / SHARD).unlink()
     os.mkfifo(ck2 / SHARD)
     with pytest.raises(UntrustedEntryError, match="is a FIFO"):
-        load_sync(ck2)
+        load(ck2)
     single = tmp_path / "single.pt"
     os.mkfifo(single)
     with pytest.raises(UntrustedEntryError, match="is a FIFO"):
-        load_sync(single)
+        load(single)
     bad = cli("verify", str(single))
     assert bad.returncode == 1 and "FIFO" in bad.stderr
 
@@ -120,18 +120,18 @@ def test_links_inside_a_checkpoint_are_not_followed(tmp_path: Path) -> None:
     (ck / SHARD).unlink()
     (ck / SHARD).symlink_to(real / SHARD)  # same bytes: only the link is wrong
     with pytest.raises(UntrustedEntryError, match="is a symlink"):
-        load_sync(ck)
+        load(ck)
     with pytest.raises(UntrustedEntryError, match="is a symlink"):
         verify(str(ck))
     (ck / SHARD).unlink()
     (ck / SHARD).symlink_to("/dev/zero")
     with pytest.raises(UntrustedEntryError, match="is a symlink"):
-        load_sync(ck)
+        load(ck)
     meta = ck / "metadata.json"
     meta.rename(tmp_path / "meta.json")
     meta.symlink_to(tmp_path / "meta.json")
     with pytest.raises(UntrustedEntryError, match=r"metadata\.json' is a symlink"):
-        load_sync(ck)
+        load(ck)
 
 
 def test_device_files_are_refused_unopened(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_device_files_are_refused_unopened(tmp_path: Path) -> None:
     except PermissionError:
         pytest.skip("cannot create a device node here")
     with pytest.raises(UntrustedEntryError, match="is a character device"):
-        load_sync(ck)
+        load(ck)
     with pytest.raises(UntrustedEntryError, match="is a character device"):
         verify(str(ck))
 
@@ -219,11 +219,11 @@ def test_failed_and_successful_loads_leave_no_descriptor_open(tmp_path: Path) ->
     (flipped / SHARD).write_bytes(bytes(data))
     before = sorted(os.listdir("/proc/self/fd"))
     for _ in range(20):
-        assert float(load_sync(good)["w"][0]) == 1.0
+        assert float(load(good)["w"][0]) == 1.0
         verify(str(good))
         for bad in (fifo, flipped, tmp_path / "missing"):
             with pytest.raises((CorruptCheckpointError, CheckpointNotFoundError)):
-                load_sync(bad)
+                load(bad)
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 

@@ -29,11 +29,11 @@ from aiockpt import (
     LocalStorage,
     QueueClosedError,
     StagingError,
-    TorchAsyncCheckpoint,
+    TorchCheckpoint,
     WorkerCrashedError,
     WorkerError,
+    aload,
     load,
-    load_sync,
     verify,
 )
 from aiockpt._exceptions import DirectoryLockedError, StorageError
@@ -183,7 +183,7 @@ def test_retrying_a_step_cleans_its_temporary_files(tmp_path: Path) -> None:
 
 LINGERING_WRITER = """
 import os, sys
-from aiockpt._storage import write_atomic
+from aiockpt.storage._atomic import write_atomic
 def stall(f):
     f.write(b"x" * 1000)
     print("writing", flush=True)
@@ -437,7 +437,7 @@ async def test_async_manager_makes_no_filesystem_call_on_the_loop(
             assert await mgr.alatest_step() == 3
             assert await mgr.acommitted_steps() == [3]
             assert (await mgr.restore())["step"] == 3
-            assert (await load(tmp_path / "step-000000000003"))["step"] == 3
+            assert (await aload(tmp_path / "step-000000000003"))["step"] == 3
             assert await mgr.rollback(0) == [3]
         finally:
             _watch.clear()
@@ -447,7 +447,7 @@ async def test_async_manager_makes_no_filesystem_call_on_the_loop(
 
 def test_a_sharded_save_into_a_committed_directory_is_refused(tmp_path: Path) -> None:
     ck = tmp_path / "ck"
-    ckpt = TorchAsyncCheckpoint(persistent_queue=False)
+    ckpt = TorchCheckpoint(persistent=False)
     try:
         ckpt.async_save_sharded({"w": torch.ones(4)}, ck, {"tag": "first"})
         ckpt.finalize_async_save(blocking=True)
@@ -455,7 +455,7 @@ def test_a_sharded_save_into_a_committed_directory_is_refused(tmp_path: Path) ->
         with pytest.raises(InvalidRequestError, match="already holds a committed checkpoint"):
             ckpt.async_save_sharded({"w": torch.zeros(4)}, ck)
         assert {n: (ck / n).read_bytes() for n in os.listdir(ck)} == before
-        assert torch.equal(load_sync(ck)["w"], torch.ones(4))
+        assert torch.equal(load(ck)["w"], torch.ones(4))
     finally:
         ckpt.close()
 
@@ -508,7 +508,7 @@ def test_a_step_that_cannot_be_deleted_fails_rollback_with_a_typed_error(tmp_pat
 async def test_a_save_that_fails_to_stage_releases_its_step(
     tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aiockpt._staging import StagingBuffers
+    from aiockpt._staging._arena import StagingBuffers
 
     real_stage = StagingBuffers.stage
 

@@ -23,8 +23,8 @@ from ckpt_helpers import make_gate, open_gate, read_pid, report_pid, write_value
 from dist_harness import run_ranks, values
 
 from aiockpt import CheckpointError, InvalidRequestError, TorchAsyncCheckpoint
-from aiockpt._engine import _live_engines
-from aiockpt._priority import get_io_priority
+from aiockpt._core._engine import _live_engines
+from aiockpt._core._priority import get_io_priority
 from aiockpt.compat.nvrx.async_ckpt.core import (
     AsyncCallsQueue,
     AsyncRequest,

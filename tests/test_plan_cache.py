@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from test_fastsave import assert_same, many_tensors, torch_saved
 
-from aiockpt import TorchAsyncCheckpoint
-from aiockpt._scan import PlanCache
-from aiockpt._staging import StagingBuffers
+from aiockpt import TorchCheckpoint
+from aiockpt._staging._arena import StagingBuffers
+from aiockpt._staging._scan import PlanCache
 
 
 def _state() -> dict[str, Any]:
@@ -73,7 +73,7 @@ def test_staged_values_follow_a_changed_layout() -> None:
 
 def test_worker_files_keep_what_torch_save_keeps(tmp_path: Path) -> None:
     state = many_tensors(2000)
-    ckpt = TorchAsyncCheckpoint()
+    ckpt = TorchCheckpoint()
     try:
         for step in range(3):  # the later saves reuse the plan and the worker's views
             state["step"] = step

@@ -1,4 +1,4 @@
-"""AsyncCallsQueue with real worker processes: order, errors, crashes, staging, closing."""
+"""CheckpointQueue with real worker processes: order, errors, crashes, staging, closing."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from ckpt_helpers import (
 )
 
 from aiockpt import (
-    AsyncCallsQueue,
     AsyncRequest,
     CheckpointError,
+    CheckpointQueue,
     FinalizeError,
     InvalidRequestError,
     QueueClosedError,
@@ -47,7 +47,7 @@ def load(path: Path) -> object:
 def test_finalize_fifo_order_and_indices(tmp_path: Path, persistent: bool) -> None:
     order: list[int] = []
     gates = [make_gate(str(tmp_path), f"gate{i}") for i in range(3)]
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         idxs = []
         for i in range(3):
             req = AsyncRequest(
@@ -79,7 +79,7 @@ def test_finalize_fifo_order_and_indices(tmp_path: Path, persistent: bool) -> No
 @BOTH
 def test_non_blocking_poll_then_finalize(tmp_path: Path, persistent: bool) -> None:
     gate = make_gate(str(tmp_path), "gate")
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, ({"a": 1}, gate, str(tmp_path / "o")), [])
         )
@@ -97,7 +97,7 @@ def test_mutation_after_schedule_does_not_leak(tmp_path: Path, persistent: bool)
     gate = make_gate(str(tmp_path), "gate")
     weights = torch.arange(1000, dtype=torch.float32)
     sd = {"w": weights, "nested": [torch.ones(3, 4)], "step": 7}
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, (sd, gate, str(tmp_path / "ck.pt")), [])
         )
@@ -114,7 +114,7 @@ def test_mutation_after_schedule_does_not_leak(tmp_path: Path, persistent: bool)
 @BOTH
 def test_worker_exception_reaches_caller(tmp_path: Path, persistent: bool) -> None:
     ran: list[str] = []
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         queue.schedule_async_request(
             AsyncRequest(raise_value_error, ({}, "disk says no"), [partial(ran.append, "bad")])
         )
@@ -144,7 +144,7 @@ def test_dead_worker_is_an_error_and_next_request_succeeds(
         (kill_self, ({},), -signal.SIGKILL) if how == "sigkill" else (exit_hard, ({}, 3), 3)
     )
     ran: list[int] = []
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         queue.schedule_async_request(AsyncRequest(fn, args, [partial(ran.append, 0)]))
         with pytest.raises(WorkerCrashedError) as info:
             queue.maybe_finalize_async_calls(blocking=True)
@@ -166,7 +166,7 @@ def test_dead_worker_is_an_error_and_next_request_succeeds(
 def test_worker_killed_from_outside_while_writing(tmp_path: Path, persistent: bool) -> None:
     gate = make_gate(str(tmp_path), "gate")
     pid_file = tmp_path / "pid"
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         queue.schedule_async_request(AsyncRequest(report_pid, ({}, gate, str(pid_file)), []))
         queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "second")), []))
         # The worker publishes its pid, then parks on the gate: kill it there.
@@ -188,7 +188,7 @@ def test_failing_finalize_step_is_reported_and_later_steps_skipped(tmp_path: Pat
     def boom() -> None:
         raise OSError("metadata disk full")
 
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         queue.schedule_async_request(
             AsyncRequest(write_value, (1, str(tmp_path / "a")), [boom, partial(ran.append, "x")])
         )
@@ -200,7 +200,7 @@ def test_failing_finalize_step_is_reported_and_later_steps_skipped(tmp_path: Pat
 
 
 def test_error_lists_requests_finalized_before_it(tmp_path: Path) -> None:
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
         queue.schedule_async_request(AsyncRequest(raise_value_error, ({}, "x"), []))
         queue.schedule_async_request(AsyncRequest(write_value, (3, str(tmp_path / "c")), []))
@@ -212,7 +212,7 @@ def test_error_lists_requests_finalized_before_it(tmp_path: Path) -> None:
 
 def test_noop_request_still_runs_finalize_steps() -> None:
     ran: list[int] = []
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         queue.schedule_async_request(AsyncRequest(None, (), [partial(ran.append, 1)]))
         assert queue.maybe_finalize_async_calls(blocking=False) == [0]
     assert ran == [1]
@@ -223,7 +223,7 @@ def test_preload_fn_result_replaces_the_state_dict_argument(
     tmp_path: Path, persistent: bool
 ) -> None:
     source = {"t": torch.full((4,), 2.0)}
-    with AsyncCallsQueue(persistent=persistent) as queue:
+    with CheckpointQueue(persistent=persistent) as queue:
         req = AsyncRequest(
             write_value,
             ("placeholder", str(tmp_path / "pre")),
@@ -238,13 +238,13 @@ def test_preload_fn_result_replaces_the_state_dict_argument(
 
 
 def test_no_dist_false_without_process_group_is_a_world_of_one(tmp_path: Path) -> None:
-    with AsyncCallsQueue(persistent=False) as queue:
+    with CheckpointQueue(persistent=False) as queue:
         queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
         assert queue.maybe_finalize_async_calls(blocking=True, no_dist=False) == [0]
 
 
 def test_bad_input_is_rejected_at_the_call(tmp_path: Path) -> None:
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         with pytest.raises(InvalidRequestError, match="not callable"):
             queue.schedule_async_request(AsyncRequest("not a function", (), []))  # type: ignore[arg-type]
         with pytest.raises(InvalidRequestError, match="picklable"):
@@ -268,7 +268,7 @@ def test_bad_input_is_rejected_at_the_call(tmp_path: Path) -> None:
         assert idx == 2
         assert queue.maybe_finalize_async_calls(blocking=True) == [2]
     with pytest.raises(ValueError, match="start_method"):
-        AsyncCallsQueue(persistent=True, start_method="fork")
+        CheckpointQueue(persistent=True, start_method="fork")
 
 
 def test_frozen_request_refuses_new_finalize_fns() -> None:
@@ -301,7 +301,7 @@ def test_execute_sync_runs_everything_in_order(tmp_path: Path) -> None:
 @BOTH
 def test_close_is_idempotent_and_finalizes_pending(tmp_path: Path, persistent: bool) -> None:
     ran: list[int] = []
-    queue = AsyncCallsQueue(persistent=persistent)
+    queue = CheckpointQueue(persistent=persistent)
     queue.schedule_async_request(
         AsyncRequest(write_value, (1, str(tmp_path / "a")), [partial(ran.append, 0)])
     )
@@ -314,7 +314,7 @@ def test_close_is_idempotent_and_finalizes_pending(tmp_path: Path, persistent: b
 
 
 def test_close_raises_the_first_failure_after_stopping_the_worker(tmp_path: Path) -> None:
-    queue = AsyncCallsQueue(persistent=True)
+    queue = CheckpointQueue(persistent=True)
     queue.schedule_async_request(AsyncRequest(raise_value_error, ({}, "late"), []))
     queue.schedule_async_request(AsyncRequest(write_value, (2, str(tmp_path / "b")), []))
     with pytest.raises(WorkerError, match="late"):
@@ -326,7 +326,7 @@ def test_close_raises_the_first_failure_after_stopping_the_worker(tmp_path: Path
 
 def test_warm_save_reuses_staging_buffers(tmp_path: Path) -> None:
     sd = {"a": torch.randn(256, 256), "b": torch.randn(1000).to(torch.bfloat16)}
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         buffers = queue.staging_buffers
         for i in range(3):
             sd["a"].add_(1)
@@ -354,7 +354,7 @@ def test_busy_buffer_is_not_overwritten(tmp_path: Path) -> None:
     overwriting the bytes it is still writing."""
     gate = make_gate(str(tmp_path), "gate")
     sd = {"w": torch.full((10_000,), 1.0)}
-    with AsyncCallsQueue(persistent=True, max_staging_copies=1) as queue:
+    with CheckpointQueue(persistent=True, max_staging_copies=1) as queue:
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, (sd, gate, str(tmp_path / "first.pt")), [])
         )
@@ -376,7 +376,7 @@ def test_busy_buffer_is_not_overwritten(tmp_path: Path) -> None:
 def test_two_staging_copies_let_two_saves_overlap(tmp_path: Path) -> None:
     gates = [make_gate(str(tmp_path), f"g{i}") for i in range(2)]
     sd = {"w": torch.zeros(1000)}
-    with AsyncCallsQueue(persistent=False, max_staging_copies=2) as queue:
+    with CheckpointQueue(persistent=False, max_staging_copies=2) as queue:
         for i in range(2):
             sd["w"].fill_(i)
             queue.schedule_async_request(
@@ -401,7 +401,7 @@ def test_tied_tensors_stay_tied_and_odd_tensors_survive(tmp_path: Path) -> None:
         "sparse": torch.eye(3).to_sparse(),
         "flags": torch.tensor([True, False]),
     }
-    with AsyncCallsQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True) as queue:
         queue.schedule_async_request(
             AsyncRequest(wait_then_write, (sd, "/dev/null", str(tmp_path / "odd.pt")), [])
         )
@@ -418,7 +418,7 @@ def test_nothing_leaks_across_many_saves(tmp_path: Path) -> None:
 
     def cycle(saves: int) -> None:
         for persistent in (False, True):
-            with AsyncCallsQueue(persistent=persistent) as queue:
+            with CheckpointQueue(persistent=persistent) as queue:
                 for i in range(saves):
                     queue.schedule_async_request(
                         AsyncRequest(write_value, (sd, str(tmp_path / f"{persistent}{i}")), [])
@@ -431,7 +431,7 @@ def test_nothing_leaks_across_many_saves(tmp_path: Path) -> None:
     fds_before = len(os.listdir("/proc/self/fd"))
     threads_before = threading.active_count()
     for persistent in (False, True):
-        queue = AsyncCallsQueue(persistent=persistent)
+        queue = CheckpointQueue(persistent=persistent)
         for i in range(5):
             queue.schedule_async_request(
                 AsyncRequest(write_value, (sd, str(tmp_path / f"{persistent}{i}")), [])

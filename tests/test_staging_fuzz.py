@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiockpt import TorchAsyncCheckpoint
+from aiockpt import TorchCheckpoint
 
 DTYPES = [
     torch.float32,
@@ -116,14 +116,14 @@ def _sharing(obj: Any) -> list[tuple[int, int]]:
 
 
 @pytest.fixture(params=[False, True], ids=["fork", "persistent"])
-def ckpt(request: pytest.FixtureRequest) -> Iterator[TorchAsyncCheckpoint]:
-    c = TorchAsyncCheckpoint(persistent_queue=request.param)
+def ckpt(request: pytest.FixtureRequest) -> Iterator[TorchCheckpoint]:
+    c = TorchCheckpoint(persistent=request.param)
     yield c
     c.close()
 
 
 @pytest.mark.timeout(300)
-def test_generated_state_dicts_round_trip(ckpt: TorchAsyncCheckpoint, tmp_path: Path) -> None:
+def test_generated_state_dicts_round_trip(ckpt: TorchCheckpoint, tmp_path: Path) -> None:
     tried = []
 
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))

@@ -26,11 +26,12 @@ from aiockpt import (
     CorruptCheckpointError,
     InvalidRequestError,
     UnsafeCheckpointError,
+    aload,
     load,
-    load_sync,
     verify,
 )
-from aiockpt._storage import save_file, write_atomic, write_metadata
+from aiockpt.storage._atomic import write_atomic
+from aiockpt.storage._local import save_file, write_metadata
 
 
 def committed_dir(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -82,14 +83,14 @@ def test_verify_and_load_name_a_corrupted_file(tmp_path: Path) -> None:
         verify(str(ck))
     assert info.value.path == str(shard)
     with pytest.raises(CorruptCheckpointError, match=r"shard-00000-of-00001\.pt"):
-        load_sync(ck)
+        load(ck)
     shard.write_bytes(bytes(data[:-10]))
     with pytest.raises(CorruptCheckpointError, match="truncated"):
-        load_sync(ck)
+        load(ck)
     # verify=False skips the check; a damaged zip still fails, as a CorruptCheckpointError.
     shard.write_bytes(bytes(data[:-200]))
     with pytest.raises(CorruptCheckpointError):
-        load_sync(ck, verify=False)
+        load(ck, verify=False)
 
 
 def test_metadata_cannot_point_outside_the_checkpoint(tmp_path: Path) -> None:
@@ -99,7 +100,7 @@ def test_metadata_cannot_point_outside_the_checkpoint(tmp_path: Path) -> None:
         meta["files"][0]["name"] = evil
         (ck / "metadata.json").write_text(json.dumps(meta))
         with pytest.raises(CorruptCheckpointError, match="leave the checkpoint"):
-            load_sync(ck)
+            load(ck)
         with pytest.raises(CorruptCheckpointError, match="leave the checkpoint"):
             verify(str(ck))
 
@@ -110,30 +111,30 @@ def test_uncommitted_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(
         CheckpointNotFoundError, match=r"no committed checkpoint \(no metadata.json\)"
     ):
-        load_sync(tmp_path / "half")
+        load(tmp_path / "half")
     (tmp_path / "half" / "metadata.json").write_text("{not json")
     with pytest.raises(CorruptCheckpointError, match="not valid metadata"):
-        load_sync(tmp_path / "half")
+        load(tmp_path / "half")
 
 
 def test_arbitrary_objects_need_an_explicit_opt_in(tmp_path: Path) -> None:
     torch.save({"obj": Opaque(7), "w": torch.ones(1)}, tmp_path / "pickled.pt")
     with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
-        load_sync(tmp_path / "pickled.pt")
-    assert load_sync(tmp_path / "pickled.pt", weights_only=False)["obj"].value == 7
+        load(tmp_path / "pickled.pt")
+    assert load(tmp_path / "pickled.pt", weights_only=False)["obj"].value == 7
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_async_load_checks_and_loads(tmp_path: Path, anyio_backend: str) -> None:
     ck = committed_dir(tmp_path, {"w": torch.arange(10.0)})
-    out = await load(ck)
+    out = await aload(ck)
     assert torch.equal(out["w"], torch.arange(10.0))
     shard = ck / "shard-00000-of-00001.pt"
     data = shard.read_bytes()
     shard.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     with pytest.raises(CorruptCheckpointError, match="checksum"):
-        await load(ck)
+        await aload(ck)
 
 
 # -- single files carry their checksum ------------------------------------------------------
@@ -155,11 +156,11 @@ def test_single_file_carries_a_checksum_that_load_and_verify_check(tmp_path: Pat
     flip(target, target.read_bytes().index(struct.pack("<f", 700.0)))
     assert torch.load(target, weights_only=True)["w"][700] != 700.0
     with pytest.raises(CorruptCheckpointError, match="checksum") as info:
-        load_sync(target)
+        load(target)
     assert info.value.path == str(target)
     with pytest.raises(CorruptCheckpointError, match="checksum"):
         verify(str(target))
-    assert load_sync(target, verify=False)["w"].shape == (5000,)
+    assert load(target, verify=False)["w"].shape == (5000,)
 
 
 def test_damaged_trailer_and_plain_torch_files(tmp_path: Path) -> None:
@@ -172,7 +173,7 @@ def test_damaged_trailer_and_plain_torch_files(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(3)}, plain)
     with pytest.raises(CorruptCheckpointError, match="carries no aiockpt checksum"):
         verify(str(plain))
-    assert torch.equal(load_sync(plain)["w"], torch.ones(3))  # nothing to check it against
+    assert torch.equal(load(plain)["w"], torch.ones(3))  # nothing to check it against
 
 
 def test_overwriting_keeps_the_mode_of_the_replaced_file(tmp_path: Path) -> None:
@@ -181,12 +182,12 @@ def test_overwriting_keeps_the_mode_of_the_replaced_file(tmp_path: Path) -> None
     target.chmod(0o600)
     save_file({"w": torch.zeros(2)}, str(target))
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    assert torch.equal(load_sync(target)["w"], torch.zeros(2))
+    assert torch.equal(load(target)["w"], torch.zeros(2))
 
 
 HALF_THEN_BLOCK = """
 import os, sys
-from aiockpt._storage import write_atomic
+from aiockpt.storage._atomic import write_atomic
 def half(f):
     f.write(b"x" * 100_000)
     print("writing", flush=True)
@@ -229,7 +230,7 @@ def test_random_or_damaged_bytes_are_corrupt_not_unsafe(tmp_path: Path) -> None:
     ):
         junk.write_bytes(data)
         with pytest.raises(CorruptCheckpointError) as info:
-            load_sync(junk)
+            load(junk)
         assert not isinstance(info.value, UnsafeCheckpointError)
     good = tmp_path / "good.pt"
     save_file({"w": torch.arange(100.0)}, str(good))
@@ -238,20 +239,20 @@ def test_random_or_damaged_bytes_are_corrupt_not_unsafe(tmp_path: Path) -> None:
     for cut in range(0, len(whole) - 53, max(1, len(whole) // 40)):
         junk.write_bytes(whole[:cut])
         with pytest.raises(CorruptCheckpointError):
-            load_sync(junk, verify=False)
+            load(junk, verify=False)
         with pytest.raises(CorruptCheckpointError):
-            load_sync(junk)
+            load(junk)
 
 
 def test_missing_path_or_shard_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
-        load_sync(tmp_path / "nothing.pt")
+        load(tmp_path / "nothing.pt")
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         verify(str(tmp_path / "nothing.pt"))
     ck = committed_dir(tmp_path, {"w": torch.ones(2)})
     (ck / "shard-00000-of-00001.pt").unlink()
     with pytest.raises(CheckpointNotFoundError, match="missing from the committed checkpoint"):
-        load_sync(ck)
+        load(ck)
     with pytest.raises(CheckpointNotFoundError, match="missing from the committed checkpoint"):
         verify(str(ck))
 
@@ -260,16 +261,16 @@ def test_rank_must_be_an_int(tmp_path: Path) -> None:
     ck = committed_dir(tmp_path, {"w": torch.ones(2)})
     for bad in ("0", 0.0, True):
         with pytest.raises(InvalidRequestError, match="rank must be an int"):
-            load_sync(ck, rank=bad)  # type: ignore[arg-type]
+            load(ck, rank=bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="no shard for rank 1"):
-        load_sync(ck, rank=1)
-    assert torch.equal(load_sync(ck, rank=numpy.int64(0))["w"], torch.ones(2))
+        load(ck, rank=1)
+    assert torch.equal(load(ck, rank=numpy.int64(0))["w"], torch.ones(2))
 
 
 def test_load_maps_the_file_instead_of_copying_it(tmp_path: Path) -> None:
     ck = committed_dir(tmp_path, {"w": torch.arange(2.0**16)})
     shard = str(ck / "shard-00000-of-00001.pt")
-    state = load_sync(ck)
+    state = load(ck)
     with open("/proc/self/maps") as maps:
         assert shard in maps.read()  # torch.load(mmap=True) of the checked file
     assert torch.equal(state["w"], torch.arange(2.0**16))
@@ -307,12 +308,12 @@ def edits(meta: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def test_edited_metadata_is_corrupt(tmp_path: Path) -> None:
     ck, meta = two_rank_dir(tmp_path)
-    assert int(load_sync(ck, rank=1)["rank"]) == 1
+    assert int(load(ck, rank=1)["rank"]) == 1
     refused = []
     for what, edited in edits(meta):
         (ck / "metadata.json").write_text(json.dumps(edited))
         with pytest.raises(CorruptCheckpointError, match="not valid aiockpt metadata"):
-            load_sync(ck, rank=0)
+            load(ck, rank=0)
         with pytest.raises(CorruptCheckpointError, match="not valid aiockpt metadata"):
             verify(str(ck))
         refused.append(what)
@@ -324,7 +325,7 @@ def test_oversized_metadata_is_refused_without_reading_it_all(tmp_path: Path) ->
     with open(ck / "metadata.json", "r+b") as f:
         f.truncate(65 * 2**20)  # sparse: costs no disk
     with pytest.raises(CorruptCheckpointError, match="larger than"):
-        load_sync(ck, rank=0)
+        load(ck, rank=0)
 
 
 def test_a_damaged_pickle_in_a_valid_archive_is_corrupt_without_unsafe_advice(
@@ -343,7 +344,7 @@ def test_a_damaged_pickle_in_a_valid_archive_is_corrupt_without_unsafe_advice(
     with pytest.raises(
         CorruptCheckpointError, match=r"it is damaged \(Unsupported operand"
     ) as info:
-        load_sync(damaged)
+        load(damaged)
     assert not isinstance(info.value, UnsafeCheckpointError)
     assert "weights_only" not in str(info.value)
 
@@ -364,7 +365,7 @@ def test_trailer_does_not_depend_on_how_torch_splits_its_writes(tmp_path: Path) 
             path, lambda f, pieces=pieces: [f.write(p) for p in pieces], trailer=True
         )
         assert Path(path).read_bytes() == want and got["xxh3_64"] == record["xxh3_64"]
-    assert torch.equal(load_sync(expected)["w"], torch.arange(300.0))
+    assert torch.equal(load(expected)["w"], torch.arange(300.0))
     with pytest.raises(ValueError, match="not a zip archive"):
         write_atomic((tmp_path / "raw.pt").as_posix(), lambda f: f.write(b"raw"), trailer=True)
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []

@@ -1,4 +1,4 @@
-"""TorchAsyncCheckpoint: the reference's usage pattern, real files, real workers."""
+"""TorchCheckpoint: the reference's usage pattern, real files, real workers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from aiockpt import InvalidRequestError, TorchAsyncCheckpoint, WorkerError
+from aiockpt import InvalidRequestError, TorchCheckpoint, WorkerError
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["fork", "persistent"])
@@ -20,7 +20,7 @@ def test_reference_usage_pattern(tmp_path: Path, persistent: bool) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    async_impl = TorchAsyncCheckpoint(persistent_queue=persistent)
+    async_impl = TorchCheckpoint(persistent=persistent)
     expected: dict[int, dict[str, torch.Tensor]] = {}
     finalized: list[int] = []
     for step in range(1, 21):
@@ -43,7 +43,7 @@ def test_reference_usage_pattern(tmp_path: Path, persistent: bool) -> None:
 
 def test_file_loads_into_a_fresh_model(tmp_path: Path) -> None:
     model = nn.Linear(10, 3)
-    ckpt = TorchAsyncCheckpoint()
+    ckpt = TorchCheckpoint()
     ckpt.async_save({"model": model.state_dict(), "epoch": 3}, str(tmp_path / "m.pt"))
     assert ckpt.finalize_async_save(blocking=True) == [0]
     ckpt.close()
@@ -55,7 +55,7 @@ def test_file_loads_into_a_fresh_model(tmp_path: Path) -> None:
 
 
 def test_bad_paths_are_rejected_at_the_call(tmp_path: Path) -> None:
-    ckpt = TorchAsyncCheckpoint()
+    ckpt = TorchCheckpoint()
     with pytest.raises(InvalidRequestError, match="does not exist"):
         ckpt.async_save({"a": torch.ones(1)}, tmp_path / "missing" / "x.pt")
     import io
@@ -71,7 +71,7 @@ def test_bad_paths_are_rejected_at_the_call(tmp_path: Path) -> None:
 def test_unwritable_target_fails_with_the_worker_error(tmp_path: Path) -> None:
     target = tmp_path / "is_a_dir.pt"
     target.mkdir()
-    ckpt = TorchAsyncCheckpoint(persistent_queue=True)
+    ckpt = TorchCheckpoint(persistent=True)
     ckpt.async_save({"a": torch.ones(2)}, target)
     with pytest.raises(WorkerError, match="Is a directory"):
         ckpt.finalize_async_save(blocking=True)
@@ -87,9 +87,9 @@ def test_exit_without_close_completes_the_save_and_leaves_nothing(
         textwrap.dedent(
             f"""
             import os, torch
-            from aiockpt import TorchAsyncCheckpoint
+            from aiockpt import TorchCheckpoint
             if __name__ == "__main__":
-                ckpt = TorchAsyncCheckpoint(persistent_queue={persistent})
+                ckpt = TorchCheckpoint(persistent={persistent})
                 ckpt.async_save({{"w": torch.arange(100_000.0)}}, {str(tmp_path / "last.pt")!r})
                 engine = ckpt.queue._engine
                 caller = engine._persistent_caller or engine.active[0].caller
@@ -115,8 +115,8 @@ def test_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             import torch
-            from aiockpt import CheckpointError, TorchAsyncCheckpoint
-            ckpt = TorchAsyncCheckpoint(persistent_queue=True)  # no __main__ guard
+            from aiockpt import CheckpointError, TorchCheckpoint
+            ckpt = TorchCheckpoint(persistent=True)  # no __main__ guard
             ckpt.async_save({{"w": torch.ones(2)}}, {str(tmp_path / "x.pt")!r})
             try:
                 ckpt.finalize_async_save(blocking=True)

@@ -1,15 +1,16 @@
 """Sharded checkpoints in the ``torch.distributed.checkpoint`` (DCP) format, saved in the
 background by aiockpt's engine and read back by ``dcp.load`` at any world size.
 
-``DCPAsyncCheckpoint`` (blocking, NVRx-style) and ``AsyncDCPCheckpoint`` (awaited) save;
+``DCPCheckpoint`` (blocking, NVRx-style) and ``AsyncDCPCheckpoint`` (awaited) save;
 ``load`` reads any DCP checkpoint (aiockpt's or ``dcp.save``'s) with checked checksums and
 a metadata unpickler that builds nothing but DCP's metadata classes. NVRx's names for this
 path (``FileSystemWriterAsync``, ``save_state_dict_async_plan``,
-``save_state_dict_async_finalize``) work with :class:`aiockpt.AsyncCallsQueue`.
+``save_state_dict_async_finalize``) work with :class:`aiockpt.CheckpointQueue`.
 """
 
 from ._checkpoint import AsyncDCPCheckpoint as AsyncDCPCheckpoint
-from ._checkpoint import DCPAsyncCheckpoint as DCPAsyncCheckpoint
+from ._checkpoint import DCPAsyncCheckpoint as DCPAsyncCheckpoint  # deprecated name
+from ._checkpoint import DCPCheckpoint as DCPCheckpoint
 from ._commit import CHECKSUMS as CHECKSUMS
 from ._commit import CommitDCP as CommitDCP
 from ._commit import dcp_save_request as dcp_save_request
@@ -28,7 +29,7 @@ __all__ = [
     "AsyncDCPCheckpoint",
     "CheckedFileSystemReader",
     "CommitDCP",
-    "DCPAsyncCheckpoint",
+    "DCPCheckpoint",
     "FileSystemWriterAsync",
     "SafeLoadPlanner",
     "SavePlanCache",

@@ -1,18 +1,21 @@
-"""``DCPAsyncCheckpoint`` and ``AsyncDCPCheckpoint``: DCP-format saves through the engine,
+"""``DCPCheckpoint`` and ``AsyncDCPCheckpoint``: DCP-format saves through the engine,
 behind the blocking queue and the async queue."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+from typing_extensions import Unpack
 
 from .._async_queue import AsyncCheckpointQueue, QueueFacade
 from .._exceptions import CheckpointError, InvalidRequestError
 from .._futures import CheckpointFuture
-from .._queue import AsyncCallsQueue
+from .._options import AsyncDCPQueueKeywords, DCPQueueKeywords
+from .._queue import CheckpointQueue
 from ._commit import checked_directory, request_for_plan
 from ._plan import SavePlanCache, plan_save
 
@@ -44,10 +47,11 @@ class _DCPOptions:
         return directory
 
 
-class DCPAsyncCheckpoint(_DCPOptions):
-    """``torch.distributed.checkpoint.save`` that returns once the tensors are staged::
+class DCPCheckpoint(_DCPOptions):
+    """``torch.distributed.checkpoint.save`` that returns once the tensors are staged; the
+    blocking twin of :class:`AsyncDCPCheckpoint`::
 
-        ckpt = DCPAsyncCheckpoint()
+        ckpt = DCPCheckpoint()
         ckpt.async_save(state_dict, "ckpt/step100")   # on every rank
         ...
         ckpt.finalize_async_save(blocking=False)        # each step, on every rank
@@ -59,25 +63,29 @@ class DCPAsyncCheckpoint(_DCPOptions):
     ``DefaultSavePlanner``); with ``cache_plans`` a save whose state dict has the
     structure of the previous one reuses its plan and runs no collective. Every rank's
     worker writes ``thread_count`` files at a time; rank 0 writes ``.metadata`` once every
-    rank's files are durable, in ``finalize_async_save``. Other options are those of
-    :class:`AsyncCallsQueue`.
+    rank's files are durable, in ``finalize_async_save``. ``persistent`` (or NVRx's
+    ``persistent_queue``) and the other options are those of :class:`CheckpointQueue`.
     """
 
     def __init__(
         self,
-        persistent_queue: bool = True,
+        persistent: bool = True,
         *,
+        persistent_queue: bool | None = None,
         planner: Any = None,
         process_group: Any = None,
         thread_count: int = 1,
         cache_plans: bool = True,
-        **queue_options: Any,
+        **queue_options: Unpack[DCPQueueKeywords],
     ) -> None:
+        if persistent_queue is not None:
+            persistent = persistent_queue
         self._set_options(planner, process_group, thread_count, cache_plans)
-        self._queue = AsyncCallsQueue(persistent=persistent_queue, **queue_options)
+        self._queue = CheckpointQueue(persistent, **queue_options)
 
     @property
-    def queue(self) -> AsyncCallsQueue:
+    def queue(self) -> CheckpointQueue:
+        """The :class:`CheckpointQueue` that runs the saves."""
         return self._queue
 
     def async_save(
@@ -98,7 +106,7 @@ class DCPAsyncCheckpoint(_DCPOptions):
             self.process_group,
             self.thread_count,
         )
-        completion = self._queue._engine.completion
+        completion = self._queue.completion
         request = request_for_plan(planned, directory, completion, self.thread_count, extra)
         call_idx = self._queue.schedule_async_request(request, needs_global=True)
         self._writing[os.path.realpath(directory)] = call_idx
@@ -138,7 +146,7 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
             await fut.staged         # before optimizer.step()
             await fut                # committed on every rank (or raises)
 
-    Options as :class:`DCPAsyncCheckpoint`, and those of :class:`AsyncCheckpointQueue`.
+    Options as :class:`DCPCheckpoint`, and those of :class:`AsyncCheckpointQueue`.
     """
 
     def __init__(
@@ -149,7 +157,7 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
         process_group: Any = None,
         thread_count: int = 1,
         cache_plans: bool = True,
-        **queue_options: Any,
+        **queue_options: Unpack[AsyncDCPQueueKeywords],
     ) -> None:
         self._set_options(planner, process_group, thread_count, cache_plans)
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
@@ -183,10 +191,40 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
                 self.thread_count,
             )
             request = request_for_plan(
-                planned, directory, self.queue.engine.completion, self.thread_count, extra
+                planned, directory, self.queue.completion, self.thread_count, extra
             )
             fut = await self.queue.schedule(
                 request, wait_for_staging=wait_for_staging, needs_global=True
             )
         self._writing[os.path.realpath(directory)] = fut
         return fut
+
+
+class DCPAsyncCheckpoint(DCPCheckpoint):
+    """Deprecated: :class:`DCPCheckpoint` is its name now (inside aiockpt, ``Async`` means
+    awaitable). Takes ``persistent_queue`` first, as it did."""
+
+    def __init__(
+        self,
+        persistent_queue: bool = True,
+        *,
+        planner: Any = None,
+        process_group: Any = None,
+        thread_count: int = 1,
+        cache_plans: bool = True,
+        **queue_options: Unpack[DCPQueueKeywords],
+    ) -> None:
+        warnings.warn(
+            "aiockpt.dcp.DCPAsyncCheckpoint is deprecated: use aiockpt.dcp.DCPCheckpoint "
+            "(the same class; in aiockpt, Async means awaitable)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(
+            persistent_queue,
+            planner=planner,
+            process_group=process_group,
+            thread_count=thread_count,
+            cache_plans=cache_plans,
+            **queue_options,
+        )

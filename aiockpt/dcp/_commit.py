@@ -16,11 +16,12 @@ from typing import Any
 import xxhash
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from .._dist import CompletionGroup, get_rank, get_world_size
-from .._engine import ResultFinalizer
+from .._core._engine import ResultFinalizer
+from .._dist import CompletionGroup
 from .._exceptions import InvalidRequestError, StorageError
+from .._ranks import get_rank, get_world_size
 from .._request import AsyncRequest
-from .._storage import remove_temporaries, write_atomic
+from ..storage._atomic import remove_temporaries, write_atomic
 from ..utils import wrap_for_async
 from ._plan import PlannedSave, SavePlanCache, plan_save
 from ._write import write_rank_files
@@ -231,7 +232,7 @@ def dcp_save_request(
     """Plan a DCP save of ``state_dict`` into ``directory`` (collective, on every rank) and
     return the request that writes it; schedule it with ``needs_global=True``.
 
-    ``completion`` is the queue's completion group (``queue._engine.completion``);
+    ``completion`` is the queue's completion group (``queue.completion``);
     ``extra`` is recorded in the checksum sidecar; the hooks are :class:`CommitDCP`'s
     (``after_commit`` runs on rank 0 once ``.metadata`` is durable: retention, say).
     """

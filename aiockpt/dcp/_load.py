@@ -31,8 +31,9 @@ from .._exceptions import (
     InvalidRequestError,
     UnsafeCheckpointError,
 )
-from .._files import open_file, opened, read_at_most
-from .._storage import check_record, safe_join
+from ..storage._files import open_file, opened, read_at_most
+from ..storage._local import check_record
+from ..storage._metadata import safe_join
 from ._commit import CHECKSUMS, METADATA, SIDECAR_FORMAT
 
 # Everything a DCP ``.metadata`` pickle may name: its dataclasses and the torch and stdlib

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.checkpoint.utils import _DistWrapper
 
 from .._exceptions import CorruptCheckpointError
-from .._storage import write_atomic
+from ..storage._atomic import write_atomic
 from ..utils import wrap_for_async
 from ._commit import CHECKSUMS, METADATA, checked_directory, commit_dcp
 from ._load import MetadataUnpickler

@@ -17,8 +17,8 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.utils import _DistWrapper
 
-from .._dist import get_rank
 from .._exceptions import CheckpointError, DistributedCheckpointError, InvalidRequestError
+from .._ranks import get_rank
 
 DATA_SUFFIX = ".distcp"
 

@@ -13,7 +13,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .._storage import _no_crc32, write_atomic
+from ..storage._atomic import write_atomic
+from ..storage._local import _no_crc32
 from ._plan import FileBucket
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import xxhash
 
-from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, UntrustedEntryError
+from .._exceptions import CheckpointNotFoundError, CorruptCheckpointError, UntrustedEntryError
 
 CHUNK = 8 * 2**20  # hashing reads this much at a time: memory stays flat for any file size
 

@@ -1,8 +1,8 @@
 """Loading checkpoints back: checked before anything is unpickled, ``weights_only`` by
 default, memory-mapped so that a load costs about the tensors and no copy of the file.
 
-One path for every caller: ``load_sync`` does the work; ``await load`` runs it in a worker
-thread (behind its own capacity limiter), so the event loop keeps running.
+:func:`load` blocks, like ``torch.load``; ``aiockpt.aload`` runs the same function in a
+worker thread for async code.
 """
 
 from __future__ import annotations
@@ -13,25 +13,23 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio
 import torch
 import xxhash
 
-from ._checksum import read_trailer
-from ._dist import get_rank, get_world_size
-from ._exceptions import (
+from .._exceptions import (
     CorruptCheckpointError,
     InvalidRequestError,
     UnsafeCheckpointError,
 )
+from .._ranks import get_rank, get_world_size
+from ._checksum import read_trailer
 from ._files import hash_prefix, open_dir, open_file, opened
+from ._local import check_record, open_record
 from ._metadata import read_metadata, safe_join
-from ._storage import LocalStorage, Storage, check_record, open_record
+from ._protocol import Storage
 
-T = TypeVar("T")
 _ZIP_MAGIC = b"PK\x03\x04"
 _UNREADABLE = (
     RuntimeError,
@@ -130,7 +128,7 @@ def _load_local(path: str, rank: Any, verify: bool, nofollow: bool, **opts: Any)
         return _load_fd(fd, file, record, verify, **opts)
 
 
-def load_sync(
+def load(
     path: Any,
     *,
     rank: int | None = None,
@@ -139,38 +137,8 @@ def load_sync(
     map_location: Any = "cpu",
     storage: Storage | None = None,
 ) -> Any:
-    """Load a checkpoint file, or this rank's shard of a checkpoint directory.
-
-    A directory must be committed (have its metadata); the shard is checked against the
-    recorded size and checksum before it is unpickled, a single file against its checksum
-    trailer if it has one (``verify=False`` skips both). The file is then memory-mapped
-    (``torch.load(mmap=True)``): tensors are read from the page cache as they are used.
-    ``weights_only=True`` refuses files holding arbitrary pickled objects.
-
-    Raises :class:`CheckpointNotFoundError` (no such path, never committed, missing shard),
-    :class:`CorruptCheckpointError` (damaged bytes or metadata, naming the file),
-    :class:`UntrustedEntryError` (a link, FIFO or device inside the checkpoint),
-    :class:`UnsafeCheckpointError`, or :class:`InvalidRequestError` (a bad ``rank``).
-
-    Args:
-        path: a file, or a committed checkpoint directory (a manager's step directory, a
-            sharded checkpoint).
-        rank: which shard of a directory to load (default: this process's rank, or 0
-            outside a distributed job).
-        verify: check sizes and checksums before unpickling.
-        weights_only: unpickle only tensors and plain containers (``torch.load``'s).
-        map_location: ``torch.load``'s.
-        storage: the :class:`Storage` the checkpoint lives in (default: local files).
-
-    Returns:
-        The loaded object, as ``torch.load`` returns it.
-
-    Example:
-        ```python
-        state = aiockpt.load_sync("ckpts/step-000000001000")
-        model.load_state_dict(state["model"])
-        ```
-    """
+    """Load a checkpoint file, or this rank's shard of a checkpoint directory, checked
+    first; the public :func:`aiockpt.load` documents the arguments and errors."""
     return load_path(
         os.fspath(path),
         rank,
@@ -192,10 +160,10 @@ def load_path(
     weights_only: bool = True,
     map_location: Any = "cpu",
 ) -> Any:
-    """``load_sync``; ``nofollow=True`` also refuses a link as ``path`` itself (for a step
+    """``load``; ``nofollow=True`` also refuses a link as ``path`` itself (for a step
     directory found by listing a directory that others may write to)."""
     opts = {"weights_only": weights_only, "map_location": map_location}
-    if storage is None or isinstance(storage, LocalStorage):
+    if storage is None or storage.is_local:
         return _load_local(path, rank, verify, nofollow, **opts)
     # Another backend: its bytes, checked against the metadata, unpickled from memory.
     meta = storage.read_metadata(path)
@@ -209,32 +177,3 @@ def load_path(
             f"{file!r} does not match the size and checksum its metadata records", path=file
         )
     return _unpickle(file, io.BytesIO(data), **opts)
-
-
-async def in_thread(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a worker thread of its own: never a token of anyio's default limiter,
-    which the checkpoint queue's tasks use."""
-    return await anyio.to_thread.run_sync(fn, limiter=anyio.CapacityLimiter(1))
-
-
-async def load(
-    path: Any,
-    *,
-    rank: int | None = None,
-    verify: bool = True,
-    weights_only: bool = True,
-    map_location: Any = "cpu",
-    storage: Storage | None = None,
-) -> Any:
-    """``load_sync`` in a worker thread, so the event loop keeps running (any anyio
-    backend); the same code path. Raises what ``load_sync`` raises."""
-    return await in_thread(
-        lambda: load_sync(
-            path,
-            rank=rank,
-            verify=verify,
-            weights_only=weights_only,
-            map_location=map_location,
-            storage=storage,
-        )
-    )

@@ -1,6 +1,6 @@
 """The engine: requests staged, started, reported, settled and finalized in FIFO order.
 
-Both facades drive this one object: the blocking ``AsyncCallsQueue`` and the async
+Both facades drive this one object: the blocking ``CheckpointQueue`` and the async
 ``AsyncCheckpointQueue``. It imports no asyncio. Each request's life is a :class:`Call`
 (``_calls.py``); the engine is the only writer of its state.
 
@@ -25,10 +25,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
-from ._callers import AsyncCaller, PersistentAsyncCaller, TemporalAsyncCaller
-from ._calls import Call, CallState, describe_target
-from ._dist import CompletionGroup, get_rank, is_distributed, settle
-from ._exceptions import (
+from .._dist import CompletionGroup, settle
+from .._exceptions import (
     CheckpointError,
     FinalizeError,
     InvalidRequestError,
@@ -36,10 +34,15 @@ from ._exceptions import (
     SaveTimeoutError,
     StagingError,
 )
-from ._options import QueueOptions
-from ._request import AsyncRequest, LocalOutcome
-from ._staging import StagedArgs, StagingBuffers
-from ._tree import gc_paused
+from .._options import QueueOptions
+from .._ranks import get_rank, is_distributed
+from .._request import AsyncRequest, LocalOutcome
+from .._staging._arena import StagedArgs, StagingBuffers
+from .._staging._tree import gc_paused
+from ._callers import AsyncCaller
+from ._calls import Call, CallState, describe_target
+from ._fork import TemporalAsyncCaller
+from ._persistent import PersistentAsyncCaller
 
 logger = logging.getLogger("aiockpt")
 
@@ -92,15 +95,13 @@ class CallsEngine:
 
     def __init__(
         self,
-        persistent: bool = True,
+        options: QueueOptions,
         *,
-        options: QueueOptions | None = None,
         caller_factory: Callable[[], AsyncCaller] | None = None,
         completion: CompletionGroup | None = None,
         persistent_caller: PersistentAsyncCaller | None = None,
-        **kwargs: Any,
     ) -> None:
-        self.options = options if options is not None else QueueOptions(persistent, **kwargs)
+        self.options = options
         opts = self.options
         self.persistent = opts.persistent
         self.buffers = StagingBuffers(
@@ -146,7 +147,7 @@ class CallsEngine:
 
     def adopt_worker(self, caller: PersistentAsyncCaller) -> bool:
         """Serve this persistent engine's requests with ``caller`` (a worker started ahead,
-        see ``AsyncCallsQueue.warmup_persistent_caller``) if its own has not started and
+        see ``CheckpointQueue.warmup_persistent_caller``) if its own has not started and
         the start methods match; returns whether it did."""
         with self._lock:
             own = self._persistent_caller
@@ -423,26 +424,32 @@ class CallsEngine:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                if self._reading:
+                if self._reading:  # another thread reads: it notifies when news comes
                     self._changed.wait(left)
-                    continue
-                objects: list[Any] = [self._wake_r] if self._wake_r >= 0 else []
-                objects += [o for c in self._callers for o in c.wait_objects()]
-                due = self._next_deadline_locked()
-                if due is not None:
-                    to_due = max(0.0, due - time.monotonic())
-                    left = to_due if left is None else min(left, to_due)
-                self._reading = True
-                self._lock.release()
-                try:
-                    wait(objects, left)
-                    _drain(self._wake_r)
-                except (OSError, ValueError):  # a connection closed under us: look again
-                    pass
-                finally:
-                    self._lock.acquire()
-                    self._reading = False
-                    self._changed.notify_all()
+                else:
+                    self._read_news(left)
+
+    def _read_news(self, timeout: float | None) -> None:
+        """Called with the lock held: be the one reader of the workers, blocked without
+        the lock until news, a wake-up, a caller's deadline or ``timeout``; then take the
+        lock back and wake the threads waiting for news."""
+        objects: list[Any] = [self._wake_r] if self._wake_r >= 0 else []
+        objects += [o for c in self._callers for o in c.wait_objects()]
+        due = self._next_deadline_locked()
+        if due is not None:
+            to_due = max(0.0, due - time.monotonic())
+            timeout = to_due if timeout is None else min(timeout, to_due)
+        self._reading = True
+        self._lock.release()
+        try:
+            wait(objects, timeout)
+            _drain(self._wake_r)
+        except (OSError, ValueError):  # a connection closed under us: look again
+            pass
+        finally:
+            self._lock.acquire()
+            self._reading = False
+            self._changed.notify_all()
 
     def wait_local(self, call: Call, timeout: float | None) -> LocalOutcome | None:
         """This rank's outcome of ``call``, waiting up to ``timeout`` seconds (None: until

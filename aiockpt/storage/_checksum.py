@@ -19,7 +19,7 @@ from typing import Any
 
 import xxhash
 
-from ._exceptions import CorruptCheckpointError
+from .._exceptions import CorruptCheckpointError
 
 EOCD_SIGNATURE = b"PK\x05\x06"
 EOCD_SIZE = 22

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._exceptions import CheckpointError
-from ._request import LocalOutcome
+from .._exceptions import CheckpointError
+from .._request import LocalOutcome
 
 
 class CallState(enum.Enum):

@@ -9,7 +9,6 @@ the same tensors (blocked time) and a raw write + fsync of the same bytes (durab
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -20,18 +19,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
 import torch
 
-from ._async_torch import AsyncTorchCheckpoint
-from ._staging import cuda_available
-from ._storage import fsync_path
-from ._torch_ckpt import TorchAsyncCheckpoint
-from ._tree import iter_tensors
+from .._staging._tree import iter_tensors
+from ._contenders import NAMES, Contender, selected
+from ._contenders import contenders as make_contenders
 
 _SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -160,9 +157,6 @@ class Stats:
         return out
 
 
-Save = Callable[[Any, str], Awaitable[tuple[float, float, float | None]]]
-
-
 class Heartbeat:
     """A task ticking every millisecond; records how late each tick was."""
 
@@ -199,197 +193,80 @@ async def run_bench(
     size: int,
     saves: int,
     directory: str,
-    contenders: list[str] | None = None,
+    names: list[str] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
     *,
     tensors: int | None = None,
     state: Any = None,
-    floors: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-ready report.
 
     The state dict is ``state`` if given, else ``tensors`` float32 tensors of ``size`` bytes
-    in total, else a training-like state of ``size`` bytes. ``contenders`` selects by name
-    (substrings); ``floors=False`` leaves the floors out unless selected. A contender whose
-    save raises is reported as failed, with the reason, and not run again.
+    in total, else a training-like state of ``size`` bytes. ``names`` are the contenders
+    to run, exactly (all by default; :func:`selected` turns ``--only`` words into names).
+    A contender whose save raises is reported as failed, with the reason, and not run
+    again.
     """
-    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, async_save
-
     if state is None:
         state = uniform_state(size, tensors) if tensors else training_state(size)
-    nbytes = state_bytes(state)
-    count = len(iter_tensors(state))
+    if names is None:
+        names = list(NAMES)
     created_pg = _ensure_process_group()
     sampler = MemorySampler()
     beat = Heartbeat()
-    flat = iter_tensors(state)
-    copy_dst: list[torch.Tensor] = []  # allocated by the copy floor only: a state's worth
-
-    async def floor_copy(sd: Any, path: str) -> tuple[float, float, float | None]:
-        if not copy_dst:
-            copy_dst.extend(torch.empty_like(t) for t in flat)
-        best = float("inf")
-        for _ in range(3):  # a floor: the best of three back-to-back copies, each way
-            t = time.perf_counter()
-            for dst, src in zip(copy_dst, flat, strict=True):
-                dst.copy_(src)
-            best = min(best, time.perf_counter() - t)
-            t = time.perf_counter()
-            for dst, src in zip(copy_dst, flat, strict=True):
-                ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.nbytes)
-            best = min(best, time.perf_counter() - t)
-        return best, float("nan"), None
-
-    async def floor_write(sd: Any, path: str) -> tuple[float, float, float | None]:
-        t = time.perf_counter()
-        with open(path, "wb", buffering=0) as f:
-            for src in flat:
-                f.write(src.contiguous().view(torch.uint8).numpy().data)
-            os.fsync(f.fileno())
-        d = time.perf_counter() - t
-        return float("nan"), d, None
-
-    async def plain(sd: Any, path: str) -> tuple[float, float, float | None]:
-        t = time.perf_counter()
-        torch.save(sd, path)
-        fsync_path(path)
-        d = time.perf_counter() - t
-        return d, d, None
-
-    # A tuned DCP user's stager on a CPU machine: staging in a background thread into
-    # reused shared memory (pinned memory and non-blocking copies need an accelerator).
-    tuned_stagers: list[Any] = []
-
-    def tuned_stager() -> Any:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-        tuned_stagers.append(
-            DefaultStager(
-                StagingOptions(
-                    use_pinned_memory=cuda_available(),
-                    use_shared_memory=True,
-                    use_async_staging=True,
-                    use_non_blocking_copy=cuda_available(),
-                )
-            )
-        )
-        return tuned_stagers[-1]
-
-    def dcp_save(kind: Any, stager: Any = None) -> Save:
-        async def save(sd: Any, path: str) -> tuple[float, float, float | None]:
-            t = time.perf_counter()
-            response = async_save(
-                sd, checkpoint_id=path, async_checkpointer_type=kind, async_stager=stager
-            )
-            b = time.perf_counter() - t
-            fut: Any = getattr(response, "upload_completion", response)
-            await anyio.to_thread.run_sync(fut.result)
-            return b, time.perf_counter() - t, None
-
-        return save
-
-    sync_fork = TorchAsyncCheckpoint(persistent_queue=False)
-    sync_persistent = TorchAsyncCheckpoint(persistent_queue=True)
-    # The same, prepared before its first save: staging memory reserved, worker started.
-    reserved = TorchAsyncCheckpoint(persistent_queue=True)
-    if contenders is None or any(c in "aiockpt (persistent, reserved)" for c in contenders):
-        reserved.reserve(state)
-
-    def aiockpt_sync(ckpt: TorchAsyncCheckpoint) -> Save:
-        async def save(sd: Any, path: str) -> tuple[float, float, float | None]:
-            t = time.perf_counter()
-            ckpt.async_save(sd, path)
-            b = time.perf_counter() - t
-            ckpt.finalize_async_save(blocking=True)
-            return b, time.perf_counter() - t, None
-
-        return save
-
-    runners: dict[str, tuple[str, Save]] = {
-        "floor: in-place copy_": ("floor", floor_copy),
-        "floor: raw write+fsync": ("floor", floor_write),
-        "torch.save": ("peer", plain),
-        "dcp.async_save (thread)": ("peer", dcp_save(AsyncCheckpointerType.THREAD)),
-        "dcp.async_save (process)": ("peer", dcp_save(AsyncCheckpointerType.PROCESS)),
-        "dcp.async_save (thread, tuned stager)": (
-            "peer",
-            dcp_save(AsyncCheckpointerType.THREAD, tuned_stager()),
-        ),
-        "dcp.async_save (process, tuned stager)": (
-            "peer",
-            dcp_save(AsyncCheckpointerType.PROCESS, tuned_stager()),
-        ),
-        "aiockpt (fork)": ("aiockpt", aiockpt_sync(sync_fork)),
-        "aiockpt (persistent)": ("aiockpt", aiockpt_sync(sync_persistent)),
-        "aiockpt (persistent, reserved)": ("aiockpt", aiockpt_sync(reserved)),
-    }
-    report: dict[str, Any] = {}
     try:
-        async with AsyncTorchCheckpoint() as async_ckpt, anyio.create_task_group() as tg:
+        async with (
+            make_contenders(names, state, beat.worst) as chosen,
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(beat.run)
-
-            async def aiockpt_async(sd: Any, path: str) -> tuple[float, float, float | None]:
-                t = time.perf_counter()
-                fut = await async_ckpt.save(sd, path)
-                b = time.perf_counter() - t
-                await fut
-                end = time.perf_counter()
-                return b, end - t, beat.worst(t, end)
-
-            runners["aiockpt (async)"] = ("aiockpt", aiockpt_async)
-            chosen = {
-                n: r
-                for n, r in runners.items()
-                if contenders is None
-                or any(c in n for c in contenders)
-                or (floors and r[0] == "floor")
-            }
-            stats = {n: Stats(n, kind) for n, (kind, _) in chosen.items()}
-            rounds = saves + 1
-            for rnd in range(rounds):
-                for name, (_, save) in chosen.items():
-                    s = stats[name]
-                    if s.failed is not None:
-                        continue
-                    progress(f"[round {rnd + 1}/{rounds}] {name}")
-                    path = os.path.join(directory, f"r{rnd}-{re.sub(r'[^a-z]+', '-', name)}")
-                    await anyio.to_thread.run_sync(os.sync)
-                    before = sampler.reset_peak()
-                    try:
-                        blocked, durable, lag = await save(state, path)
-                    except Exception as exc:  # a peer that cannot save this state
-                        s.failed = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-                        progress(f"  {name} failed: {s.failed}")
-                        await anyio.to_thread.run_sync(_remove, path)
-                        continue
-                    s.blocked.append(blocked)
-                    s.durable.append(durable)
-                    s.peak_extra.append(sampler.peak - before)
-                    s.rss_after.append(sampler.current())
-                    if lag is not None:
-                        s.loop_lag.append(lag)
-                    await anyio.to_thread.run_sync(_remove, path)
+            stats = {c.name: Stats(c.name, c.kind) for c in chosen}
+            for rnd in range(saves + 1):
+                for contender in chosen:
+                    progress(f"[round {rnd + 1}/{saves + 1}] {contender.name}")
+                    await _measure(
+                        contender, stats[contender.name], state, directory, rnd, sampler, progress
+                    )
             tg.cancel_scope.cancel()
-        report = _report(stats, nbytes, saves)
-        report["tensors"] = count
-        copy_floor = report["floors"]["copy_s"]
-        for row in report["contenders"]:
-            b = row["blocked_warm_s"]
-            row["us_per_tensor_over_copy"] = (
-                (b - copy_floor) / count * 1e6 if b is not None and copy_floor else None
-            )
     finally:
-        sync_fork.close()
-        sync_persistent.close()
-        reserved.close()
-        for stager in tuned_stagers:
-            stager.close()
         sampler.close()
         if created_pg:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    return report
+    return _report(stats, state_bytes(state), saves, len(iter_tensors(state)))
+
+
+async def _measure(
+    contender: Contender,
+    s: Stats,
+    state: Any,
+    directory: str,
+    rnd: int,
+    sampler: MemorySampler,
+    progress: Callable[[str], None],
+) -> None:
+    """One save of ``state`` by ``contender``, recorded in ``s`` (or its failure: a peer
+    that cannot save this state is not run again)."""
+    if s.failed is not None:
+        return
+    path = os.path.join(directory, f"r{rnd}-{re.sub(r'[^a-z]+', '-', contender.name)}")
+    await anyio.to_thread.run_sync(os.sync)
+    before = sampler.reset_peak()
+    try:
+        blocked, durable, lag = await contender.save(state, path)
+    except Exception as exc:  # a peer that cannot save this state
+        s.failed = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        progress(f"  {contender.name} failed: {s.failed}")
+    else:
+        s.blocked.append(blocked)
+        s.durable.append(durable)
+        s.peak_extra.append(sampler.peak - before)
+        s.rss_after.append(sampler.current())
+        if lag is not None:
+            s.loop_lag.append(lag)
+    finally:
+        await anyio.to_thread.run_sync(_remove, path)
 
 
 def _remove(path: str) -> None:
@@ -403,7 +280,7 @@ def _clean(values: list[float]) -> list[float]:
     return [v for v in values if v == v]  # drop NaN (a floor measures one side only)
 
 
-def _report(stats: dict[str, Stats], nbytes: int, saves: int) -> dict[str, Any]:
+def _report(stats: dict[str, Stats], nbytes: int, saves: int, tensors: int) -> dict[str, Any]:
     for s in stats.values():
         s.blocked, s.durable = _clean(s.blocked), _clean(s.durable)
     rows = [s.summary(nbytes) for s in stats.values()]
@@ -416,6 +293,10 @@ def _report(stats: dict[str, Stats], nbytes: int, saves: int) -> dict[str, Any]:
         )
         r["durable_vs_write_floor"] = (
             r["durable_s"] / write_floor if r["durable_s"] and write_floor else None
+        )
+        b = r["blocked_warm_s"]
+        r["us_per_tensor_over_copy"] = (
+            (b - copy_floor) / tensors * 1e6 if b is not None and copy_floor else None
         )
     dcp = [r for r in rows if r["name"].startswith("dcp") and r["durable_s"]]
     mine = [r for r in rows if r["kind"] == "aiockpt" and r["durable_s"]]
@@ -435,6 +316,7 @@ def _report(stats: dict[str, Stats], nbytes: int, saves: int) -> dict[str, Any]:
         }
     return {
         "state_bytes": nbytes,
+        "tensors": tensors,
         "warm_saves": saves,
         "floors": {"copy_s": copy_floor, "write_s": write_floor},
         "machine": {
@@ -533,10 +415,6 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 def main(args: Any) -> int:
     size = parse_size(args.size or "1GiB")
-    if args.sweep:
-        from ._sweep import main as sweep_main
-
-        return sweep_main(args)
     directory = tempfile.mkdtemp(prefix="aiockpt-bench-", dir=args.dir)
 
     def progress(msg: str) -> None:
@@ -546,7 +424,12 @@ def main(args: Any) -> int:
     try:
         report = anyio.run(
             lambda: run_bench(
-                size, args.saves, directory, args.only, progress, tensors=args.tensors
+                size,
+                args.saves,
+                directory,
+                selected(args.only, floors=True),
+                progress,
+                tensors=args.tensors,
             )
         )
     finally:

@@ -12,7 +12,7 @@ import fcntl
 import os
 import socket
 
-from ._exceptions import DirectoryLockedError, StorageError
+from .._exceptions import DirectoryLockedError, StorageError
 from ._files import open_file, opened, read_at_most
 
 LOCK_NAME = ".aiockpt.lock"

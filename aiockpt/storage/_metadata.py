@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any
 
-from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, InvalidRequestError
+from .._exceptions import CheckpointNotFoundError, CorruptCheckpointError, InvalidRequestError
 from ._files import open_dir, open_file, opened, read_at_most
 
 METADATA = "metadata.json"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._torch_ckpt import TorchAsyncCheckpoint
+from .._torch_ckpt import TorchCheckpoint
 
 
 def _model(width: int, depth: int) -> nn.Module:
@@ -78,7 +78,7 @@ def run_demo(steps: int = 40, every: int = 10, width: int = 1536, depth: int = 4
         # Start the worker and reserve staging memory before the timed loop: the first
         # save is then as cheap as the later ones.
         t = time.perf_counter()
-        ckpt = TorchAsyncCheckpoint(persistent_queue=True)
+        ckpt = TorchCheckpoint(persistent=True)
         ckpt.reserve(_state_like(width, depth))
         startup = time.perf_counter() - t
         try:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .._staging import _views
 from ._zipwrite import ZipStream
 
 PROTOCOL = 2  # torch.save's default
@@ -110,6 +111,9 @@ def register_views(group: int, views: list[torch.Tensor]) -> None:
 def forget_views(group: int) -> None:
     """Drop the views registered under ``group``."""
     _KNOWN.pop(group, None)
+
+
+_views.subscribe(register_views, forget_views)
 
 
 def _known(obj: torch.Tensor) -> tuple[Any, ...] | None:

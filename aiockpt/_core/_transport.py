@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from . import _fastsave
-from ._staging import StagingBuffers, StagingPlan, build_views
+from .._staging import _views
+from .._staging._arena import StagingBuffers, StagingPlan, build_views
 
 # Arenas mapped in this (worker) process, by arena id.
 _MAPPED: dict[int, mmap.mmap] = {}
@@ -80,7 +80,7 @@ def unmap_arena(arena_id: int) -> None:
     _MAPPED.pop(arena_id, None)
     _VIEWS.pop(arena_id, None)
     _SLOTS.pop(arena_id, None)
-    _fastsave.forget_views(arena_id)
+    _views.withdraw(arena_id)
 
 
 def lay_out(arena_id: int, plan: StagingPlan) -> None:
@@ -91,7 +91,7 @@ def lay_out(arena_id: int, plan: StagingPlan) -> None:
         for offset, size in plan.slots
     ]
     _VIEWS[arena_id] = build_views(slots, plan)
-    _fastsave.register_views(arena_id, _VIEWS[arena_id])
+    _views.announce(arena_id, _VIEWS[arena_id])
     _SLOTS[arena_id] = {
         where: slot.untyped_storage() for where, slot in zip(plan.slots, slots, strict=True)
     }

@@ -18,20 +18,8 @@ from typing import Any
 import anyio
 
 from ._bench import parse_size, pyplot, run_bench, uniform_state, write_outputs
+from ._contenders import CopyFloor, WriteFloor, selected
 
-CONTENDERS = (
-    "floor: in-place copy_",
-    "floor: raw write+fsync",
-    "torch.save",
-    "dcp.async_save (thread)",
-    "dcp.async_save (process)",
-    "dcp.async_save (thread, tuned stager)",
-    "dcp.async_save (process, tuned stager)",
-    "aiockpt (persistent)",
-    "aiockpt (persistent, reserved)",
-    "aiockpt (async)",
-    "aiockpt (fork)",
-)
 COUNTS = "100,1000,10000,100000"
 SIZES = "256MiB,1GiB,2GiB,4GiB,8GiB"
 COUNT_SIZE = "256MiB"  # the size of the tensor-count points
@@ -74,15 +62,13 @@ def run_point(
     for group in groups:
         progress(f"== {tensors} tensors, {size / 2**20:.0f} MiB: {', '.join(group)}")
         report = anyio.run(
-            functools.partial(
-                run_bench, size, saves, directory, group, progress, state=state, floors=False
-            )
+            functools.partial(run_bench, size, saves, directory, group, progress, state=state)
         )
         nbytes = report["state_bytes"]
-        rows.update({r["name"]: r for r in report["contenders"] if r["name"] in group})
+        rows.update({r["name"]: r for r in report["contenders"]})
         gc.collect()  # the contender's staging memory goes before the next one starts
-    copy = rows.get(CONTENDERS[0], {}).get("blocked_warm_s")
-    write = rows.get(CONTENDERS[1], {}).get("durable_s")
+    copy = rows.get(CopyFloor.name, {}).get("blocked_warm_s")
+    write = rows.get(WriteFloor.name, {}).get("durable_s")
     plain = rows.get("torch.save", {}).get("durable_s")
     for r in rows.values():
         b, d = r.get("blocked_warm_s"), r.get("durable_s")
@@ -144,8 +130,8 @@ def summary_table(points: list[dict[str, Any]]) -> str:
         cells = [
             f"{p['tensors']:,}",
             f"{p['state_bytes'] / 2**20:.0f} MiB",
-            _ms(rows.get(CONTENDERS[0], {}).get("blocked_warm_s")) + " ms",
-            _ms(rows.get(CONTENDERS[1], {}).get("durable_s")) + " ms",
+            _ms(rows.get(CopyFloor.name, {}).get("blocked_warm_s")) + " ms",
+            _ms(rows.get(WriteFloor.name, {}).get("durable_s")) + " ms",
             _ms(main.get("blocked_warm_s")) + " ms",
             "-" if us is None else f"{us:.2f} µs",
             _ms(main.get("durable_s")) + " ms",
@@ -169,8 +155,8 @@ def plot_sweep(report: dict[str, Any], path: str) -> None:
         ("torch.save", "torch.save", "durable_s", "#c63", "--"),
         ("best DCP blocked", "dcp", "blocked_warm_s", "#36c", "-"),
         ("best DCP durable", "dcp", "durable_s", "#36c", "--"),
-        ("copy floor", CONTENDERS[0], "blocked_warm_s", "#999", "-"),
-        ("write floor", CONTENDERS[1], "durable_s", "#999", "--"),
+        ("copy floor", CopyFloor.name, "blocked_warm_s", "#999", "-"),
+        ("write floor", WriteFloor.name, "durable_s", "#999", "--"),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, pts, xkey, xlabel in (
@@ -202,10 +188,7 @@ def plot_sweep(report: dict[str, Any], path: str) -> None:
 
 def main(args: Any) -> int:
     """Run the sweep as the command line asked; print every point and the summary."""
-    names = [n for n in CONTENDERS if not args.only or any(c in n for c in args.only)]
-    names = [n for n in CONTENDERS if n.startswith("floor")] + [
-        n for n in names if not n.startswith("floor")
-    ]
+    names = selected(args.only, floors=True)
     max_size = parse_size(args.max_size) if args.max_size else None
     count_size = parse_size(args.size) if args.size else parse_size(COUNT_SIZE)
     points = sweep_points(args.counts, args.sizes, count_size, max_size, args.max_tensors)

@@ -1,0 +1,182 @@
+"""The fork caller: one child process per request, which sees the staged tensors without
+any transfer."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from .._dist import CompletionGroup
+from .._exceptions import InvalidRequestError
+from .._options import WorkerSettings
+from .._request import LocalOutcome
+from .._staging._arena import StagingBuffers
+from . import _worker
+from ._callers import AsyncCaller, live_callers
+from ._process import (
+    EXIT_GRACE_S,
+    STOP_GRACE_S,
+    DeathWatch,
+    crash_outcome,
+    outcome_from_reply,
+    stop_process,
+)
+
+
+class TemporalAsyncCaller(AsyncCaller):
+    """Forks one child process per request (the reference's default caller).
+
+    Fork is what makes this caller cheap: the child sees the staged tensors without any
+    transfer. The child disables its garbage collector so it never frees the parent's CUDA
+    tensors, and it never touches CUDA. Prefer :class:`PersistentAsyncCaller` in programs
+    that run threads which may hold locks at the moment of the fork.
+    """
+
+    def __init__(
+        self, completion: CompletionGroup | None = None, settings: WorkerSettings | None = None
+    ) -> None:
+        super().__init__(completion, settings)
+        self.process: BaseProcess | None = None
+        self._watch: DeathWatch | None = None
+        self._conn: Connection | None = None
+        self._call_idx: int | None = None
+        self._reported = False
+        self._eof_at: float | None = None  # the child closed its pipe without a reply
+        self._news: list[LocalOutcome] = []
+        self.start_time: float | None = None
+
+    def run(
+        self,
+        call_idx: int,
+        fn: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        buffers: StagingBuffers | None,
+    ) -> None:
+        with self._lock:
+            if self._call_idx is not None:
+                raise InvalidRequestError(
+                    "a TemporalAsyncCaller runs one request; create a new caller per request"
+                )
+            self._call_idx = call_idx
+            self.start_time = time.monotonic()
+            if fn is None:
+                self._reported = True
+                self._news.append(LocalOutcome(call_idx))
+                return
+            ctx = mp.get_context("fork")
+            reader, writer = ctx.Pipe(duplex=False)
+            process = ctx.Process(
+                target=_worker.fork_child_main,
+                args=(
+                    writer,
+                    call_idx,
+                    fn,
+                    args,
+                    kwargs,
+                    self.settings.cpu_priority,
+                    self.settings.io_priority,
+                ),
+                name=f"aiockpt-save-{call_idx}",
+            )
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                process.start()
+            except BaseException:
+                reader.close()
+                self._call_idx = None  # never started: nothing in flight, nothing to report
+                raise
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+                writer.close()
+            # The child has its own copy of the arguments: do not keep the staged views.
+            process._args = ()  # type: ignore[attr-defined]
+            self.process, self._conn, self._watch = process, reader, DeathWatch(process)
+            live_callers.add(self)
+
+    def in_flight(self) -> list[int]:
+        return [self._call_idx] if self._call_idx is not None and not self._reported else []
+
+    def running_since(self, call_idx: int) -> float | None:
+        return self.start_time if call_idx == self._call_idx else None
+
+    def wait_objects(self) -> list[Any]:
+        with self._lock:
+            if self._reported or self._watch is None:
+                return []
+            objects: list[Any] = [self._watch.wait_object()]
+            if self._conn is not None and self._eof_at is None:
+                objects.append(self._conn)
+            return objects
+
+    def deadline(self) -> float | None:
+        if self._reported or self._watch is None:
+            return None
+        if self._eof_at is not None:
+            return self._eof_at + EXIT_GRACE_S
+        return self._watch.deadline()
+
+    def collect(self) -> list[LocalOutcome]:
+        with self._lock:
+            news, self._news = self._news, []
+            process, conn = self.process, self._conn
+            if process is None or self._call_idx is None:
+                return news
+            if not self._reported and conn is not None and self._eof_at is None:
+                try:
+                    if conn.poll():
+                        news.append(outcome_from_reply(conn.recv(), self.rank))
+                        self._reported = True
+                except (EOFError, OSError):
+                    self._eof_at = time.monotonic()
+            exited = process.exitcode is not None
+            if not self._reported:
+                overdue = (
+                    self._eof_at is not None and time.monotonic() >= self._eof_at + EXIT_GRACE_S
+                )
+                if exited or overdue:
+                    if not exited:  # closed its pipe but did not exit: count it as dead
+                        stop_process(process, 0.0)
+                    news.append(crash_outcome(self._call_idx, self.rank, process.exitcode, True))
+                    self._reported = True
+                    exited = True
+            if self._reported and exited:
+                self._release_process()
+            return news
+
+    def _release_process(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        if self._conn is not None:
+            self._conn.close()
+        if self.process is not None:
+            self.process.join(0)
+            if self.process.exitcode is not None:
+                self.process.close()
+        self._conn, self.process = None, None
+        live_callers.discard(self)
+
+    def kill(self) -> None:
+        with self._lock:
+            if self.process is not None and not self._reported:
+                self.process.kill()
+
+    def shutdown(self, grace: float = STOP_GRACE_S) -> list[LocalOutcome]:
+        with self._lock:
+            news: list[LocalOutcome] = []
+            if self.process is None:
+                return news
+            stop_process(self.process, grace, self.settings.sigterm_timeout)
+            if not self._reported and self._call_idx is not None:
+                news.append(crash_outcome(self._call_idx, self.rank, self.process.exitcode, True))
+                self._reported = True
+            self._release_process()
+            return news

@@ -1,0 +1,77 @@
+"""``format="dcp"`` for the checkpoint managers: each step a DCP checkpoint, committed by
+``.metadata``, planned once per structure (the plan cache lives as long as the manager)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+from .._dist import CompletionGroup
+from .._exceptions import CheckpointNotFoundError, InvalidRequestError, UntrustedEntryError
+from .._formats import StepHooks
+from .._request import AsyncRequest
+from ..storage._files import open_dir, opened
+from ._commit import METADATA as MARKER
+from ._commit import dcp_save_request
+from ._load import load
+from ._plan import SavePlanCache
+
+
+class DCPFormat:
+    """The ``torch.distributed.checkpoint`` layout, written through the filesystem."""
+
+    name = "dcp"
+    marker = MARKER
+    needs_local_storage = True
+
+    def __init__(self, planner: Any = None, thread_count: int = 1) -> None:
+        self.planner = planner
+        self.thread_count = thread_count
+        self.cache = SavePlanCache()
+
+    def save_request(
+        self,
+        state_dict: Any,
+        directory: str,
+        extra: dict[str, Any],
+        completion: CompletionGroup,
+        storage: Any,
+        hooks: StepHooks,
+    ) -> AsyncRequest:
+        """Plan (collective on every rank; callers keep plannings in one order) and build
+        the save; the plan is reused while the structure holds."""
+        # A real directory of its own (never a link to elsewhere), as in the torch format.
+        storage.makedirs(directory)
+        return dcp_save_request(
+            state_dict,
+            directory,
+            completion,
+            planner=self.planner,
+            cache=self.cache,
+            thread_count=self.thread_count,
+            extra=extra,
+            after_commit=hooks.after_commit,
+            before_commit=hooks.before_commit,
+            on_committed=hooks.on_committed,
+        )
+
+    def uncommit(self, directory: str) -> None:
+        """Remove ``.metadata`` and make that durable before any data file goes."""
+        try:
+            dfd = open_dir(directory)
+        except (CheckpointNotFoundError, UntrustedEntryError):
+            return  # gone, or not a directory: the storage deletes what is there
+        with opened(dfd):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(MARKER, dir_fd=dfd)
+            os.fsync(dfd)
+
+    def restore(self, directory: str, state_dict: Any, storage: Any, **load_options: Any) -> Any:
+        if not isinstance(state_dict, dict):
+            raise InvalidRequestError(
+                "a checkpoint in the DCP format loads in place, resharded: pass the state "
+                "dict to fill, restore(state_dict=...), on every rank"
+            )
+        load(state_dict, directory, **load_options)
+        return state_dict
