@@ -77,10 +77,11 @@ class Listing:
     partial: list[int] = field(default_factory=list)  # no metadata: failed or in progress
     refused: list[tuple[str, str]] = field(default_factory=list)  # (name, what it is)
     foreign: list[int] = field(default_factory=list)  # committed in another format
+    foreign_formats: set[str] = field(default_factory=set)  # which formats those are
 
 
 def _scan_local(directory: str, marker: str) -> Listing:
-    others = [m for m in markers().values() if m != marker]
+    others = {name: m for name, m in markers().items() if m != marker}
     found = Listing()
     try:
         dfd = open_dir(directory)
@@ -101,11 +102,13 @@ def _scan_local(directory: str, marker: str) -> Listing:
                         kind: str | None = entry_kind(marker, s)
                     except FileNotFoundError:
                         kind = None
-                    foreign = kind is None and any(m in os.listdir(s) for m in others)
+                    inside = os.listdir(s) if kind is None else []
+                    foreign = {name for name, m in others.items() if m in inside}
             except (FileNotFoundError, CheckpointError):
                 continue  # removed or replaced while we looked
             if foreign:  # never taken for a failed save (and deleted) by this format
                 found.foreign.append(step)
+                found.foreign_formats |= foreign
             elif kind is None:
                 found.partial.append(step)
             elif kind != "a regular file":
@@ -162,7 +165,9 @@ class StepDirectory:
         self.keep_last = None if keep_last is None else int(keep_last)
         self.storage = storage if storage is not None else LocalStorage()
         self.format: StepFormat = step_format(format, dict(format_options or {}))
-        if self.format.needs_local_storage and storage is not None and not storage.is_local:
+        # A storage written before ``is_local`` existed is taken for a remote one.
+        remote = storage is not None and not getattr(storage, "is_local", False)
+        if self.format.needs_local_storage and remote:
             raise InvalidRequestError(
                 f"format={format!r} writes through the local (or mounted) filesystem: a "
                 "custom storage is supported with format='torch' only"
@@ -185,11 +190,11 @@ class StepDirectory:
         try:
             found = self.scan()
             if found.foreign:
+                theirs = " or ".join(repr(f) for f in sorted(found.foreign_formats))
                 raise InvalidRequestError(
-                    f"{self.directory!r} holds checkpoints in another format than "
-                    f"{self.format.name!r} (steps {found.foreign[-3:]}); open it with the "
-                    f"format they were saved in (one of {FORMATS}), or use another directory "
-                    "for this format"
+                    f"{self.directory!r} holds checkpoints in the {theirs} format (steps "
+                    f"{found.foreign[-3:]}), not {self.format.name!r}: open it with "
+                    f"format={theirs}, or use another directory for this format"
                 )
         except BaseException:
             self.lock.release()

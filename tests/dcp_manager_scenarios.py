@@ -37,7 +37,7 @@ def manager_steps(rank: int, world: int, tmp: str, mode: str) -> dict[str, Any]:
                 assert idx == step - 1
             out["committed"] = mgr.committed_steps()
             sd = mgr.restore(state_dict=_zeroed(mesh))
-            out["plannings"] = mgr.steps._plan_cache.plannings
+            out["plannings"] = mgr.steps.format.cache.plannings
     else:
 
         async def main() -> None:
@@ -48,7 +48,7 @@ def manager_steps(rank: int, world: int, tmp: str, mode: str) -> dict[str, Any]:
                 out["finalized"] = [(await fut).call_idx for fut in futs]
                 out["committed"] = await mgr.acommitted_steps()
                 out["sd"] = await mgr.restore(state_dict=_zeroed(mesh))
-                out["plannings"] = mgr.steps._plan_cache.plannings
+                out["plannings"] = mgr.steps.format.cache.plannings
 
         anyio.run(main)
         sd = out.pop("sd")

@@ -1,4 +1,8 @@
-"""Runs a scenario on N real ranks: spawned processes in a gloo process group on loopback."""
+"""Runs a scenario on N real ranks: spawned processes in a gloo process group on loopback.
+
+The ranks meet through a file store in a directory of their own, not a TCP port: test
+files run in parallel, and a port picked free here could be taken by the time rank 0
+binds it. torchrun runs with ``--standalone``, whose store binds port 0 itself."""
 
 from __future__ import annotations
 
@@ -6,26 +10,21 @@ import importlib
 import multiprocessing as mp
 import os
 import pickle
-import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from datetime import timedelta
 from typing import Any
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rank_main(
     scenario: str,
     rank: int,
     world: int,
-    port: int,
+    rendezvous: str,
     tmp: str,
     kwargs: dict[str, Any],
     dump_after: float,
@@ -40,7 +39,7 @@ def _rank_main(
     try:
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+            init_method=f"file://{rendezvous}",
             rank=rank,
             world_size=world,
             timeout=timedelta(seconds=60),
@@ -73,10 +72,12 @@ def run_ranks(
     on every rank; return each rank's ``("ok", value)`` or ``("error", message,
     traceback)``, None if it died."""
     ctx = mp.get_context("spawn")
-    port = free_port()
+    meeting = tempfile.mkdtemp(prefix="aiockpt-rendezvous-")
+    rendezvous = os.path.join(meeting, "store")
     procs = [
         ctx.Process(
-            target=_rank_main, args=(scenario, r, world, port, tmp, kwargs, max(timeout - 5, 1))
+            target=_rank_main,
+            args=(scenario, r, world, rendezvous, tmp, kwargs, max(timeout - 5, 1)),
         )
         for r in range(world)
     ]
@@ -90,6 +91,7 @@ def run_ranks(
         if p.is_alive():
             p.kill()
             p.join()
+    shutil.rmtree(meeting, ignore_errors=True)
     assert not hung, f"ranks {hung} did not finish within {timeout}s"
     results: list[tuple[Any, ...] | None] = []
     for r in range(world):
@@ -115,7 +117,7 @@ def run_torchrun(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``script`` (relative to the repository) under torchrun with 2 ranks on loopback."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [script, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)

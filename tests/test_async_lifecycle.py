@@ -612,7 +612,7 @@ async def test_two_native_asyncio_cancels_during_the_exit_still_close(
     while "queue" not in seen or seen["queue"].pending() == 0:
         await asyncio.sleep(0.01)
     task.cancel()
-    while seen["queue"]._state.name != "CLOSING":  # the exit is waiting for the save
+    while seen["queue"]._state.name != "DRAINING":  # the exit is waiting for the save
         await asyncio.sleep(0.01)
     task.cancel()  # a second one, while closing
     await asyncio.sleep(0.05)
@@ -626,13 +626,17 @@ async def test_two_native_asyncio_cancels_during_the_exit_still_close(
 
 
 _commit_started = threading.Event()
+_closing: dict[str, Any] = {}
 
 
 def _slow_failing_commit() -> None:
     import time
 
     _commit_started.set()
-    time.sleep(2.5)  # longer than the queue's close timeout below
+    # Fail only once the close has timed out and moved on to stopping the worker.
+    queue, deadline = _closing["queue"], time.monotonic() + 60
+    while queue._state.name not in ("STOPPING", "CLOSED") and time.monotonic() < deadline:
+        time.sleep(0.01)
     raise OSError(28, "disk full while committing")
 
 
@@ -642,6 +646,7 @@ async def test_a_finalize_step_running_at_the_close_timeout_settles_truly(
     with pytest.raises(CheckpointErrorGroup) as info:
         async with AsyncCheckpointQueue(timeout=timedelta(seconds=1)) as queue:
             _commit_started.clear()
+            _closing["queue"] = queue
             await queue.schedule(
                 AsyncRequest(write_value, (1, str(tmp_path / "a")), [_slow_failing_commit])
             )

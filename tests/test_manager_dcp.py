@@ -61,8 +61,8 @@ def test_blocking_manager_saves_retains_and_restores_in_place(
         _assert_step(target, 30)
         _assert_step(mgr.restore(20, state_dict=_zeroed()), 20)
         # The structure never changed: one planning, then the plan is reused.
-        assert mgr.steps._plan_cache.plannings == 1
-        assert mgr.steps._plan_cache.reuses == 2
+        assert mgr.steps.format.cache.plannings == 1
+        assert mgr.steps.format.cache.reuses == 2
     assert _steps(tmp_path) == ["step-000000000020", "step-000000000030"]
     step_dir = tmp_path / "step-000000000030"
     assert {".metadata", ".metadata.checksums", "__0_0.distcp"} <= set(os.listdir(step_dir))

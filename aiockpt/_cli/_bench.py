@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -176,17 +175,17 @@ class Heartbeat:
         return max((lag for t, lag in self.ticks if start <= t <= end), default=0.0)
 
 
-def _ensure_process_group() -> bool:
-    """DCP's async_save needs torch.distributed: a one-rank gloo group if none exists."""
+def _ensure_process_group() -> str | None:
+    """DCP's async_save needs torch.distributed: a one-rank gloo group if none exists,
+    met through a file store (no port to race for); returns the store's directory."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return False
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    return True
+        return None
+    meeting = tempfile.mkdtemp(prefix="aiockpt-bench-")
+    store = os.path.join(meeting, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    return meeting
 
 
 async def run_bench(
@@ -230,10 +229,11 @@ async def run_bench(
             tg.cancel_scope.cancel()
     finally:
         sampler.close()
-        if created_pg:
+        if created_pg is not None:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+            shutil.rmtree(created_pg, ignore_errors=True)
     return _report(stats, state_bytes(state), saves, len(iter_tensors(state)))
 
 
