@@ -18,7 +18,10 @@ class QueueOptions:
 
     Args:
         persistent: one long-lived worker process (True) or a forked process per request.
-        start_method: how the persistent worker starts, ``"spawn"`` or ``"forkserver"``.
+        start_method: how the persistent worker starts: ``"forkserver"`` (the default: a
+            server process imports torch once, and each worker forked from it starts in
+            tens of milliseconds) or ``"spawn"`` (a fresh interpreter per worker, which
+            imports torch again and sees the environment as it is at that moment).
         max_staging_copies: host staging copies of the state held at most; scheduling waits
             for an earlier request's worker when all are in use.
         pin_memory: page-lock the staging buffers (default: when CUDA is available).
@@ -52,7 +55,7 @@ class QueueOptions:
     """
 
     persistent: bool = True
-    start_method: str = "spawn"
+    start_method: str = "forkserver"
     max_staging_copies: int = 1
     pin_memory: bool | None = None
     process_group: Any = None

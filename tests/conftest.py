@@ -34,7 +34,29 @@ def no_leftover_workers() -> Iterator[None]:
     assert not left, f"test left processes running: {[p.pid for p in left]}"
 
 
+# Each of these starts several processes (ranks, torchrun, the CLI, a whole example) or
+# runs for tens of seconds: `-m "not slow"` leaves them out of a quick inner loop. The
+# README's test command runs them all.
+SLOW_MODULES = {
+    "test_cli.py",
+    "test_dcp.py",
+    "test_distributed.py",
+    "test_examples.py",
+    "test_manager_dcp.py",
+    "test_soak.py",
+}
+SLOW_TESTS = {
+    "test_hundred_thousand_tensors_round_trip",
+    "test_fifo_metadata_or_shard_fails_fast_instead_of_hanging",
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow = pytest.mark.slow
+    for item in items:
+        name = getattr(item, "originalname", None) or item.name
+        if item.path.suffix == ".md" or item.path.name in SLOW_MODULES or name in SLOW_TESTS:
+            item.add_marker(slow)  # the documents' blocks run the examples end to end
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -508,13 +508,15 @@ def test_a_fork_that_fails_is_a_typed_error_and_breaks_nothing(
     queue.close()  # returns: nothing is left waiting for a child that never existed
 
 
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
 def test_a_worker_that_cannot_be_restarted_is_a_typed_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_method: str
 ) -> None:
     import errno
+    import multiprocessing.forkserver
     import multiprocessing.util
 
-    with CheckpointQueue(persistent=True) as queue:
+    with CheckpointQueue(persistent=True, start_method=start_method) as queue:
         queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
         queue.maybe_finalize_async_calls(blocking=True)
         caller = queue._engine._persistent_caller
@@ -525,7 +527,11 @@ def test_a_worker_that_cannot_be_restarted_is_a_typed_error(
         def no_spawn(*args: Any, **kwargs: Any) -> int:
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
-        monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", no_spawn)
+        # How each start method makes a process: the forkserver (running by now) forks it.
+        if start_method == "spawn":
+            monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", no_spawn)
+        else:
+            monkeypatch.setattr(multiprocessing.forkserver, "connect_to_new_process", no_spawn)
         with pytest.raises(StagingError, match="starting the worker for call 1"):
             queue.schedule_async_request(AsyncRequest(write_value, (2, str(tmp_path / "b")), []))
         monkeypatch.undo()

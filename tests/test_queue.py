@@ -466,3 +466,43 @@ def test_callers_answer_the_reference_question_directly(tmp_path: Path, persiste
     with pytest.raises(WorkerError, match="direct"):
         failing.is_current_async_call_done(blocking=True)
     failing.close()
+
+
+_FORKSERVER_SCRIPT = """
+import json, multiprocessing as mp, multiprocessing.forkserver as fs, os
+import psutil
+from aiockpt import AsyncRequest, CheckpointQueue
+
+if __name__ == "__main__":
+    mp.set_forkserver_preload(["json"])  # the program's own wish, kept
+    queue = CheckpointQueue()
+    queue.schedule_async_request(AsyncRequest(os.getpid, (), []))
+    queue.maybe_finalize_async_calls(blocking=True)
+    worker = queue._engine._persistent_caller.process.pid
+    server = fs._forkserver._forkserver_pid
+    out = {
+        "preload": fs._forkserver._preload_modules,
+        "worker_parent_is_server": psutil.Process(worker).ppid() == server,
+        "server_has_torch": any("torch" in m.path for m in psutil.Process(server).memory_maps()),
+    }
+    queue.close()
+    print(json.dumps(out))
+"""
+
+
+def test_the_default_worker_is_forked_from_a_forkserver_that_has_torch(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "forkserver_worker.py"
+    script.write_text(_FORKSERVER_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    )
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found == {
+        "preload": ["json", "torch", "aiockpt._core._worker"],
+        "worker_parent_is_server": True,
+        "server_has_torch": True,
+    }
