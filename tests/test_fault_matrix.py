@@ -157,14 +157,18 @@ def test_ctrl_c_while_a_save_is_in_flight(tmp_path: Path, persistent: bool) -> N
     with CheckpointManager(tmp_path / "ck", storage=storage, persistent=persistent) as mgr:
         mgr.save(1, state(1))
 
+        waiting = threading.Event()
+
         def press_ctrl_c() -> None:
             worker = read_pid(pid_file)  # the worker is inside the write
+            waiting.wait(60)  # the main thread is inside pytest.raises: Ctrl-C lands there
             os.kill(worker, signal.SIGINT)
             signal.pthread_kill(main, signal.SIGINT)
 
         presser = threading.Thread(target=press_ctrl_c)
         presser.start()
         with pytest.raises(KeyboardInterrupt):
+            waiting.set()
             mgr.poll(blocking=True)
         presser.join()
         assert mgr.latest_step() is None
