@@ -16,6 +16,7 @@ Idle, no thread works for the queue and nothing ticks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
@@ -28,7 +29,10 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from anyio import AsyncContextManagerMixin
+from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from typing_extensions import Self, Unpack
 
@@ -47,15 +51,18 @@ from ._exceptions import (
     StagingError,
 )
 from ._futures import CheckpointFuture, CheckpointResult
+from ._loops import run_to_end
 from ._options import QueueKeywords, QueueOptions, build_options
 from ._ranks import is_distributed
 from ._request import AsyncRequest
 from ._staging._arena import ready_event
+from ._staging._tree import iter_tensors, path_of
 
 logger = logging.getLogger("aiockpt")
 
-# request, its future, needs_global, the CUDA event its copy waits for (None without CUDA)
-_Staging = tuple[AsyncRequest, CheckpointFuture, bool, Any]
+# request, its future, needs_global, the CUDA event its copy waits for (None without
+# CUDA), and the check that no tensor changed since scheduling (lazy staging only)
+_Staging = tuple[AsyncRequest, CheckpointFuture, bool, Any, "Callable[[], None] | None"]
 _NOT_OPEN = "the queue is not open: use `async with AsyncCheckpointQueue() as queue:`"
 
 
@@ -129,15 +136,22 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._thread: int | None = None
         self._next_idx = 0
         self._futures: dict[int, CheckpointFuture] = {}  # scheduled, not resolved
-        self._unreported: list[CheckpointFuture] = []  # not yet covered by finalize()/exit
+        # Not yet covered by finalize() or the exit, nor retrieved through the future.
+        self._unreported: dict[int, CheckpointFuture] = {}
         self._broken: QueueBrokenError | None = None  # a task died: no new work
         self._stage_send: MemoryObjectSendStream[_Staging] | None = None
+        self._stage_receive: MemoryObjectReceiveStream[_Staging] | None = None
         self._task_scopes: list[anyio.CancelScope] = []
         self._tasks_left = 0
         self._queued_for_staging = 0  # sent to the stager, not yet staged (or skipped)
         self._finalizing: int | None = None  # the call whose finalize steps are running
         self._given_up: list[int] = []  # calls whose worker did not answer by the timeout
         self._reported_never_closed = False
+        self._force: str | None = None  # the close was interrupted twice: stop waiting
+        self._deferred: BaseException | None = None  # Ctrl-C/exit raised by user code
+        self._failures: list[CheckpointError] = []  # every failure, kept after close
+        self._owner: Any = None  # the asyncio task that opened the queue
+        self._served: anyio.Event | None = None  # set once a served queue has closed
         self.polls = 0  # settle attempts made by the poller (one per request when healthy)
 
     @property
@@ -167,14 +181,11 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         if self._state is not _State.NEW:
             raise QueueMisuseError("an AsyncCheckpointQueue can be entered only once")
         await self._open()
-        send, receive = anyio.create_memory_object_stream[_Staging](math.inf)
-        self._stage_send = send
         body_exc: BaseException | None = None
+        close_exc: BaseException | None = None  # raised after the task group, ungrouped
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._run_task, "stager", self._task_scopes[0], self._stager, receive)
-                tg.start_soon(self._run_task, "poller", self._task_scopes[1], self._poller)
-                self._state = _State.OPEN
+                self._start_tasks(tg)
                 try:
                     yield self
                 except GeneratorExit:  # never left: the event loop is closing the block
@@ -182,17 +193,97 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                     raise
                 except BaseException as exc:  # cancellation included: re-raised below
                     body_exc = exc
-                await self._shutdown()
+                try:
+                    await self._shutdown()
+                except BaseException as exc:  # Ctrl-C under trio, or a failure
+                    close_exc = exc
+                finally:
+                    self._stop_now()  # the task group can end whatever the close raised
                 if body_exc is not None:
                     self._report_beside(body_exc)
         except BaseException as exc:
             if exc is not body_exc:
                 self._report_beside(exc)
             raise
+        if close_exc is not None:
+            self._report_beside(close_exc)
+            raise close_exc
         if body_exc is not None:
+            if self._deferred is not None:  # Ctrl-C or exit from user code comes first
+                deferred, self._deferred = self._deferred, None
+                raise deferred from body_exc
             raise body_exc
+        await self._after_close()
+
+    async def serve(self, *, task_status: TaskStatus[Self] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the queue as a service in a task group the caller owns::
+
+            async with anyio.create_task_group() as tg:
+                queue = await tg.start(AsyncCheckpointQueue().serve)
+                ...                      # any task of this event loop may use it
+                await queue.aclose()     # from any task: drains, then serve() returns
+
+        ``serve`` opens the queue, reports it through ``task_status`` and returns once
+        :meth:`aclose` (from any task of the same loop) has closed it. Cancelling the task
+        group closes it too: in-flight requests are drained first (shielded, up to the
+        queue's timeout). The failures nobody observed are raised by ``aclose()``, and
+        remain readable from :meth:`failures`.
+        """
+        if self._state is not _State.NEW:
+            raise QueueMisuseError("an AsyncCheckpointQueue can be opened only once")
+        await self._open()
+        self._served = anyio.Event()
+        ended: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._start_tasks(tg)
+                task_status.started(self)
+                try:
+                    await self._served.wait()
+                    self._stop_now()  # no-op unless the close in aclose() raised half-way
+                except BaseException as exc:  # cancelled (or the loop ends): close here
+                    ended = exc
+                    try:
+                        await self._shutdown()
+                    except BaseException as close_exc:  # Ctrl-C under trio, or a failure
+                        ended = close_exc
+                    finally:
+                        self._stop_now()
+                        self._report_beside(ended)  # kept in failures() as well
+        finally:
+            self._served.set()
+        if ended is not None:
+            raise ended
+
+    def _start_tasks(self, tg: anyio.abc.TaskGroup) -> None:
+        send, receive = anyio.create_memory_object_stream[_Staging](math.inf)
+        self._stage_send, self._stage_receive = send, receive
+        tg.start_soon(self._run_task, 0, "stager", self._stager)
+        tg.start_soon(self._run_task, 1, "poller", self._poller)
+        self._state = _State.OPEN
+
+    async def _after_close(self) -> None:
+        """What the close owes the caller once it is done: a cancellation that came
+        meanwhile, a ``KeyboardInterrupt``/``SystemExit`` raised by user code, and the
+        failures nobody observed."""
         await self._deliver_cancellation()
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            self._report_beside(deferred)
+            raise deferred
         self._raise_unreported()
+
+    def _stop_now(self) -> None:
+        """The close could not finish (it raised): stop the tasks and the worker at once,
+        so that nothing waits for them."""
+        for scope in self._task_scopes:
+            scope.cancel()
+        if self._state is _State.CLOSED or self._engine is None:
+            return
+        self._give_up("because closing raised before it finished")
+        self._state = _State.CLOSED
+        self._engine.kill_worker()
+        self._engine.stop_workers()
 
     async def _deliver_cancellation(self) -> None:
         """Closing is shielded: a cancellation that came meanwhile is delivered now, with
@@ -205,8 +296,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
 
     async def _open(self) -> None:
         self._thread = threading.get_ident()
-        # Three tokens: the stager, the poller and closing each use at most one thread.
-        self._limiter = anyio.CapacityLimiter(3)
+        self._token = anyio.lowlevel.current_token()
+        if isinstance(self._token.native_token, asyncio.AbstractEventLoop):
+            self._owner = asyncio.current_task()
         self._close_lock = anyio.Lock()
         self._tasks_done = anyio.Event()
         self._wakeup = anyio.Event()
@@ -244,20 +336,28 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             self._state = _State.CLOSED
             return
         self._check_thread()
-        await self._shutdown()
-        await self._deliver_cancellation()
-        self._raise_unreported()
+        try:
+            await self._shutdown()
+        finally:
+            self._served_done()  # serve() returns
+        await self._after_close()
 
     async def _shutdown(self) -> None:
         # A shield stops anyio's cancellation, not asyncio's own Task.cancel() (a second
         # Ctrl-C, an outer asyncio timeout): finish the close all the same, then let the
         # cancellation through. Each step below can be resumed.
+        # KeyboardInterrupt and SystemExit (trio delivers Ctrl-C through shields) are
+        # treated the same way; a second one stops waiting for the requests in flight.
         interrupted: BaseException | None = None
         while True:
             try:
                 await self._shutdown_steps()
                 break
             except anyio.get_cancelled_exc_class() as exc:
+                interrupted = interrupted or exc
+            except (KeyboardInterrupt, SystemExit) as exc:
+                if isinstance(interrupted, (KeyboardInterrupt, SystemExit)):
+                    self._force = type(exc).__name__
                 interrupted = exc
         if interrupted is not None:
             raise interrupted
@@ -274,9 +374,12 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                         self._stage_send.close()
                 if self._state is _State.DRAINING:
                     with anyio.move_on_after(self._timeout):
-                        while self._futures:
+                        while self._futures and self._force is None:
                             await next(iter(self._futures.values())).wait_settled()
-                    self._give_up()
+                    if self._force is not None:
+                        self._give_up(f"because it was interrupted by a second {self._force}")
+                    else:
+                        self._give_up(f"after {self._timeout:g}s: its worker did not answer")
                     self._state = _State.STOPPING
                 for scope in self._task_scopes:
                     scope.cancel()
@@ -286,6 +389,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 if self._must_kill:  # a late schedule may have started a new worker
                     await self._in_thread(self.engine.kill_worker)
                 await self._in_thread(self.engine.stop_workers)
+                if self._stage_receive is not None:
+                    self._stage_receive.close()
                 self._state = _State.CLOSED
 
     def _abandon(self) -> None:
@@ -293,12 +398,17 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         stop the worker at once (nothing can be awaited any more)."""
         self._report_never_closed()
         self._break("closing", RuntimeError("the event loop ended with the queue open"))
+        self._served_done()
         self._report_beside(GeneratorExit())
         stopped = self._state is _State.CLOSED
         self._state = _State.CLOSED
         if self._engine is not None and not stopped:
             self._engine.kill_worker()
             self._engine.stop_workers()
+
+    def _served_done(self) -> None:
+        if self._served is not None:
+            self._served.set()
 
     def _report_never_closed(self) -> None:
         if not self._reported_never_closed:
@@ -310,7 +420,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 len(self._futures),
             )
 
-    def _give_up(self) -> None:
+    def _give_up(self, why: str) -> None:
         for fut in list(self._futures.values()):
             if fut.call_idx == self._finalizing:
                 # Its worker answered and its finalize steps are running in a thread that
@@ -321,17 +431,23 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 fut,
                 None,
                 CloseTimeoutError(
-                    f"closing the queue gave up on checkpoint call {fut.call_idx} after "
-                    f"{self._timeout:g}s: its worker did not answer. The worker was stopped "
-                    "and the checkpoint was not finalized (its files may be incomplete); "
-                    "raise the queue's timeout if saves legitimately take longer",
+                    f"closing the queue gave up on checkpoint call {fut.call_idx} {why}. The "
+                    "worker was stopped and the checkpoint was not finalized (its files may "
+                    "be incomplete; the previous committed checkpoint is intact); raise the "
+                    "queue's timeout if saves legitimately take longer",
                     call_idx=fut.call_idx,
                 ),
             )
 
+    def failures(self) -> list[CheckpointError]:
+        """Every failure of this queue's requests so far, in the order they failed,
+        whether or not someone observed it; readable after the queue has closed (say,
+        when a cancel scope swallowed the exception that carried them)."""
+        return list(self._failures)
+
     def _take_unreported(self) -> list[CheckpointError]:
-        failures = [fut.take_failure() for fut in self._unreported]
-        self._unreported = []
+        failures = [fut.take_failure() for fut in self._unreported.values()]
+        self._unreported = {}
         return [error for error in failures if error is not None]
 
     def _raise_unreported(self) -> None:
@@ -413,17 +529,27 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 self._room.release()
                 raise
         fut = CheckpointFuture(self._next_idx, self._cancel)
+        fut.set_deferred(self._defer)
         self._next_idx += 1
         self._futures[fut.call_idx] = fut
-        self._unreported.append(fut)
+        # A future whose outcome its owner has seen is not reported again: forget it.
+        self._unreported[fut.call_idx] = fut
+        fut.set_forget(self._forget)
         if on_scheduled is not None:
-            on_scheduled(fut)
+            try:
+                on_scheduled(fut)
+            except BaseException:
+                self._withdraw(fut, "its on_scheduled callback raised")
+                raise
         assert self._stage_send is not None
         stager_idle = self._queued_for_staging == 0
         self._queued_for_staging += 1
         # The copy runs in the stager's thread, on another CUDA stream: order it after the
         # kernels this thread has queued so far.
-        self._stage_send.send_nowait((request, fut, needs_global, ready_event()))
+        # Staged lazily, the tensors may be changed before the copy is done: remember their
+        # versions now, and refuse a snapshot that would mix old and new values.
+        unchanged = None if wait_for_staging else _unchanged_since_now(request, fut.call_idx)
+        self._stage_send.send_nowait((request, fut, needs_global, ready_event(), unchanged))
         if stager_idle or wait_for_staging:
             # The copy starts now, before the caller's next synchronous step. Behind
             # another request's staging it could not start anyway: a lazy caller goes on.
@@ -435,21 +561,26 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
     def _cancel(self, fut: CheckpointFuture) -> bool:
         if fut.handed_over and not (fut.staged.done() and self.engine.cancel(fut.call_idx)):
             return False  # being staged, or started in the worker
+        self._withdraw(fut, "it was cancelled before it started writing")
+        return True
+
+    def _withdraw(self, fut: CheckpointFuture, why: str) -> None:
+        """Resolve a request that never reached a worker (nothing was written)."""
         fut.set_cancelled()
         self._resolve(
             fut,
             None,
             CheckpointCancelledError(
-                f"checkpoint call {fut.call_idx} was cancelled before it started writing; "
-                "nothing was written",
+                f"checkpoint call {fut.call_idx} was withdrawn: {why}; nothing was written",
                 call_idx=fut.call_idx,
             ),
         )
-        return True
 
     async def finalize(self) -> list[CheckpointResult]:
         """Wait until every request scheduled before this call is finalized; return the
-        results of those that succeeded, in scheduling order. If any failed and nobody
+        results of those that succeeded, in scheduling order, but for those whose outcome
+        was already retrieved through their future (``await fut``, ``result()``), which
+        the queue no longer holds. If any failed and nobody
         observed it yet, raise them all as a :class:`CheckpointErrorGroup` once every one
         has settled. Cancelled, it loses nothing: a later ``finalize()`` or the exit
         reports what it would have."""
@@ -458,11 +589,11 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             raise QueueMisuseError(_NOT_OPEN)
         if self._state is not _State.OPEN:
             raise QueueClosedError("the queue is closed")
-        batch = list(self._unreported)
+        batch = list(self._unreported.values())
         for fut in batch:
             await fut.wait_settled()
-        done = {id(fut) for fut in batch}
-        self._unreported = [fut for fut in self._unreported if id(fut) not in done]
+        for fut in batch:
+            self._unreported.pop(fut.call_idx, None)
         errors = [error for error in (fut.take_failure() for fut in batch) if error is not None]
         if errors:
             raise _group(errors)
@@ -490,10 +621,22 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
 
     # -- the two tasks ------------------------------------------------------------------
 
-    async def _run_task(self, name: str, scope: anyio.CancelScope, fn: Any, *args: Any) -> None:
+    async def _run_task(self, index: int, name: str, fn: Any) -> None:
         try:
-            with scope:  # shielded: only the queue's own close cancels it
-                await fn(*args)
+            while True:
+                scope = self._task_scopes[index]
+                try:
+                    with scope:  # shielded: only the queue's own close cancels it
+                        await fn()
+                    return
+                except anyio.get_cancelled_exc_class():
+                    # asyncio's Task.cancel() passes shields: asyncio.run() cancels every
+                    # task once main() returns, the task owning the queue too, whose close
+                    # will drain. While that owner lives, go on.
+                    if self._state >= _State.STOPPING or not self._owner_alive():
+                        raise
+                    _uncancel()
+                    self._task_scopes[index] = anyio.CancelScope(shield=True)
         except Exception as exc:
             self._break(name, exc)
         except BaseException as exc:  # cancelled from outside: the event loop is ending
@@ -505,6 +648,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             self._tasks_left -= 1
             if not self._tasks_left:
                 self._tasks_done.set()
+
+    def _owner_alive(self) -> bool:
+        return self._owner is not None and not self._owner.done()
 
     def _break(self, name: str, exc: BaseException) -> None:
         """A task died: fail every pending future and refuse new work, saying why."""
@@ -523,21 +669,33 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             self._resolve(fut, None, error)
         self._wakeup.set()
 
-    async def _stager(self, receive: MemoryObjectReceiveStream[_Staging]) -> None:
-        async with receive:
-            async for request, fut, needs_global, event in receive:
-                try:
-                    await self._stage_one(request, fut, needs_global, event)
-                finally:
-                    self._queued_for_staging -= 1
+    async def _stager(self) -> None:
+        receive = self._stage_receive
+        assert receive is not None
+        while True:
+            try:
+                item: _Staging | None = await receive.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            try:
+                assert item is not None
+                await self._stage_one(*item)
+            finally:
+                item = None  # the caller's state dict is not held until the next save
+                self._queued_for_staging -= 1
 
     async def _stage_one(
-        self, request: AsyncRequest, fut: CheckpointFuture, glob: bool, event: Any
+        self,
+        request: AsyncRequest,
+        fut: CheckpointFuture,
+        glob: bool,
+        event: Any,
+        unchanged: Callable[[], None] | None,
     ) -> None:
         if fut.done():  # cancelled, or failed, before its turn came
             return
         try:
-            call = await self._in_thread(self._stage, request, fut, glob, event)
+            call = await self._in_thread(self._stage, request, fut, glob, event, unchanged)
         except CheckpointError as err:
             error = err
         except Exception as exc:  # never leave a future hanging
@@ -557,13 +715,18 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._wakeup.set()
 
     def _stage(
-        self, request: AsyncRequest, fut: CheckpointFuture, glob: bool, event: Any
+        self,
+        request: AsyncRequest,
+        fut: CheckpointFuture,
+        glob: bool,
+        event: Any,
+        unchanged: Callable[[], None] | None,
     ) -> Call | None:
         """In a stager thread: take the request (unless cancelled meanwhile), then copy it
         and start it in the worker."""
-        if not anyio.from_thread.run_sync(self._take, fut):
+        if not anyio.from_thread.run_sync(self._take, fut, token=self._token):
             return None
-        return self.engine.schedule(request, fut.call_idx, glob, event)
+        return self.engine.schedule(request, fut.call_idx, glob, event, unchanged)
 
     def _take(self, fut: CheckpointFuture) -> bool:
         if fut.done():
@@ -622,6 +785,11 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 if fut is not None:
                     self._resolve(fut, None, err)
                 return True
+            except (KeyboardInterrupt, SystemExit) as exc:  # in a finalize step: that call
+                self._defer(exc)
+                if fut is not None and isinstance(settled.call.error, CheckpointError):
+                    self._resolve(fut, None, settled.call.error)
+                return True
             finally:
                 self._finalizing = None
         if fut is not None:
@@ -638,14 +806,56 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         return True
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await run_to_end(fn, *args)
 
     def _resolve(
         self, fut: CheckpointFuture, result: CheckpointResult | None, error: CheckpointError | None
     ) -> None:
         if self._futures.pop(fut.call_idx, None) is not None and self._room is not None:
             self._room.release()
+        if error is not None and not fut.done():
+            self._failures.append(error)
         fut.set_outcome(result, error)
+
+    def _forget(self, fut: CheckpointFuture) -> None:
+        """Its owner has retrieved the outcome through the future: not reported again, and
+        not held."""
+        self._unreported.pop(fut.call_idx, None)
+
+    def _defer(self, exc: BaseException) -> None:
+        """User code (a done callback, a finalize step) raised ``KeyboardInterrupt`` or
+        ``SystemExit``: that call failed, the others go on, and the exception is raised
+        when the queue closes."""
+        if self._deferred is None:
+            self._deferred = exc
+
+
+def _unchanged_since_now(request: AsyncRequest, call_idx: int) -> Callable[[], None]:
+    """A check, run once the tensors are copied, that none was modified in place since
+    now (a tensor's ``_version`` counts its in-place changes)."""
+    args = (request.async_fn_args, request.async_fn_kwargs)
+    versions = [(t, t._version) for t in iter_tensors(args)]
+
+    def check() -> None:
+        for tensor, version in versions:
+            if tensor._version != version:
+                where = path_of(args[0], tensor) or "a tensor"
+                raise StagingError(
+                    f"checkpoint call {call_idx}: the tensor at {where} was modified in place "
+                    "while it was being staged (wait_for_staging=False), so the copy could "
+                    "mix old and new values; nothing was written. Await `fut.staged` before "
+                    "changing the tensors (e.g. before optimizer.step())",
+                    call_idx=call_idx,
+                )
+
+    return check
+
+
+def _uncancel() -> None:
+    """Take back an asyncio cancellation this task has absorbed."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 async def _readable(fd: int, scope: anyio.CancelScope) -> None:

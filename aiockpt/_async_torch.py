@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from typing_extensions import Unpack
 
 from ._async_queue import AsyncCheckpointQueue, QueueFacade
@@ -67,9 +68,9 @@ class AsyncTorchCheckpoint(QueueFacade):
                 result = await fut
             ```
         """
-        request = AsyncRequest(
-            save_file_async, (state_dict, checked_path(path)), [], torch_save_kwargs
-        )
+        # Checking the path touches the filesystem: in a thread, never on the loop.
+        target = await anyio.to_thread.run_sync(checked_path, path)
+        request = AsyncRequest(save_file_async, (state_dict, target), [], torch_save_kwargs)
         return await self.queue.schedule(request, wait_for_staging=wait_for_staging)
 
     async def save_sharded(
@@ -83,7 +84,9 @@ class AsyncTorchCheckpoint(QueueFacade):
         """Schedule this rank's part of a sharded checkpoint in ``directory`` (on every
         rank). The future resolves once every rank's file is durable and rank 0 has
         written ``metadata.json``; if any rank failed, no metadata is written."""
-        request = sharded_request(state_dict, directory, extra, self.queue.completion)
+        request = await anyio.to_thread.run_sync(
+            sharded_request, state_dict, directory, extra, self.queue.completion
+        )
         return await self.queue.schedule(
             request, wait_for_staging=wait_for_staging, needs_global=True
         )

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 
 from ._exceptions import CheckpointError
+from ._loops import call_soon_threadsafe, current_token
 
 logger = logging.getLogger("aiockpt")
 
@@ -31,6 +35,56 @@ class CheckpointResult:
     value: Any = None
 
 
+class _Signal:
+    """Set once, in the owning event loop's thread; awaited from that loop, or from the
+    loop of any other thread, which is woken thread-safely."""
+
+    def __init__(self, owner: int | None) -> None:
+        self._owner = owner  # the owning loop's thread (None: not made inside a loop)
+        self._event = anyio.Event() if owner is not None else None
+        self._lock = threading.Lock()
+        self._set = False
+        self._wakers: list[Callable[[], object]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            if self._set:
+                return
+            self._set = True
+            wakers, self._wakers = self._wakers, []
+        if self._event is not None:
+            self._event.set()
+        for wake in wakers:
+            wake()
+
+    async def wait(self) -> None:
+        if self._event is not None and threading.get_ident() == self._owner:
+            await self._event.wait()
+            return
+        token = current_token()
+        event = anyio.Event()  # of the waiting loop
+        assert token is not None  # awaited, so some loop runs here
+
+        def wake() -> None:
+            call_soon_threadsafe(token, event.set)
+
+        with self._lock:
+            already = self._set
+            if not already:
+                self._wakers.append(wake)
+        if already:
+            await anyio.lowlevel.checkpoint()
+            return
+        try:
+            await event.wait()
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._wakers.remove(wake)
+
+
 class _StagedPoint:
     """``await fut.staged``: resolves once the request's tensors are copied."""
 
@@ -49,7 +103,10 @@ class CheckpointFuture:
     is finalized (on every rank), or raises the :class:`CheckpointError` explaining why not.
 
     Any number of tasks may await it, in any order; cancelling one of them cancels only
-    that wait, never the checkpoint. ``await fut.staged`` resolves as soon as the tensors are
+    that wait, never the checkpoint. It may also be awaited from the event loop of another
+    thread (asyncio, uvloop or trio), which is woken when it is done; :meth:`cancel`,
+    :meth:`add_done_callback`, :meth:`done`, :meth:`result` and :meth:`exception` may be
+    called from any thread. ``await fut.staged`` resolves as soon as the tensors are
     staged, after which the caller may modify them. A failure seen through the future
     (``await``, ``result()``, ``exception()``, a failed ``await fut.staged``) is observed:
     neither ``finalize()`` nor the queue's exit raises it again. A failed future that is
@@ -62,9 +119,13 @@ class CheckpointFuture:
         self.call_idx = call_idx
         self.staged = _StagedPoint(self)
         self._canceller = canceller
-        self._handed_over = anyio.Event()  # the stager thread has taken the request
-        self._staged = anyio.Event()
-        self._done = anyio.Event()
+        self._token = current_token()  # the owning loop
+        self._owner = threading.get_ident() if self._token is not None else None
+        self._handed_over = _Signal(self._owner)  # the stager thread has taken the request
+        self._staged = _Signal(self._owner)
+        self._done = _Signal(self._owner)
+        self._deferred: Callable[[BaseException], object] | None = None
+        self._forget: Callable[[CheckpointFuture], object] | None = None
         self._staging_error: CheckpointError | None = None
         self._result: CheckpointResult | None = None
         self._error: CheckpointError | None = None
@@ -84,10 +145,20 @@ class CheckpointFuture:
         """Withdraw the request if it has not started writing: returns True, nothing is
         written and awaiting the future raises :class:`CheckpointCancelledError`. Returns
         False once the request is being staged or written, or is done. In a distributed job
-        cancel the same request on every rank, or on none."""
+        cancel the same request on every rank, or on none. From another thread, the
+        request is withdrawn in the owning loop, which this call waits for."""
         if self.done() or self._canceller is None:
             return False
+        if not self._on_owner_thread():
+            assert self._token is not None
+            try:
+                return anyio.from_thread.run_sync(self.cancel, token=self._token)
+            except RuntimeError:  # the owning loop has ended: nothing to withdraw any more
+                return False
         return self._canceller(self)
+
+    def _on_owner_thread(self) -> bool:
+        return self._owner is None or threading.get_ident() == self._owner
 
     def result(self) -> CheckpointResult:
         """The result of a finished checkpoint; raises its error if it failed.
@@ -95,7 +166,7 @@ class CheckpointFuture:
         Raises ``RuntimeError`` if it is not finished yet (await the future instead)."""
         if not self.done():
             raise RuntimeError(f"checkpoint call {self.call_idx} is not finished yet")
-        self._observed = True
+        self._retrieved()
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -105,17 +176,25 @@ class CheckpointFuture:
         """The error of a failed checkpoint, None if it succeeded (RuntimeError if pending)."""
         if not self.done():
             raise RuntimeError(f"checkpoint call {self.call_idx} is not finished yet")
-        self._observed = True
+        self._retrieved()
         return self._error
 
     def add_done_callback(self, fn: Callable[[CheckpointFuture], object]) -> None:
-        """Call ``fn(future)`` in the event loop's thread when the future is done (at once
-        if it already is). As in asyncio, an exception raised by ``fn`` is logged by the
-        ``aiockpt`` logger and affects nothing else."""
-        if self.done():
+        """Call ``fn(future)`` in the owning event loop's thread when the future is done
+        (soon if it already is: at once when called from that thread). As in asyncio, an
+        exception raised by ``fn`` is logged by the ``aiockpt`` logger and affects nothing
+        else; a ``KeyboardInterrupt`` or ``SystemExit`` it raises reaches the program when
+        the queue closes."""
+        with self._done._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        if self._on_owner_thread():
             self._run_callback(fn)
-        else:
-            self._callbacks.append(fn)
+            return
+        assert self._token is not None
+        if not call_soon_threadsafe(self._token, lambda: self._run_callback(fn)):
+            self._run_callback(fn)  # the owning loop has ended: here, then
 
     def __await__(self) -> Generator[Any, None, CheckpointResult]:
         return self._wait().__await__()
@@ -127,7 +206,7 @@ class CheckpointFuture:
     async def _wait_staged(self) -> None:
         await self._staged.wait()
         if self._staging_error is not None:
-            self._observed = True  # handled here: not raised again by finalize or exit
+            self._retrieved()  # handled here: not raised again by finalize or exit
             raise self._staging_error
 
     def __repr__(self) -> str:
@@ -166,6 +245,10 @@ class CheckpointFuture:
         """Wait until the future is done, without observing its outcome."""
         await self._done.wait()
 
+    def seen(self) -> bool:
+        """Done, and its outcome was retrieved through the future itself."""
+        return self.done() and self._observed
+
     def take_failure(self) -> CheckpointError | None:
         """The error of a failed checkpoint that nobody has observed yet, marking it
         observed (so it is reported once); None if it succeeded or was observed."""
@@ -189,7 +272,8 @@ class CheckpointFuture:
 
     def set_cancelled(self) -> None:
         """Called by the queue: the request was withdrawn (the caller knows: observed)."""
-        self._cancelled = self._observed = True
+        self._cancelled = True
+        self._retrieved()
 
     def set_outcome(self, result: CheckpointResult | None, error: CheckpointError | None) -> None:
         """Called by the queue: resolve the future (once; later calls change nothing)
@@ -199,13 +283,42 @@ class CheckpointFuture:
         self._result, self._error = result, error
         if not self._staged.is_set():
             self.set_staged(error)
-        self._done.set()
-        callbacks, self._callbacks = self._callbacks, []
+        self._done.set()  # from here on, add_done_callback runs callbacks itself
+        with self._done._lock:
+            callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             self._run_callback(fn)
+
+    def _retrieved(self) -> None:
+        """Its owner has seen the outcome: the queue neither reports nor holds it again."""
+        self._observed = True
+        forget, self._forget = self._forget, None
+        if forget is not None:
+            forget(self)
+
+    def set_forget(self, fn: Callable[[CheckpointFuture], object]) -> None:
+        """Called by the queue: ``fn(self)`` once the outcome is retrieved through the
+        future (the queue then lets go of it)."""
+        self._forget = fn
+
+    def set_deferred(self, sink: Callable[[BaseException], object]) -> None:
+        """Called by the queue: where a ``KeyboardInterrupt`` or ``SystemExit`` raised by
+        a done callback goes (the queue raises it once it has closed)."""
+        self._deferred = sink
 
     def _run_callback(self, fn: Callable[[CheckpointFuture], object]) -> None:
         try:
             fn(self)
         except Exception:
             logger.exception("done callback %r of checkpoint call %d raised", fn, self.call_idx)
+        except BaseException as exc:  # Ctrl-C or exit in user code: not the queue's death
+            if self._deferred is None:
+                raise
+            logger.error(
+                "done callback %r of checkpoint call %d raised %s: it is raised again when "
+                "the queue closes",
+                fn,
+                self.call_idx,
+                type(exc).__name__,
+            )
+            self._deferred(exc)

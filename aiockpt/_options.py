@@ -33,7 +33,9 @@ class QueueOptions:
             copied with plain memmove, which releases the GIL, never with torch's intra-op
             threads.
         save_timeout: seconds a worker may spend on one request before it is killed and
-            the request fails with :class:`SaveTimeoutError` (None: no limit). Closing a
+            the request fails with :class:`SaveTimeoutError`. One hour by default (a
+            checkpoint that takes longer on one rank is rare; raise it for those), so a
+            worker stuck in a write is bounded out of the box; None: no limit. Closing a
             queue waits no longer than this for a worker that does not answer.
         is_daemon: accepted for compatibility with the reference and ignored: the worker is
             never a daemonic process (aiockpt stops it at exit itself, and a daemonic
@@ -61,7 +63,7 @@ class QueueOptions:
     process_group: Any = None
     timeout: timedelta = DEFAULT_TIMEOUT
     single_threaded_staging: bool = False
-    save_timeout: float | None = None
+    save_timeout: float | None = 3600.0
     is_daemon: bool = True
     cpu_priority: int | None = 10
     io_priority: int | None = None

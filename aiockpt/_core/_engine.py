@@ -186,6 +186,7 @@ class CallsEngine:
         call_idx: int | None = None,
         needs_global: bool = False,
         ready_event: Any = None,
+        before_start: Callable[[], None] | None = None,
     ) -> Call:
         """Stage the request's tensors and start it; returns once staging is done.
 
@@ -194,7 +195,9 @@ class CallsEngine:
         if staging fails, so that every rank numbers its requests alike. ``needs_global``
         requests (a sharded checkpoint whose metadata commits it) always settle across all
         ranks. ``ready_event`` is a CUDA event the staging copy waits for (recorded on the
-        caller's stream when staging runs in another thread).
+        caller's stream when staging runs in another thread). ``before_start()`` is called
+        once the tensors are copied, before the worker is given the request: raising a
+        :class:`CheckpointError` there fails the call with nothing written.
         """
         self.check_open()
         if not isinstance(request, AsyncRequest):
@@ -227,6 +230,8 @@ class CallsEngine:
                 # would walk the whole state dict several times over.
                 with gc_paused():
                     staged = self._stage(call, request, ready_event)
+                    if before_start is not None:
+                        before_start()
                     caller = self._caller()
                     caller.run(call_idx, request.async_fn, staged.args, staged.kwargs, self.buffers)
             except BaseException as exc:

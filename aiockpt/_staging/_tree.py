@@ -68,6 +68,26 @@ def _children(obj: Any) -> Any:
     return ()
 
 
+def path_of(obj: Any, target: torch.Tensor, here: str = "") -> str | None:
+    """Where ``target`` sits inside ``obj`` (``"[0]['model']['weight']"``), None if it
+    is not there. Walks the whole structure: for error messages only."""
+    if obj is target:
+        return here
+    if isinstance(obj, dict):
+        items: Any = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
+    else:
+        return None
+    for key, value in items:
+        found = path_of(value, target, f"{here}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
 def iter_tensors(obj: Any) -> list[torch.Tensor]:
     """Every tensor inside ``obj``, in traversal order (a tensor reached twice appears twice)."""
     out: list[torch.Tensor] = []

@@ -1,0 +1,88 @@
+"""Event-loop plumbing shared by the async facade: reaching a loop from another thread,
+and running a blocking function in a thread to its end whatever cancels the wait."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+T = TypeVar("T")
+
+
+def current_token() -> anyio.lowlevel.EventLoopToken | None:
+    """The token of the event loop running in this thread, None if none runs."""
+    try:
+        return anyio.lowlevel.current_token()
+    except RuntimeError:
+        return None
+
+
+def call_soon_threadsafe(token: anyio.lowlevel.EventLoopToken, fn: Callable[[], object]) -> bool:
+    """Have ``fn()`` run in the event loop of ``token`` without waiting for it; False if
+    that loop has ended."""
+    native: Any = token.native_token
+    try:
+        if hasattr(native, "call_soon_threadsafe"):  # asyncio (and uvloop)
+            native.call_soon_threadsafe(fn)
+        else:  # trio
+            native.run_sync_soon(fn)
+    except RuntimeError:  # the loop is closed (trio's RunFinishedError is one too)
+        return False
+    return True
+
+
+def _cancel_again(token: anyio.lowlevel.EventLoopToken) -> None:
+    """Deliver an asyncio cancellation that a wait swallowed at the task's next await."""
+    if isinstance(token.native_token, asyncio.AbstractEventLoop):
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+            task.cancel()
+
+
+async def run_to_end(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in a thread of its own and wait until it returns.
+
+    The wait is shielded, and asyncio's ``Task.cancel()`` (which passes through shields)
+    does not end it either: the caller never goes on while the thread still works on its
+    state. Such a cancellation is delivered again, at the task's next await, once the
+    thread is done; a ``KeyboardInterrupt`` (trio delivers Ctrl-C through shields) is
+    raised once the thread is done. The thread is a daemon: a function that never returns (a peer that
+    never answers) cannot hold the interpreter at exit.
+    """
+    token = anyio.lowlevel.current_token()
+    done = anyio.Event()
+    box: list[tuple[bool, Any]] = []
+
+    def work() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as exc:  # handed to the waiting task
+            box.append((False, exc))
+        finally:
+            call_soon_threadsafe(token, done.set)
+
+    threading.Thread(target=work, name="aiockpt-queue", daemon=True).start()
+    interrupted = False
+    signalled: BaseException | None = None
+    with anyio.CancelScope(shield=True):
+        while not done.is_set():
+            try:
+                await done.wait()
+            except anyio.get_cancelled_exc_class():
+                interrupted = True
+            except (KeyboardInterrupt, SystemExit) as exc:  # trio's Ctrl-C passes shields
+                signalled = signalled or exc
+    if signalled is not None:
+        raise signalled
+    if interrupted:
+        _cancel_again(token)
+    ok, value = box[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value

@@ -1,0 +1,467 @@
+"""The async queue as a long-lived service: owned by a task, awaited from other threads and
+loops, and immune to user code that raises.
+
+Each test is bounded; a worker parked on a gate is released in teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from ckpt_helpers import make_gate, open_gate, raise_value_error, wait_then_write, write_value
+
+from aiockpt import (
+    AsyncCheckpointQueue,
+    AsyncRequest,
+    AsyncTorchCheckpoint,
+    CheckpointCancelledError,
+    CheckpointFuture,
+    FinalizeError,
+    WorkerError,
+)
+
+BACKENDS: list[Any] = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
+with contextlib.suppress(ImportError):
+    import uvloop  # noqa: F401
+
+    BACKENDS.append(pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"))
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[str]:
+    path = make_gate(str(tmp_path), "gate")
+    yield path
+    if not os.path.exists(path):
+        open_gate(path)
+
+
+def _state() -> dict[str, torch.Tensor]:
+    return {"w": torch.arange(8, dtype=torch.float32)}
+
+
+def _gated(tmp_path: Path, gate: str, name: str) -> AsyncRequest:
+    return AsyncRequest(wait_then_write, (_state(), gate, str(tmp_path / name)), [])
+
+
+# -- other threads and loops ---------------------------------------------------------------
+
+
+def _await_in_asyncio_thread(fut: CheckpointFuture, out: dict[str, Any]) -> threading.Thread:
+    async def wait() -> None:
+        try:
+            out["result"] = await fut
+        except BaseException as exc:  # reported to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=lambda: asyncio.run(wait()))
+    thread.start()
+    return thread
+
+
+def _await_in_trio_thread(fut: CheckpointFuture, out: dict[str, Any]) -> threading.Thread:
+    import trio
+
+    async def wait() -> None:
+        try:
+            out["result"] = await fut
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=lambda: trio.run(wait))
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("foreign", ["asyncio", "trio"])
+async def test_a_future_awaited_from_another_threads_loop_is_woken(
+    tmp_path: Path, gate: str, foreign: str
+) -> None:
+    async with AsyncCheckpointQueue() as queue:
+        fut = await queue.schedule(_gated(tmp_path, gate, "a.pt"))
+        out: dict[str, Any] = {}
+        start = _await_in_asyncio_thread if foreign == "asyncio" else _await_in_trio_thread
+        thread = start(fut, out)
+        open_gate(gate)
+        mine = await fut  # the owner's own await is not broken by the other loop
+        await anyio.to_thread.run_sync(thread.join, 30)
+    assert not thread.is_alive()
+    assert "error" not in out, out.get("error")
+    assert out["result"] is mine
+    assert mine.value == str(tmp_path / "a.pt")
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["w"].tolist() == list(range(8))
+
+
+async def test_cancel_from_another_thread_wakes_the_owner_at_once(
+    tmp_path: Path, gate: str
+) -> None:
+    async with AsyncCheckpointQueue() as queue:
+        first = await queue.schedule(_gated(tmp_path, gate, "a.pt"))  # holds the buffer
+        # The stager waits for that buffer with the second; the third waits its turn.
+        second = await queue.schedule(_gated(tmp_path, gate, "b.pt"), wait_for_staging=False)
+        third = await queue.schedule(_gated(tmp_path, gate, "c.pt"), wait_for_staging=False)
+        cancelled = await anyio.to_thread.run_sync(third.cancel)
+        assert cancelled is True
+        # Woken by the cancel itself: the first save is still parked on its gate.
+        with anyio.fail_after(10):
+            with pytest.raises(CheckpointCancelledError, match="call 2 was withdrawn"):
+                await third
+        assert not first.done() and not second.done()
+        open_gate(gate)
+        await first
+        await second
+    assert third.cancelled()
+    assert not (tmp_path / "c.pt").exists()
+    assert (tmp_path / "b.pt").exists()
+
+
+async def test_done_callback_added_from_another_thread_runs_in_the_owning_loop(
+    tmp_path: Path,
+) -> None:
+    ran: list[tuple[int, int]] = []
+    async with AsyncCheckpointQueue() as queue:
+        loop_thread = threading.get_ident()
+        fut = await queue.schedule(AsyncRequest(write_value, (_state(), str(tmp_path / "a")), []))
+        await anyio.to_thread.run_sync(
+            fut.add_done_callback, lambda f: ran.append((f.call_idx, threading.get_ident()))
+        )
+        await fut
+        await anyio.sleep(0)  # a callback added after the fact is run soon, by the loop
+        late = anyio.Event()
+        await anyio.to_thread.run_sync(fut.add_done_callback, lambda f: late.set())
+        with anyio.fail_after(10):
+            await late.wait()
+    assert ran == [(0, loop_thread)]
+
+
+# -- user code that raises ----------------------------------------------------------------
+
+
+async def test_on_scheduled_raising_withdraws_that_request_only(tmp_path: Path) -> None:
+    seen: list[CheckpointFuture] = []
+
+    def refuse(fut: CheckpointFuture) -> None:
+        seen.append(fut)
+        raise ValueError("no room in the ledger")
+
+    with anyio.fail_after(60):
+        async with AsyncCheckpointQueue() as queue:
+            with pytest.raises(ValueError, match="no room in the ledger"):
+                await queue.schedule(
+                    AsyncRequest(write_value, (_state(), str(tmp_path / "a")), []),
+                    on_scheduled=refuse,
+                )
+            fut = await queue.schedule(
+                AsyncRequest(write_value, (_state(), str(tmp_path / "b")), [])
+            )
+            results = await queue.finalize()
+    assert [r.call_idx for r in results] == [fut.call_idx] == [1]
+    [withdrawn] = seen
+    assert withdrawn.cancelled()
+    with pytest.raises(CheckpointCancelledError, match="its on_scheduled callback raised"):
+        withdrawn.result()
+    assert not (tmp_path / "a").exists() and (tmp_path / "b").exists()
+    assert queue.failures() == [withdrawn.exception()]
+
+
+async def test_system_exit_in_a_done_callback_is_raised_at_close_and_kills_no_save(
+    tmp_path: Path, gate: str
+) -> None:
+    order: list[str] = []
+
+    def leave(fut: CheckpointFuture) -> None:
+        order.append("leave")
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit) as raised:
+        async with AsyncCheckpointQueue() as queue:
+            first = await queue.schedule(
+                AsyncRequest(write_value, (_state(), str(tmp_path / "a")), [])
+            )
+            first.add_done_callback(leave)
+            first.add_done_callback(lambda f: order.append("next callback"))
+            second = await queue.schedule(_gated(tmp_path, gate, "b.pt"))
+            await first
+            open_gate(gate)
+            await second
+            order.append("second saved")
+    assert raised.value.code == 3
+    assert order == ["leave", "next callback", "second saved"]
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["w"].tolist() == list(range(8))
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+async def test_keyboard_interrupt_in_a_finalize_step_fails_that_save_only(
+    tmp_path: Path, gate: str
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        async with AsyncCheckpointQueue() as queue:
+            first = await queue.schedule(
+                AsyncRequest(write_value, (_state(), str(tmp_path / "a")), [_interrupt])
+            )
+            second = await queue.schedule(_gated(tmp_path, gate, "b.pt"))
+            with pytest.raises(FinalizeError, match="interrupted by KeyboardInterrupt"):
+                await first
+            open_gate(gate)
+            result = await second
+    assert result.call_idx == 1
+    assert (tmp_path / "b.pt").exists()
+
+
+# -- the service form ---------------------------------------------------------------------
+
+
+async def test_served_queue_is_used_and_closed_from_other_tasks(tmp_path: Path) -> None:
+    results: list[int] = []
+    async with anyio.create_task_group() as tg:
+        queue: AsyncCheckpointQueue = await tg.start(AsyncCheckpointQueue().serve)
+
+        async def client(name: str) -> None:
+            fut = await queue.schedule(
+                AsyncRequest(write_value, (_state(), str(tmp_path / name)), [])
+            )
+            results.append((await fut).call_idx)
+
+        async with anyio.create_task_group() as clients:
+            clients.start_soon(client, "a")
+            clients.start_soon(client, "b")
+
+        async def closer() -> None:
+            await queue.aclose()
+
+        tg.start_soon(closer)
+    # serve() returned once another task closed the queue: the task group could end.
+    assert sorted(results) == [0, 1]
+    assert (tmp_path / "a").exists() and (tmp_path / "b").exists()
+    assert queue.pending() == 0
+
+
+def _open_when_draining(queue: AsyncCheckpointQueue, gate: str, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while queue._state.name != "DRAINING" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    open_gate(gate)
+
+
+async def test_cancelling_a_served_queue_drains_it_first(tmp_path: Path, gate: str) -> None:
+    async with anyio.create_task_group() as tg:
+        queue: AsyncCheckpointQueue = await tg.start(AsyncCheckpointQueue().serve)
+        fut = await queue.schedule(_gated(tmp_path, gate, "a.pt"))
+        opener = threading.Thread(target=_open_when_draining, args=(queue, gate))
+        opener.start()
+        tg.cancel_scope.cancel()  # serve() closes the queue: the save is drained first
+    opener.join()
+    assert fut.done() and fut.result().value == str(tmp_path / "a.pt")
+
+
+async def test_failures_stay_readable_after_a_cancel_scope_swallowed_them(
+    tmp_path: Path,
+) -> None:
+    queue = AsyncCheckpointQueue()
+    with anyio.move_on_after(30) as scope:
+        async with queue:
+            await queue.schedule(AsyncRequest(raise_value_error, (_state(), "disk on fire"), []))
+            while queue.pending():
+                await anyio.sleep(0.01)
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    [failure] = queue.failures()
+    assert isinstance(failure, WorkerError) and "disk on fire" in str(failure)
+    assert failure.call_idx == 0
+
+
+# -- memory --------------------------------------------------------------------------------
+
+
+async def test_nothing_of_a_save_is_held_once_it_is_awaited(tmp_path: Path) -> None:
+    async with AsyncTorchCheckpoint() as ckpt:
+        for i in range(3):
+            state = {"w": torch.full((1024,), float(i))}
+            tensor = weakref.ref(state["w"])
+            fut = await ckpt.save(state, str(tmp_path / f"{i}.pt"))
+            future = weakref.ref(fut)
+            await fut
+            del state, fut
+            gc.collect()
+            assert tensor() is None, "the caller's tensor is still referenced"
+            assert future() is None, "the awaited future is still referenced"
+        assert await ckpt.finalize() == []  # nothing unobserved is left either
+
+
+# -- the loop thread does no filesystem work ---------------------------------------------
+
+
+async def test_save_makes_no_filesystem_call_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    for name in ("isdir", "exists", "realpath"):
+        real = getattr(os.path, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            if threading.get_ident() == loop_thread:
+                on_loop.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(os.path, name, spy)
+    async with AsyncTorchCheckpoint() as ckpt:
+        fut = await ckpt.save(_state(), str(tmp_path / "a.pt"))
+        on_loop_before_await = list(on_loop)
+        await fut
+    assert on_loop_before_await == []
+
+
+# -- whole programs ------------------------------------------------------------------------
+
+_SERVICE = """
+import asyncio, os, sys, time
+from aiockpt import AsyncCheckpointQueue, AsyncRequest
+
+def slow_write(path):
+    time.sleep(1.5)
+    with open(path, "w") as f:
+        f.write("data")
+
+def commit(path):
+    with open(path + ".committed", "w") as f:
+        f.write("ok")
+
+async def service(path, started):
+    async with AsyncCheckpointQueue() as queue:
+        await queue.schedule(AsyncRequest(slow_write, (path,), [lambda: commit(path)]))
+        started.set()
+        await asyncio.sleep(3600)
+
+async def main(path):
+    started = asyncio.Event()
+    asyncio.create_task(service(path, started))
+    await started.wait()  # main returns with the save in flight
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))
+    print("exited")
+"""
+
+_TRIO_CTRL_C = """
+import os, signal, sys, threading, time
+import trio
+from aiockpt import AsyncCheckpointQueue, AsyncRequest
+
+def slow_write(path):
+    time.sleep(1.5)
+    with open(path, "w") as f:
+        f.write("data")
+
+def interrupt_while_closing(queue, times):
+    while queue._state.name != "DRAINING":
+        time.sleep(0.01)
+    for _ in range(times):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+
+async def main(path, times):
+    async with AsyncCheckpointQueue() as queue:
+        await queue.schedule(AsyncRequest(slow_write, (path,), []))
+        threading.Thread(target=interrupt_while_closing, args=(queue, times)).start()
+
+if __name__ == "__main__":
+    try:
+        trio.run(main, sys.argv[1], int(sys.argv[2]))
+    except KeyboardInterrupt as exc:
+        print("KeyboardInterrupt", *getattr(exc, "__notes__", []), sep="\\n")
+"""
+
+
+def _run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_service_task_owning_the_queue_drains_when_asyncio_run_ends(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "service.py"
+    script.write_text(_SERVICE)
+    out = await anyio.to_thread.run_sync(_run, script, str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "exited"
+    assert (tmp_path / "ckpt").read_text() == "data"
+    assert (tmp_path / "ckpt.committed").read_text() == "ok"
+    assert "ERROR" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("times", [1, 2])
+async def test_trio_ctrl_c_while_leaving_the_block_never_hangs(tmp_path: Path, times: int) -> None:
+    script = tmp_path / "trio_ctrl_c.py"
+    script.write_text(_TRIO_CTRL_C)
+    out = await anyio.to_thread.run_sync(_run, script, str(tmp_path / "ckpt"), str(times))
+    lines = out.stdout.splitlines()
+    assert lines[:1] == ["KeyboardInterrupt"], out.stderr
+    if times == 1:  # one Ctrl-C: the close finishes the save, then the interrupt goes on
+        assert (tmp_path / "ckpt").read_text() == "data"
+        assert lines[1:] == []
+    else:  # a second one: the close stops waiting and says which save it gave up
+        assert not (tmp_path / "ckpt").exists()
+        assert any("interrupted by a second KeyboardInterrupt" in line for line in lines), lines
+
+
+
+# -- lazy staging never commits a snapshot changed under it --------------------------------
+
+
+async def test_a_tensor_changed_before_its_lazy_copy_fails_that_save(
+    tmp_path: Path, gate: str
+) -> None:
+    from aiockpt import StagingError
+
+    state = {"w": torch.zeros(1024), "b": torch.zeros(4)}
+    async with AsyncCheckpointQueue() as queue:
+        first = await queue.schedule(_gated(tmp_path, gate, "a.pt"))  # holds the buffer
+        lazy = await queue.schedule(
+            AsyncRequest(wait_then_write, (state, gate, str(tmp_path / "b.pt")), []),
+            wait_for_staging=False,
+        )
+        state["w"].add_(1)  # before `await lazy.staged`: the caller broke the contract
+        open_gate(gate)
+        with pytest.raises(StagingError, match=r"the tensor at \[0\]\['w'\] was modified"):
+            await lazy
+        await first
+        # Awaiting `staged` before changing the tensors is the contract: that save holds.
+        kept = await queue.schedule(
+            AsyncRequest(write_value, (state, str(tmp_path / "c")), []), wait_for_staging=False
+        )
+        await kept.staged
+        state["w"].add_(1)
+        await kept
+    assert not (tmp_path / "b.pt").exists()
+    assert queue.failures()[0].call_idx == 1
+    with open(tmp_path / "c", "rb") as f:
+        assert pickle.load(f)["w"].eq(1).all()  # the values at `staged`, not after
