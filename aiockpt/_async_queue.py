@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -51,7 +52,7 @@ from ._exceptions import (
     StagingError,
 )
 from ._futures import CheckpointFuture, CheckpointResult
-from ._loops import run_to_end
+from ._loops import call_soon_threadsafe, run_to_end
 from ._options import QueueKeywords, QueueOptions, build_options
 from ._ranks import is_distributed
 from ._request import AsyncRequest
@@ -63,6 +64,8 @@ logger = logging.getLogger("aiockpt")
 # request, its future, needs_global, the CUDA event its copy waits for (None without
 # CUDA), and the check that no tensor changed since scheduling (lazy staging only)
 _Staging = tuple[AsyncRequest, CheckpointFuture, bool, Any, "Callable[[], None] | None"]
+_FAILURES_KEPT = 1000  # failures() lists the latest ones
+_LOOP_CHECK_WAIT_S = 5.0  # how long a lazy copy's check waits for the event loop
 _NOT_OPEN = "the queue is not open: use `async with AsyncCheckpointQueue() as queue:`"
 
 
@@ -149,7 +152,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._reported_never_closed = False
         self._force: str | None = None  # the close was interrupted twice: stop waiting
         self._deferred: BaseException | None = None  # Ctrl-C/exit raised by user code
-        self._failures: list[CheckpointError] = []  # every failure, kept after close
+        # The latest failures, kept after close (their frames' locals dropped).
+        self._failures: deque[CheckpointError] = deque(maxlen=_FAILURES_KEPT)
         self._owner: Any = None  # the asyncio task that opened the queue
         self._served: anyio.Event | None = None  # set once a served queue has closed
         self.polls = 0  # settle attempts made by the poller (one per request when healthy)
@@ -440,9 +444,11 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             )
 
     def failures(self) -> list[CheckpointError]:
-        """Every failure of this queue's requests so far, in the order they failed,
-        whether or not someone observed it; readable after the queue has closed (say,
-        when a cancel scope swallowed the exception that carried them)."""
+        """The failures of this queue's requests (the latest 1000), in the order they
+        failed, whether or not someone observed them; readable after the queue has closed
+        (say, when a cancel scope swallowed the exception that carried them). Their
+        tracebacks print, but the frames' local variables are dropped, so that no state
+        dict stays referenced through them."""
         return list(self._failures)
 
     def _take_unreported(self) -> list[CheckpointError]:
@@ -697,8 +703,10 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         try:
             call = await self._in_thread(self._stage, request, fut, glob, event, unchanged)
         except CheckpointError as err:
+            del request, unchanged  # the error's traceback keeps this frame: not the state
             error = err
         except Exception as exc:  # never leave a future hanging
+            del request, unchanged
             error = StagingError(
                 f"staging call {fut.call_idx} failed: {type(exc).__name__}: {exc}",
                 call_idx=fut.call_idx,
@@ -726,7 +734,32 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         and start it in the worker."""
         if not anyio.from_thread.run_sync(self._take, fut, token=self._token):
             return None
-        return self.engine.schedule(request, fut.call_idx, glob, event, unchanged)
+        check = None
+        if unchanged is not None:
+            token = self._token
+
+            def check() -> None:
+                # On the loop's thread: an in-place change the loop issued before now has
+                # finished there, so its version count is final. A loop that does not
+                # answer (blocked, or ending) is not waited for: checked from here then.
+                answered = threading.Event()
+                failed: list[BaseException] = []
+
+                def on_loop() -> None:
+                    try:
+                        unchanged()
+                    except BaseException as exc:
+                        failed.append(exc)
+                    finally:
+                        answered.set()
+
+                if call_soon_threadsafe(token, on_loop) and answered.wait(_LOOP_CHECK_WAIT_S):
+                    if failed:
+                        raise failed.pop()
+                else:
+                    unchanged()
+
+        return self.engine.schedule(request, fut.call_idx, glob, event, check)
 
     def _take(self, fut: CheckpointFuture) -> bool:
         if fut.done():
@@ -785,7 +818,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 if fut is not None:
                     self._resolve(fut, None, err)
                 return True
-            except (KeyboardInterrupt, SystemExit) as exc:  # in a finalize step: that call
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:  # Ctrl-C, exit (...) in a finalize step: that call
                 self._defer(exc)
                 if fut is not None and isinstance(settled.call.error, CheckpointError):
                     self._resolve(fut, None, settled.call.error)
@@ -814,6 +849,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         if self._futures.pop(fut.call_idx, None) is not None and self._room is not None:
             self._room.release()
         if error is not None and not fut.done():
+            _drop_locals(error)  # a traceback's frames would hold the caller's tensors
             self._failures.append(error)
         fut.set_outcome(result, error)
 
@@ -823,23 +859,49 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._unreported.pop(fut.call_idx, None)
 
     def _defer(self, exc: BaseException) -> None:
-        """User code (a done callback, a finalize step) raised ``KeyboardInterrupt`` or
-        ``SystemExit``: that call failed, the others go on, and the exception is raised
-        when the queue closes."""
+        """User code (a done callback, a finalize step) raised ``KeyboardInterrupt``,
+        ``SystemExit`` or another ``BaseException``: that call failed, the others go on,
+        and the exception is raised when the queue closes (at once if it has closed)."""
+        if self._state is _State.CLOSED:
+            raise exc
         if self._deferred is None:
             self._deferred = exc
+
+
+def _drop_locals(error: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``error``'s tracebacks (and its
+    causes'): the traceback still prints, but holds no state dict or request."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        # The first entry is the frame that caught it, which may still run (or be a
+        # suspended coroutine, which clearing would close); the exception left the others.
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        while tb is not None:
+            with contextlib.suppress(RuntimeError):  # still executing: left alone
+                tb.tb_frame.clear()
+            tb = tb.tb_next
+        todo += [exc.__cause__, exc.__context__]
 
 
 def _unchanged_since_now(request: AsyncRequest, call_idx: int) -> Callable[[], None]:
     """A check, run once the tensors are copied, that none was modified in place since
     now (a tensor's ``_version`` counts its in-place changes)."""
-    args = (request.async_fn_args, request.async_fn_kwargs)
-    versions = [(t, t._version) for t in iter_tensors(args)]
+    args = [request.async_fn_args]
+    versions = [(t, t._version) for t in iter_tensors((args[0], request.async_fn_kwargs))]
 
     def check() -> None:
         for tensor, version in versions:
             if tensor._version != version:
                 where = path_of(args[0], tensor) or "a tensor"
+                # The error's traceback keeps this closure: it must not keep the tensors.
+                versions.clear()
+                args.clear()
+                del tensor
                 raise StagingError(
                     f"checkpoint call {call_idx}: the tensor at {where} was modified in place "
                     "while it was being staged (wait_for_staging=False), so the copy could "

@@ -18,6 +18,8 @@ from ._loops import call_soon_threadsafe, current_token
 
 logger = logging.getLogger("aiockpt")
 
+_CANCEL_WAIT_S = 10.0  # how long cancel() from another thread waits for the owning loop
+
 
 @dataclass(frozen=True)
 class CheckpointResult:
@@ -146,15 +148,25 @@ class CheckpointFuture:
         written and awaiting the future raises :class:`CheckpointCancelledError`. Returns
         False once the request is being staged or written, or is done. In a distributed job
         cancel the same request on every rank, or on none. From another thread, the
-        request is withdrawn in the owning loop, which this call waits for."""
+        request is withdrawn in the owning loop, which this call waits for (up to 10 s:
+        a loop that has stopped withdraws nothing, and this returns False)."""
         if self.done() or self._canceller is None:
             return False
         if not self._on_owner_thread():
             assert self._token is not None
-            try:
-                return anyio.from_thread.run_sync(self.cancel, token=self._token)
-            except RuntimeError:  # the owning loop has ended: nothing to withdraw any more
-                return False
+            answered = threading.Event()
+            outcome: list[bool] = []
+
+            def on_loop() -> None:
+                try:
+                    outcome.append(self.cancel())
+                finally:
+                    answered.set()
+
+            # A loop that has ended, or stopped without closing, withdraws nothing.
+            if call_soon_threadsafe(self._token, on_loop) and answered.wait(_CANCEL_WAIT_S):
+                return bool(outcome and outcome[0])
+            return False
         return self._canceller(self)
 
     def _on_owner_thread(self) -> bool:
@@ -314,6 +326,7 @@ class CheckpointFuture:
         except BaseException as exc:  # Ctrl-C or exit in user code: not the queue's death
             if self._deferred is None:
                 raise
+            self._deferred(exc)  # raises it here if the queue has closed already
             logger.error(
                 "done callback %r of checkpoint call %d raised %s: it is raised again when "
                 "the queue closes",
@@ -321,4 +334,3 @@ class CheckpointFuture:
                 self.call_idx,
                 type(exc).__name__,
             )
-            self._deferred(exc)

@@ -59,12 +59,15 @@ async def run_to_end(fn: Callable[..., T], *args: Any) -> T:
     done = anyio.Event()
     box: list[tuple[bool, Any]] = []
 
+    call: list[Any] = [fn, args]  # let go of once run: a traceback keeps this frame
+
     def work() -> None:
         try:
-            box.append((True, fn(*args)))
+            box.append((True, call[0](*call[1])))
         except BaseException as exc:  # handed to the waiting task
             box.append((False, exc))
         finally:
+            call.clear()
             call_soon_threadsafe(token, done.set)
 
     threading.Thread(target=work, name="aiockpt-queue", daemon=True).start()

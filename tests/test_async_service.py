@@ -210,20 +210,24 @@ async def test_system_exit_in_a_done_callback_is_raised_at_close_and_kills_no_sa
     assert torch.load(tmp_path / "b.pt", weights_only=True)["w"].tolist() == list(range(8))
 
 
-def _interrupt() -> None:
-    raise KeyboardInterrupt
+class _Escape(BaseException):
+    """A BaseException of the user's own, neither an Exception nor a cancellation."""
 
 
+@pytest.mark.parametrize("kind", [KeyboardInterrupt, GeneratorExit, _Escape])
 async def test_keyboard_interrupt_in_a_finalize_step_fails_that_save_only(
-    tmp_path: Path, gate: str
+    tmp_path: Path, gate: str, kind: type[BaseException]
 ) -> None:
-    with pytest.raises(KeyboardInterrupt):
+    def interrupt() -> None:
+        raise kind
+
+    with pytest.raises(kind):
         async with AsyncCheckpointQueue() as queue:
             first = await queue.schedule(
-                AsyncRequest(write_value, (_state(), str(tmp_path / "a")), [_interrupt])
+                AsyncRequest(write_value, (_state(), str(tmp_path / "a")), [interrupt])
             )
             second = await queue.schedule(_gated(tmp_path, gate, "b.pt"))
-            with pytest.raises(FinalizeError, match="interrupted by KeyboardInterrupt"):
+            with pytest.raises(FinalizeError, match=f"interrupted by {kind.__name__}"):
                 await first
             open_gate(gate)
             result = await second
@@ -465,3 +469,46 @@ async def test_a_tensor_changed_before_its_lazy_copy_fails_that_save(
     assert queue.failures()[0].call_idx == 1
     with open(tmp_path / "c", "rb") as f:
         assert pickle.load(f)["w"].eq(1).all()  # the values at `staged`, not after
+
+
+async def test_lazy_copies_racing_in_place_changes_never_commit_a_mixed_snapshot(
+    tmp_path: Path,
+) -> None:
+    from aiockpt import StagingError
+
+    outcomes: list[str] = []
+    async with AsyncCheckpointQueue() as queue:
+        for run in range(10):
+            state = {f"t{i}": torch.zeros(1 << 16) for i in range(32)}
+            fut = await queue.schedule(
+                AsyncRequest(write_value, (state, str(tmp_path / f"r{run}")), []),
+                wait_for_staging=False,
+            )
+            for tensor in state.values():  # races the copy in the stager thread
+                tensor.add_(1)
+            try:
+                await fut
+            except StagingError:
+                outcomes.append("refused")
+                continue
+            with open(tmp_path / f"r{run}", "rb") as f:
+                saved = pickle.load(f)
+            values = {float(v.min()) for v in saved.values()} | {
+                float(v.max()) for v in saved.values()
+            }
+            outcomes.append("old" if values == {0.0} else f"mixed {sorted(values)}")
+    assert all(o in ("refused", "old") for o in outcomes), outcomes
+
+
+async def test_a_base_exception_from_a_callback_added_after_close_is_raised_there(
+    tmp_path: Path,
+) -> None:
+    async with AsyncCheckpointQueue() as queue:
+        fut = await queue.schedule(AsyncRequest(write_value, (_state(), str(tmp_path / "a")), []))
+        await fut
+
+    def interrupt(f: CheckpointFuture) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # no open queue is left to hand it to
+        fut.add_done_callback(interrupt)

@@ -123,6 +123,9 @@ class CallsEngine:
         self._changed = threading.Condition(self._lock)
         self._reading = False  # a thread is blocked on the workers' connections
         self._schedule_lock = threading.Lock()  # one schedule at a time, in call order
+        # Guards call_idx and _cancelled only: cancel() never waits for a staging copy
+        # (which may wait for a buffer, or for the event loop) to finish.
+        self._index_lock = threading.Lock()
         self._wake_r, self._wake_w = _pipe()  # wakes the blocked reader: a new call to watch
         self._news_r, self._news_w = _pipe()  # tells an event loop: something changed
         self._persistent_caller: PersistentAsyncCaller | None = None
@@ -205,13 +208,15 @@ class CallsEngine:
         request.validate()
         with self._schedule_lock:
             self.check_open()
-            if call_idx is None:
-                call_idx = self.call_idx + 1
-            elif call_idx <= self.call_idx:
-                raise InvalidRequestError(f"call index {call_idx} was already used")
-            if call_idx in self._cancelled:
+            with self._index_lock:
+                if call_idx is None:
+                    call_idx = self.call_idx + 1
+                elif call_idx <= self.call_idx:
+                    raise InvalidRequestError(f"call index {call_idx} was already used")
+                cancelled = call_idx in self._cancelled
                 self._cancelled.discard(call_idx)
                 self.call_idx = call_idx
+            if cancelled:
                 raise InvalidRequestError(f"call {call_idx} was cancelled before it started")
             call = Call(
                 call_idx,
@@ -220,7 +225,6 @@ class CallsEngine:
                 needs_global,
                 self.buffers.release,
             )
-            self.call_idx = call_idx
             with self._lock:
                 self.active.append(call)
             caller: AsyncCaller | None = None
@@ -319,7 +323,7 @@ class CallsEngine:
     def cancel(self, call_idx: int) -> bool:
         """Withdraw ``call_idx`` if it has not been scheduled yet (True); False once it
         has started (its worker may be writing)."""
-        with self._schedule_lock:
+        with self._index_lock:
             if call_idx > self.call_idx:
                 self._cancelled.add(call_idx)
                 return True
