@@ -70,7 +70,8 @@ async def run_to_end(fn: Callable[..., T], *args: Any) -> T:
             call.clear()
             call_soon_threadsafe(token, done.set)
 
-    threading.Thread(target=work, name="aiockpt-queue", daemon=True).start()
+    thread = threading.Thread(target=work, name="aiockpt-queue", daemon=True)
+    thread.start()
     interrupted = False
     signalled: BaseException | None = None
     with anyio.CancelScope(shield=True):
@@ -81,6 +82,9 @@ async def run_to_end(fn: Callable[..., T], *args: Any) -> T:
                 interrupted = True
             except (KeyboardInterrupt, SystemExit) as exc:  # trio's Ctrl-C passes shields
                 signalled = signalled or exc
+    # The thread's last step was waking us: it ends within microseconds. Joined, no
+    # thread of the queue is left behind once the call is over.
+    thread.join()
     if signalled is not None:
         raise signalled
     if interrupted:
