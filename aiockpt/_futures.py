@@ -305,8 +305,13 @@ class CheckpointFuture:
         """Its owner has seen the outcome: the queue neither reports nor holds it again."""
         self._observed = True
         forget, self._forget = self._forget, None
-        if forget is not None:
+        if forget is None:
+            return
+        if self._on_owner_thread():
             forget(self)
+        else:  # the queue's books are the owning loop's: changed there, never from here
+            assert self._token is not None
+            call_soon_threadsafe(self._token, lambda: forget(self))
 
     def set_forget(self, fn: Callable[[CheckpointFuture], object]) -> None:
         """Called by the queue: ``fn(self)`` once the outcome is retrieved through the
