@@ -52,7 +52,7 @@ from ._exceptions import (
     StagingError,
 )
 from ._futures import CheckpointFuture, CheckpointResult
-from ._loops import call_soon_threadsafe, run_to_end
+from ._loops import call_in_loop, run_to_end
 from ._options import QueueKeywords, QueueOptions, build_options
 from ._ranks import is_distributed
 from ._request import AsyncRequest
@@ -197,12 +197,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                     raise
                 except BaseException as exc:  # cancellation included: re-raised below
                     body_exc = exc
-                try:
-                    await self._shutdown()
-                except BaseException as exc:  # Ctrl-C under trio, or a failure
-                    close_exc = exc
-                finally:
-                    self._stop_now()  # the task group can end whatever the close raised
+                close_exc = await self._close_inside()
                 if body_exc is not None:
                     self._report_beside(body_exc)
         except BaseException as exc:
@@ -246,18 +241,25 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                     await self._served.wait()
                     self._stop_now()  # no-op unless the close in aclose() raised half-way
                 except BaseException as exc:  # cancelled (or the loop ends): close here
-                    ended = exc
-                    try:
-                        await self._shutdown()
-                    except BaseException as close_exc:  # Ctrl-C under trio, or a failure
-                        ended = close_exc
-                    finally:
-                        self._stop_now()
-                        self._report_beside(ended)  # kept in failures() as well
+                    ended = await self._close_inside() or exc
+                    self._report_beside(ended)  # kept in failures() as well
         finally:
             self._served.set()
         if ended is not None:
             raise ended
+
+    async def _close_inside(self) -> BaseException | None:
+        """Close from inside the queue's task group; return what the close raised (Ctrl-C
+        under trio, or a failure), for the caller to raise once the group has ended, so
+        that it is not wrapped in an exception group. Whatever happened, the tasks and the
+        worker are stopped, so the group can end."""
+        try:
+            await self._shutdown()
+        except BaseException as exc:
+            return exc
+        finally:
+            self._stop_now()
+        return None
 
     def _start_tasks(self, tg: anyio.abc.TaskGroup) -> None:
         send, receive = anyio.create_memory_object_stream[_Staging](math.inf)
@@ -742,21 +744,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 # On the loop's thread: an in-place change the loop issued before now has
                 # finished there, so its version count is final. A loop that does not
                 # answer (blocked, or ending) is not waited for: checked from here then.
-                answered = threading.Event()
-                failed: list[BaseException] = []
-
-                def on_loop() -> None:
-                    try:
-                        unchanged()
-                    except BaseException as exc:
-                        failed.append(exc)
-                    finally:
-                        answered.set()
-
-                if call_soon_threadsafe(token, on_loop) and answered.wait(_LOOP_CHECK_WAIT_S):
-                    if failed:
-                        raise failed.pop()
-                else:
+                answered, _ = call_in_loop(token, unchanged, _LOOP_CHECK_WAIT_S)
+                if not answered:
                     unchanged()
 
         return self.engine.schedule(request, fut.call_idx, glob, event, check)

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import anyio.lowlevel
 
 from ._exceptions import CheckpointError
-from ._loops import call_soon_threadsafe, current_token
+from ._loops import call_in_loop, call_soon_threadsafe, current_token
 
 logger = logging.getLogger("aiockpt")
 
@@ -154,19 +153,9 @@ class CheckpointFuture:
             return False
         if not self._on_owner_thread():
             assert self._token is not None
-            answered = threading.Event()
-            outcome: list[bool] = []
-
-            def on_loop() -> None:
-                try:
-                    outcome.append(self.cancel())
-                finally:
-                    answered.set()
-
             # A loop that has ended, or stopped without closing, withdraws nothing.
-            if call_soon_threadsafe(self._token, on_loop) and answered.wait(_CANCEL_WAIT_S):
-                return bool(outcome and outcome[0])
-            return False
+            answered, withdrawn = call_in_loop(self._token, self.cancel, _CANCEL_WAIT_S)
+            return answered and bool(withdrawn)
         return self._canceller(self)
 
     def _on_owner_thread(self) -> bool:
@@ -256,10 +245,6 @@ class CheckpointFuture:
     async def wait_settled(self) -> None:
         """Wait until the future is done, without observing its outcome."""
         await self._done.wait()
-
-    def seen(self) -> bool:
-        """Done, and its outcome was retrieved through the future itself."""
-        return self.done() and self._observed
 
     def take_failure(self) -> CheckpointError | None:
         """The error of a failed checkpoint that nobody has observed yet, marking it

@@ -36,6 +36,31 @@ def call_soon_threadsafe(token: anyio.lowlevel.EventLoopToken, fn: Callable[[], 
     return True
 
 
+def call_in_loop(
+    token: anyio.lowlevel.EventLoopToken, fn: Callable[[], T], timeout: float
+) -> tuple[bool, T | None]:
+    """Run ``fn()`` in the event loop of ``token`` and wait for it, up to ``timeout``
+    seconds: ``(True, its value)``, or ``(False, None)`` if that loop did not run it in
+    time (it has ended, stopped, or is blocked). What ``fn`` raised is raised here."""
+    answered = threading.Event()
+    box: list[tuple[bool, Any]] = []
+
+    def on_loop() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # handed to the waiting thread
+            box.append((False, exc))
+        finally:
+            answered.set()
+
+    if not (call_soon_threadsafe(token, on_loop) and answered.wait(timeout)):
+        return False, None
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return True, value
+
+
 def _cancel_again(token: anyio.lowlevel.EventLoopToken) -> None:
     """Deliver an asyncio cancellation that a wait swallowed at the task's next await."""
     if isinstance(token.native_token, asyncio.AbstractEventLoop):
@@ -52,8 +77,8 @@ async def run_to_end(fn: Callable[..., T], *args: Any) -> T:
     does not end it either: the caller never goes on while the thread still works on its
     state. Such a cancellation is delivered again, at the task's next await, once the
     thread is done; a ``KeyboardInterrupt`` (trio delivers Ctrl-C through shields) is
-    raised once the thread is done. The thread is a daemon: a function that never returns (a peer that
-    never answers) cannot hold the interpreter at exit.
+    raised once the thread is done. The thread is a daemon: a function that never returns
+    (a peer that never answers) cannot hold the interpreter at exit.
     """
     token = anyio.lowlevel.current_token()
     done = anyio.Event()
