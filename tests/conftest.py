@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -23,6 +25,18 @@ def _workers() -> list[psutil.Process]:
             continue
         found.append(child)
     return found
+
+
+@pytest.fixture
+def gate(tmp_path: Any) -> Iterator[str]:
+    """A gate a worker blocks on until the test opens it; opened in teardown whatever
+    happened, so no worker is left parked on it."""
+    from ckpt_helpers import make_gate, open_gate
+
+    path = make_gate(str(tmp_path), "gate")
+    yield path
+    with contextlib.suppress(OSError):
+        open_gate(path)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ failing test cannot leave a worker blocked on its FIFO.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
@@ -21,7 +20,8 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from ckpt_helpers import make_gate, open_gate, raise_value_error, wait_then_write, write_value
+from async_backends import BACKENDS
+from ckpt_helpers import open_gate, raise_value_error, wait_then_write, write_value
 
 from aiockpt import (
     AsyncCheckpointQueue,
@@ -40,12 +40,6 @@ from aiockpt import (
 )
 from aiockpt._futures import CheckpointFuture as _Future
 
-BACKENDS: list[Any] = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
-with contextlib.suppress(ImportError):
-    import uvloop  # noqa: F401
-
-    BACKENDS.append(pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"))
-
 
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
@@ -53,16 +47,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
-
-
-@pytest.fixture
-def gate(tmp_path: Path) -> Iterator[str]:
-    """A gate a worker blocks on until the test opens it; opened in teardown whatever
-    happened, so no worker is left parked on it."""
-    path = make_gate(str(tmp_path), "gate")
-    yield path
-    with contextlib.suppress(OSError):
-        open_gate(path)
 
 
 def gated(state: Any, gate: str, path: Path, finalize: list[Any] | None = None) -> AsyncRequest:

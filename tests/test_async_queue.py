@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from async_backends import BACKENDS
 from ckpt_helpers import (
     kill_self,
     make_gate,
@@ -33,14 +34,6 @@ from aiockpt import (
     WorkerCrashedError,
     WorkerError,
 )
-
-BACKENDS: list[Any] = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
-try:
-    import uvloop  # noqa: F401
-
-    BACKENDS.append(pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"))
-except ImportError:  # pragma: no cover - uvloop is optional
-    pass
 
 
 @pytest.fixture(params=BACKENDS)

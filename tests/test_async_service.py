@@ -7,7 +7,6 @@ Each test is bounded; a worker parked on a gate is released in teardown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import pickle
@@ -16,14 +15,14 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 import torch
-from ckpt_helpers import make_gate, open_gate, raise_value_error, wait_then_write, write_value
+from async_backends import BACKENDS
+from ckpt_helpers import open_gate, raise_value_error, wait_then_write, write_value
 
 from aiockpt import (
     AsyncCheckpointQueue,
@@ -35,25 +34,12 @@ from aiockpt import (
     WorkerError,
 )
 
-BACKENDS: list[Any] = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
-with contextlib.suppress(ImportError):
-    import uvloop  # noqa: F401
-
-    BACKENDS.append(pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"))
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 
 
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
-
-
-@pytest.fixture
-def gate(tmp_path: Path) -> Iterator[str]:
-    path = make_gate(str(tmp_path), "gate")
-    yield path
-    if not os.path.exists(path):
-        open_gate(path)
 
 
 def _state() -> dict[str, torch.Tensor]:
