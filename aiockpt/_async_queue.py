@@ -58,6 +58,7 @@ from ._ranks import is_distributed
 from ._request import AsyncRequest
 from ._staging._arena import ready_event
 from ._staging._tree import iter_tensors, path_of
+from ._tracebacks import areleasing, drop_locals
 
 logger = logging.getLogger("aiockpt")
 
@@ -501,6 +502,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
 
     # -- scheduling ---------------------------------------------------------------------
 
+    @areleasing
     async def schedule(
         self,
         request: AsyncRequest,
@@ -838,7 +840,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         if self._futures.pop(fut.call_idx, None) is not None and self._room is not None:
             self._room.release()
         if error is not None and not fut.done():
-            _drop_locals(error)  # a traceback's frames would hold the caller's tensors
+            drop_locals(error)  # a traceback's frames would hold the caller's tensors
             self._failures.append(error)
         fut.set_outcome(result, error)
 
@@ -855,26 +857,6 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             raise exc
         if self._deferred is None:
             self._deferred = exc
-
-
-def _drop_locals(error: BaseException) -> None:
-    """Clear the local variables of the finished frames in ``error``'s tracebacks (and its
-    causes'): the traceback still prints, but holds no state dict or request."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [error]
-    while todo:
-        exc = todo.pop()
-        if exc is None or id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        # The first entry is the frame that caught it, which may still run (or be a
-        # suspended coroutine, which clearing would close); the exception left the others.
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        while tb is not None:
-            with contextlib.suppress(RuntimeError):  # still executing: left alone
-                tb.tb_frame.clear()
-            tb = tb.tb_next
-        todo += [exc.__cause__, exc.__context__]
 
 
 def _unchanged_since_now(request: AsyncRequest, call_idx: int) -> Callable[[], None]:

@@ -13,6 +13,7 @@ from ._options import AsyncQueueFacadeKeywords
 from ._request import AsyncRequest
 from ._sharded import sharded_request
 from ._torch_ckpt import checked_path, save_file_async
+from ._tracebacks import areleasing
 
 
 class AsyncTorchCheckpoint(QueueFacade):
@@ -34,6 +35,7 @@ class AsyncTorchCheckpoint(QueueFacade):
     ) -> None:
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
 
+    @areleasing
     async def save(
         self, state_dict: Any, path: Any, *, wait_for_staging: bool = True, **torch_save_kwargs: Any
     ) -> CheckpointFuture:
@@ -73,6 +75,7 @@ class AsyncTorchCheckpoint(QueueFacade):
         request = AsyncRequest(save_file_async, (state_dict, target), [], torch_save_kwargs)
         return await self.queue.schedule(request, wait_for_staging=wait_for_staging)
 
+    @areleasing
     async def save_sharded(
         self,
         state_dict: Any,

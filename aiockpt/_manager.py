@@ -20,6 +20,7 @@ from ._options import AsyncQueueFacadeKeywords, QueueFacadeKeywords
 from ._queue import CheckpointQueue
 from ._request import AsyncRequest
 from ._steps import StepDirectory
+from ._tracebacks import areleasing, releasing
 from .storage._protocol import Storage
 
 
@@ -123,6 +124,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         finally:
             self.steps.close()
 
+    @areleasing
     async def save(
         self,
         step: int,
@@ -235,6 +237,7 @@ class CheckpointManager(_Steps):
         self._step_of: dict[int, int] = {}  # call index -> step, until it is settled
         self._closed = False
 
+    @releasing
     def save(self, step: int, state_dict: Any, extra: dict[str, Any] | None = None) -> int:
         """Schedule the checkpoint of ``step``; returns its call index. ``step`` must be
         above every committed step and every step being saved; ``extra`` must be JSON."""

@@ -17,6 +17,7 @@ from ._dist import CompletionGroup
 from ._exceptions import CheckpointError
 from ._options import ExtraQueueKeywords, QueueOptions, build_options
 from ._request import AsyncRequest, as_request
+from ._tracebacks import releasing
 
 logger = logging.getLogger("aiockpt")
 
@@ -157,11 +158,13 @@ class CheckpointQueue:
         """The :class:`StagingBuffers` this queue copies tensors into."""
         return self._engine.buffers
 
+    @releasing
     def reserve(self, state_dict: Any) -> None:
         """Prepare staging memory for saves of ``state_dict`` (and wait for the persistent
         worker to start), so the first save is as fast as a warm one. Optional."""
         self._open_engine().reserve((state_dict,))
 
+    @releasing
     def schedule_async_request(
         self, async_request: AsyncRequest | Any, *, needs_global: bool = False
     ) -> int:

@@ -14,6 +14,7 @@ from ._options import QueueFacadeKeywords
 from ._queue import CheckpointQueue
 from ._request import AsyncRequest
 from ._sharded import sharded_request
+from ._tracebacks import releasing
 from .storage._local import save_file
 from .utils import wrap_for_async
 
@@ -82,6 +83,7 @@ class TorchCheckpoint:
         them, or its :attr:`~CheckpointQueue.staging_buffers`)."""
         return self._queue
 
+    @releasing
     def reserve(self, state_dict: Any) -> None:
         """Prepare for saving state dicts shaped like ``state_dict``: allocate the staging
         memory and wait for the persistent worker to start, so the first ``async_save``
@@ -107,6 +109,7 @@ class TorchCheckpoint:
         else:
             torch.save(obj, f, *args, **kwargs)
 
+    @releasing
     def async_save(self, state_dict: Any, *args: Any, **kwargs: Any) -> int:
         """Schedule ``torch.save(state_dict, *args, **kwargs)`` in the worker; return once
         the tensors are staged (copied to host buffers): they may change from then on.
@@ -141,6 +144,7 @@ class TorchCheckpoint:
         request = AsyncRequest(save_file_async, (state_dict, path, *args[1:]), [], kwargs)
         return self._queue.schedule_async_request(request)
 
+    @releasing
     def async_save_sharded(
         self, state_dict: Any, directory: Any, extra: dict[str, Any] | None = None
     ) -> int:

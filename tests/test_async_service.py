@@ -302,6 +302,54 @@ async def test_nothing_of_a_save_is_held_once_it_is_awaited(tmp_path: Path) -> N
         assert await ckpt.finalize() == []  # nothing unobserved is left either
 
 
+class _CopyFails(torch.Tensor):
+    """A tensor whose staging copy fails, as a lost device would."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in ("copy_", "untyped_storage", "detach", "contiguous"):
+            raise RuntimeError("device lost")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+async def test_a_kept_staging_error_holds_none_of_the_callers_tensors(tmp_path: Path) -> None:
+    from aiockpt import StagingError, TorchCheckpoint
+
+    kept: list[StagingError] = []
+    tensors: list[weakref.ref[torch.Tensor]] = []
+
+    def state() -> dict[str, torch.Tensor]:
+        sd = {"w": torch.zeros(1024), "bad": torch.zeros(4).as_subclass(_CopyFails)}
+        tensors.append(weakref.ref(sd["w"]))
+        return sd
+
+    async with AsyncTorchCheckpoint() as ckpt:
+        with pytest.raises(StagingError, match="device lost") as info:
+            await ckpt.save(state(), str(tmp_path / "a.pt"))
+        kept.append(info.value)
+        with pytest.raises(StagingError, match="device lost") as info:
+            await ckpt.queue.schedule(AsyncRequest(write_value, (state(), str(tmp_path / "b")), []))
+        kept.append(info.value)
+    blocking = TorchCheckpoint()
+    try:
+        with pytest.raises(StagingError, match="device lost") as info:
+            blocking.async_save(state(), str(tmp_path / "c.pt"))
+        kept.append(info.value)
+    finally:
+        blocking.close()
+    del info
+    gc.collect()
+    assert [t() is None for t in tensors] == [True, True, True]
+    assert [e.call_idx for e in kept] == [0, 1, 0]
+    assert all("device lost" in "".join(_format(e)) for e in kept)  # still printable
+
+
+def _format(error: BaseException) -> list[str]:
+    import traceback
+
+    return traceback.format_exception(error)
+
+
 # -- the loop thread does no filesystem work ---------------------------------------------
 
 

@@ -16,6 +16,7 @@ from .._exceptions import CheckpointError, InvalidRequestError
 from .._futures import CheckpointFuture
 from .._options import AsyncDCPQueueKeywords, DCPQueueKeywords
 from .._queue import CheckpointQueue
+from .._tracebacks import areleasing, releasing
 from ._commit import checked_directory, request_for_plan
 from ._plan import SavePlanCache, plan_save
 
@@ -88,6 +89,7 @@ class DCPCheckpoint(_DCPOptions):
         """The :class:`CheckpointQueue` that runs the saves."""
         return self._queue
 
+    @releasing
     def async_save(
         self,
         state_dict: dict[str, Any],
@@ -163,6 +165,7 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
         self._planning: anyio.Lock | None = None
 
+    @areleasing
     async def save(
         self,
         state_dict: dict[str, Any],
