@@ -21,6 +21,7 @@ import contextlib
 import enum
 import logging
 import math
+import signal
 import threading
 import time
 from collections import deque
@@ -153,6 +154,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._reported_never_closed = False
         self._force: str | None = None  # the close was interrupted twice: stop waiting
         self._deferred: BaseException | None = None  # Ctrl-C/exit raised by user code
+        self._interrupts = 0  # Ctrl-C (or exit) that reached the close
+        self._signalled: KeyboardInterrupt | None = None  # Ctrl-C taken while draining
         # The latest failures, kept after close (their frames' locals dropped).
         self._failures: deque[CheckpointError] = deque(maxlen=_FAILURES_KEPT)
         self._owner: Any = None  # the asyncio task that opened the queue
@@ -363,11 +366,52 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             except anyio.get_cancelled_exc_class() as exc:
                 interrupted = interrupted or exc
             except (KeyboardInterrupt, SystemExit) as exc:
-                if isinstance(interrupted, (KeyboardInterrupt, SystemExit)):
-                    self._force = type(exc).__name__
+                self._interrupted(exc)
                 interrupted = exc
+        if self._signalled is not None and not isinstance(
+            interrupted, (KeyboardInterrupt, SystemExit)
+        ):
+            interrupted = self._signalled  # Ctrl-C caught while draining in another task
+        self._signalled = None
         if interrupted is not None:
             raise interrupted
+
+    def _interrupted(self, exc: BaseException) -> None:
+        """A Ctrl-C (or exit) reached the close: the first waits for the requests in
+        flight, a second gives up on them."""
+        if self._interrupts and self._force is None:
+            self._force = type(exc).__name__
+        elif not self._interrupts and self._futures:
+            logger.warning(
+                "%s while closing the checkpoint queue: waiting up to %gs for %d checkpoint(s) "
+                "in flight; interrupt again to give up on them",
+                type(exc).__name__,
+                self._timeout,
+                len(self._futures),
+            )
+        self._interrupts += 1
+
+    async def _drain(self) -> None:
+        """Wait for the requests in flight, up to the timeout or a second interrupt."""
+        with anyio.move_on_after(self._timeout):
+            async with anyio.create_task_group() as tg:
+                if _catches_sigint_here(self._token):
+                    tg.start_soon(self._receive_interrupts, tg.cancel_scope)
+                while self._futures and self._force is None:
+                    await next(iter(self._futures.values())).wait_settled()
+                tg.cancel_scope.cancel()
+
+    async def _receive_interrupts(self, scope: anyio.CancelScope) -> None:
+        # trio raises Ctrl-C in its main task: when this close runs in another one (a
+        # served queue, a queue owned by a child task), that task cannot stop waiting
+        # here. While draining, this close takes Ctrl-C itself, and raises it once done.
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                self._signalled = KeyboardInterrupt()
+                self._interrupted(self._signalled)
+                if self._force is not None:
+                    scope.cancel()
+                    return
 
     async def _shutdown_steps(self) -> None:
         # Shielded throughout: closing is what a cancelled caller needs most.
@@ -380,9 +424,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                     if self._stage_send is not None:
                         self._stage_send.close()
                 if self._state is _State.DRAINING:
-                    with anyio.move_on_after(self._timeout):
-                        while self._futures and self._force is None:
-                            await next(iter(self._futures.values())).wait_settled()
+                    await self._drain()
                     if self._force is not None:
                         self._give_up(f"because it was interrupted by a second {self._force}")
                     else:
@@ -882,6 +924,16 @@ def _unchanged_since_now(request: AsyncRequest, call_idx: int) -> Callable[[], N
                 )
 
     return check
+
+
+def _catches_sigint_here(token: anyio.lowlevel.EventLoopToken) -> bool:
+    """Under trio, in the main thread, the close may take Ctrl-C itself (asyncio's own
+    handling of Ctrl-C is left alone: it cancels the main task, then raises)."""
+    return (
+        type(token.native_token).__module__.startswith("trio")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    )
 
 
 def _uncancel() -> None:

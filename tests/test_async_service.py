@@ -434,6 +434,38 @@ if __name__ == "__main__":
         print("KeyboardInterrupt", *getattr(exc, "__notes__", []), sep="\\n")
 """
 
+_TRIO_SERVED_CTRL_C = """
+import os, signal, sys, threading, time
+import trio
+from aiockpt import AsyncCheckpointQueue, AsyncRequest
+
+def slow_write(path):
+    time.sleep(1.5)
+    with open(path, "w") as f:
+        f.write("data")
+
+def interrupt(queue, times):
+    os.kill(os.getpid(), signal.SIGINT)  # to trio's main task: the nursery is cancelled
+    while queue._state.name != "DRAINING":
+        time.sleep(0.01)
+    for _ in range(times):  # while the served queue drains in its own task
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+
+async def main(path, times):
+    async with trio.open_nursery() as nursery:
+        queue = await nursery.start(AsyncCheckpointQueue().serve)
+        await queue.schedule(AsyncRequest(slow_write, (path,), []))
+        threading.Thread(target=interrupt, args=(queue, times)).start()
+        await trio.sleep_forever()
+
+if __name__ == "__main__":
+    try:
+        trio.run(main, sys.argv[1], int(sys.argv[2]))
+    except BaseExceptionGroup as group:
+        print(*(type(exc).__name__ for exc in group.exceptions))
+"""
+
 
 def _run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -470,6 +502,25 @@ async def test_trio_ctrl_c_while_leaving_the_block_never_hangs(tmp_path: Path, t
         assert not (tmp_path / "ckpt").exists()
         assert any("interrupted by a second KeyboardInterrupt" in line for line in lines), lines
 
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("times", [1, 2])
+async def test_trio_ctrl_c_reaches_a_queue_served_in_a_child_task(
+    tmp_path: Path, times: int
+) -> None:
+    script = tmp_path / "trio_served.py"
+    script.write_text(_TRIO_SERVED_CTRL_C)
+    out = await anyio.to_thread.run_sync(_run, script, str(tmp_path / "ckpt"), str(times))
+    # Every Ctrl-C is delivered: the main task's, and each one the draining queue took.
+    assert out.stdout.split() == ["KeyboardInterrupt"] * 2, out.stderr
+    assert "interrupt again to give up on them" in out.stderr
+    if times == 1:  # the first Ctrl-C during the close waits for the save
+        assert (tmp_path / "ckpt").read_text() == "data"
+        assert "gave up" not in out.stderr
+    else:  # a second one stops waiting, and says which save it gave up
+        assert not (tmp_path / "ckpt").exists()
+        assert "gave up on checkpoint call 0 because it was interrupted by a second " in out.stderr
 
 
 # -- lazy staging never commits a snapshot changed under it --------------------------------
