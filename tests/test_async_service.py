@@ -503,7 +503,6 @@ async def test_trio_ctrl_c_while_leaving_the_block_never_hangs(tmp_path: Path, t
         assert any("interrupted by a second KeyboardInterrupt" in line for line in lines), lines
 
 
-
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("times", [1, 2])
 async def test_trio_ctrl_c_reaches_a_queue_served_in_a_child_task(
