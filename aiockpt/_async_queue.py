@@ -191,6 +191,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         await self._open()
         body_exc: BaseException | None = None
         close_exc: BaseException | None = None  # raised after the task group, ungrouped
+        entered = anyio.get_current_task().id
+        left_elsewhere = False
         try:
             async with anyio.create_task_group() as tg:
                 self._start_tasks(tg)
@@ -201,12 +203,22 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                     raise
                 except BaseException as exc:  # cancellation included: re-raised below
                     body_exc = exc
+                left_elsewhere = anyio.get_current_task().id != entered
                 close_exc = await self._close_inside()
                 if body_exc is not None:
                     self._report_beside(body_exc)
         except BaseException as exc:
             if exc is not body_exc:
                 self._report_beside(exc)
+            if left_elsewhere and isinstance(exc, RuntimeError):
+                raise QueueMisuseError(
+                    "the queue's `async with` was left in another task than the one that "
+                    "entered it: the queue was drained and closed, but the task group it "
+                    "opened belongs to the entering task. To open and close the queue from "
+                    "different tasks, run it as a service: `queue = await "
+                    "tg.start(AsyncCheckpointQueue().serve)`, then `await queue.aclose()` "
+                    "from any task"
+                ) from exc
             raise
         if close_exc is not None:
             self._report_beside(close_exc)

@@ -249,6 +249,30 @@ async def test_served_queue_is_used_and_closed_from_other_tasks(tmp_path: Path) 
     assert queue.pending() == 0
 
 
+@pytest.mark.parametrize("anyio_backend", [b for b in BACKENDS if b.id != "trio"])
+async def test_leaving_the_block_in_another_task_drains_then_names_serve(
+    tmp_path: Path,
+) -> None:
+    from aiockpt import QueueClosedError, QueueMisuseError
+
+    queue = AsyncCheckpointQueue()
+
+    async def enter() -> None:  # an aiohttp startup hook, a Ray actor's __init__
+        await queue.__aenter__()
+        await queue.schedule(AsyncRequest(write_value, (_state(), str(tmp_path / "a")), []))
+
+    async def leave() -> None:  # the matching cleanup hook, in another task
+        await queue.__aexit__(None, None, None)
+
+    await asyncio.create_task(enter())
+    with pytest.raises(QueueMisuseError, match=r"left in another task.*tg.start\("):
+        await asyncio.create_task(leave())
+    assert (tmp_path / "a").exists()  # drained before saying so
+    assert queue.pending() == 0 and queue.failures() == []
+    with pytest.raises(QueueClosedError, match="the queue is closed"):
+        await queue.schedule(AsyncRequest(write_value, (_state(), str(tmp_path / "b")), []))
+
+
 def _open_when_draining(queue: AsyncCheckpointQueue, gate: str, limit: float = 60) -> None:
     deadline = time.monotonic() + limit
     while queue._state.name != "DRAINING" and time.monotonic() < deadline:
