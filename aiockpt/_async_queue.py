@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-from anyio import AsyncContextManagerMixin
+from anyio import AsyncContextManagerMixin, open_signal_receiver
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from typing_extensions import Self, Unpack
@@ -417,7 +417,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         # trio raises Ctrl-C in its main task: when this close runs in another one (a
         # served queue, a queue owned by a child task), that task cannot stop waiting
         # here. While draining, this close takes Ctrl-C itself, and raises it once done.
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        with open_signal_receiver(signal.SIGINT) as signals:
             async for _ in signals:
                 self._signalled = KeyboardInterrupt()
                 self._interrupted(self._signalled)

@@ -102,7 +102,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         try:
             await self.queue.__aenter__()
         except BaseException:
-            self.steps.close()
+            await self._release()
             raise
         return self
 
@@ -115,14 +115,20 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         try:
             await self.queue.__aexit__(exc_type, exc, tb)
         finally:
-            self.steps.close()
+            await self._release()
 
     async def aclose(self) -> None:
         """Wait for every checkpoint, stop the worker, release the directory. Idempotent."""
         try:
             await self.queue.aclose()
         finally:
-            self.steps.close()
+            await self._release()
+
+    async def _release(self) -> None:
+        # Unlocking is a filesystem call (slow on a network filesystem): off the loop, and
+        # never skipped by a cancellation.
+        with anyio.CancelScope(shield=True):
+            await in_thread(self.steps.close)
 
     @areleasing
     async def save(

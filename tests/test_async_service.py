@@ -25,6 +25,7 @@ from async_backends import BACKENDS
 from ckpt_helpers import open_gate, raise_value_error, wait_then_write, write_value
 
 from aiockpt import (
+    AsyncCheckpointManager,
     AsyncCheckpointQueue,
     AsyncRequest,
     AsyncTorchCheckpoint,
@@ -33,6 +34,7 @@ from aiockpt import (
     FinalizeError,
     WorkerError,
 )
+from aiockpt.dcp import AsyncDCPCheckpoint
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 
@@ -377,25 +379,55 @@ def _format(error: BaseException) -> list[str]:
 # -- the loop thread does no filesystem work ---------------------------------------------
 
 
-async def test_save_makes_no_filesystem_call_on_the_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def _torch_save(tmp_path: Path) -> None:
+    async with AsyncTorchCheckpoint() as ckpt:
+        await (await ckpt.save(_state(), str(tmp_path / "a.pt")))
+
+
+async def _manager_save(tmp_path: Path) -> None:
+    async with AsyncCheckpointManager(tmp_path / "m", keep_last=1) as mgr:
+        for step in (1, 2):
+            await (await mgr.save(step, _state()))
+
+
+async def _dcp_save(tmp_path: Path) -> None:
+    async with AsyncDCPCheckpoint() as ckpt:
+        await (await ckpt.save({"w": torch.ones(4)}, str(tmp_path / "d")))
+
+
+_FILESYSTEM_CALLS = {
+    os: ("stat", "lstat", "mkdir", "makedirs", "listdir", "scandir", "open", "rename", "unlink"),
+    os.path: ("isdir", "isfile", "exists", "realpath", "abspath"),
+}
+
+
+@pytest.mark.parametrize("save", [_torch_save, _manager_save, _dcp_save])
+async def test_the_facades_make_no_filesystem_call_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, save: Any
 ) -> None:
+    import fcntl
+
     loop_thread = threading.get_ident()
     on_loop: list[str] = []
-    for name in ("isdir", "exists", "realpath"):
-        real = getattr(os.path, name)
 
-        def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+    def spy_on(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
             if threading.get_ident() == loop_thread:
-                on_loop.append(_name)
-            return _real(*args)
+                on_loop.append(f"{name}({args[0] if args else ''})")
+            return real(*args, **kwargs)
 
-        monkeypatch.setattr(os.path, name, spy)
-    async with AsyncTorchCheckpoint() as ckpt:
-        fut = await ckpt.save(_state(), str(tmp_path / "a.pt"))
-        on_loop_before_await = list(on_loop)
-        await fut
-    assert on_loop_before_await == []
+        monkeypatch.setattr(module, name, spy)
+
+    for module, names in _FILESYSTEM_CALLS.items():
+        for name in names:
+            spy_on(module, name)
+    spy_on(fcntl, "flock")
+    await save(tmp_path)
+    monkeypatch.undo()
+    assert on_loop == []
+    assert any(tmp_path.rglob("*")), "nothing was saved"
 
 
 # -- whole programs ------------------------------------------------------------------------

@@ -12,10 +12,12 @@ import anyio
 from typing_extensions import Unpack
 
 from .._async_queue import AsyncCheckpointQueue, QueueFacade
+from .._dist import CompletionGroup
 from .._exceptions import CheckpointError, InvalidRequestError
 from .._futures import CheckpointFuture
 from .._options import AsyncDCPQueueKeywords, DCPQueueKeywords
 from .._queue import CheckpointQueue
+from .._request import AsyncRequest
 from .._tracebacks import areleasing, releasing
 from ._commit import checked_directory, request_for_plan
 from ._plan import SavePlanCache, plan_save
@@ -34,18 +36,39 @@ class _DCPOptions:
         self.plan_cache: SavePlanCache | None = SavePlanCache() if cache_plans else None
         self._writing: dict[str, Any] = {}  # directory -> its save's call index or future
 
-    def _claim(self, checkpoint_id: Any, busy: Callable[[Any], bool]) -> str:
-        """The directory of a new save, refused while an earlier save still writes there:
-        both would write files of the same names, and the first commit would describe
-        the second's files."""
+    def _claim(self, checkpoint_id: Any, busy: Callable[[Any], bool]) -> tuple[str, str]:
+        """The directory of a new save and its real path, refused while an earlier save
+        still writes there: both would write files of the same names, and the first
+        commit would describe the second's files. Touches the filesystem."""
         directory = checked_directory(checkpoint_id)
+        real = os.path.realpath(directory)
         self._writing = {k: v for k, v in self._writing.items() if busy(v)}
-        if os.path.realpath(directory) in self._writing:
+        if real in self._writing:
             raise InvalidRequestError(
                 f"a save into {directory!r} is still in flight; finalize it before saving "
                 "there again, or save into another directory"
             )
-        return directory
+        return directory, real
+
+    def _request(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_id: Any,
+        planner: Any,
+        extra: dict[str, Any] | None,
+        busy: Callable[[Any], bool],
+        completion: CompletionGroup,
+    ) -> tuple[AsyncRequest, str]:
+        """Claim the directory, plan (collective) and build the request; blocking."""
+        directory, real = self._claim(checkpoint_id, busy)
+        planned = plan_save(
+            state_dict,
+            planner if planner is not None else self.planner,
+            self.plan_cache,
+            self.process_group,
+            self.thread_count,
+        )
+        return request_for_plan(planned, directory, completion, self.thread_count, extra), real
 
 
 class DCPCheckpoint(_DCPOptions):
@@ -100,18 +123,12 @@ class DCPCheckpoint(_DCPOptions):
     ) -> int:
         """Plan (collective) and schedule the save of ``state_dict`` into the directory
         ``checkpoint_id``; returns its call index once the tensors are staged."""
-        directory = self._claim(checkpoint_id, lambda idx: True)  # until finalized
-        planned = plan_save(
-            state_dict,
-            planner if planner is not None else self.planner,
-            self.plan_cache,
-            self.process_group,
-            self.thread_count,
+        # A save stays in _writing until it is finalized.
+        request, real = self._request(
+            state_dict, checkpoint_id, planner, extra, lambda i: True, self._queue.completion
         )
-        completion = self._queue.completion
-        request = request_for_plan(planned, directory, completion, self.thread_count, extra)
         call_idx = self._queue.schedule_async_request(request, needs_global=True)
-        self._writing[os.path.realpath(directory)] = call_idx
+        self._writing[real] = call_idx
         return call_idx
 
     def finalize_async_save(
@@ -184,22 +201,20 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
         # called (the planner and the plan cache are shared; planning is collective),
         # and are scheduled in that order.
         async with self._planning:
-            directory = self._claim(checkpoint_id, lambda fut: not fut.done())
-            planned = await anyio.to_thread.run_sync(
-                plan_save,
+            # Every filesystem call and the planning run off the event loop.
+            request, real = await anyio.to_thread.run_sync(
+                self._request,
                 state_dict,
-                planner if planner is not None else self.planner,
-                self.plan_cache,
-                self.process_group,
-                self.thread_count,
-            )
-            request = request_for_plan(
-                planned, directory, self.queue.completion, self.thread_count, extra
+                checkpoint_id,
+                planner,
+                extra,
+                lambda fut: not fut.done(),
+                self.queue.completion,
             )
             fut = await self.queue.schedule(
                 request, wait_for_staging=wait_for_staging, needs_global=True
             )
-        self._writing[os.path.realpath(directory)] = fut
+        self._writing[real] = fut
         return fut
 
 
