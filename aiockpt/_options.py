@@ -105,7 +105,11 @@ class QueueOptions:
     def worker_settings(self) -> WorkerSettings:
         """What a worker process applies to itself and how it is stopped."""
         return WorkerSettings(
-            self.cpu_priority, self.io_priority, self.sigterm_timeout, self.start_timeout
+            self.cpu_priority,
+            self.io_priority,
+            self.sigterm_timeout,
+            self.start_timeout,
+            self.save_timeout,
         )
 
 
@@ -117,6 +121,7 @@ class WorkerSettings:
     io_priority: int | None = None
     sigterm_timeout: float = 30.0
     start_timeout: float = 300.0
+    save_timeout: float | None = 3600.0
 
 
 # The keywords that build a QueueOptions, in the groups the signatures need: NVRx's five

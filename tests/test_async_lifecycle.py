@@ -21,7 +21,14 @@ import anyio
 import pytest
 import torch
 from async_backends import BACKENDS
-from ckpt_helpers import open_gate, raise_value_error, wait_then_write, write_value
+from ckpt_helpers import (
+    open_gate,
+    raise_value_error,
+    read_pid,
+    report_pid,
+    wait_then_write,
+    write_value,
+)
 
 from aiockpt import (
     AsyncCheckpointQueue,
@@ -538,12 +545,11 @@ async def test_a_worker_killed_mid_save_fails_that_save_and_the_next_one_works(
 
     with anyio.fail_after(60):
         async with AsyncCheckpointQueue() as queue:
-            fut = await queue.schedule(gated({"x": torch.ones(2)}, gate, tmp_path / "k.pt"))
-            caller = queue.engine._persistent_caller
-            assert caller is not None and caller.process is not None
-            assert caller.process.pid is not None
-            os.kill(caller.process.pid, signal.SIGKILL)
-            with pytest.raises(WorkerCrashedError, match=r"call 0 .*SIGKILL"):
+            pid_file = str(tmp_path / "pid")
+            fut = await queue.schedule(AsyncRequest(report_pid, ({}, gate, pid_file), []))
+            # The worker has started the save (it published its pid): kill it there.
+            os.kill(await anyio.to_thread.run_sync(read_pid, pid_file), signal.SIGKILL)
+            with pytest.raises(WorkerCrashedError, match=r"call 0 .*SIGKILL while writing it"):
                 await fut
             nxt = await queue.schedule(AsyncRequest(write_value, (1, str(tmp_path / "n")), []))
             assert (await nxt).call_idx == 1

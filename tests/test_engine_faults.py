@@ -235,8 +235,9 @@ def test_the_persistent_workers_reader_failing_is_a_crash_not_a_hang(tmp_path: P
         caller._conn.send(MapArena(999, 4096))
         caller._conn.send("not a descriptor")
         queue.schedule_async_request(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
-        with pytest.raises(WorkerCrashedError, match="call 0"):
-            queue.maybe_finalize_async_calls(blocking=True)
+        # The worker stopped before it took call 0: a new worker writes it.
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+        assert caller.starts == 2 and (tmp_path / "a").exists()
         idx = queue.schedule_async_request(AsyncRequest(write_value, (2, str(tmp_path / "b")), []))
         assert queue.maybe_finalize_async_calls(blocking=True) == [idx]
 

@@ -171,6 +171,17 @@ class AsyncCaller(ABC):
             raise error
         return True
 
+    def _time_left(self, call_idx: int) -> float | None:
+        """How long ``close`` (at exit too) waits for ``call_idx``: until its save deadline
+        (``save_timeout`` from when it started; a call that has not started yet gets that
+        long from now, besides the worker's start deadline)."""
+        limit = self.settings.save_timeout
+        if limit is None:
+            return None
+        now = time.monotonic()
+        since = self.running_since(call_idx)
+        return max(0.0, (since if since is not None else now) + limit - now)
+
     def close(self, abort: bool = False) -> None:
         """Wait for the requests in flight, then stop the worker. Idempotent.
 
@@ -183,6 +194,8 @@ class AsyncCaller(ABC):
             self._current.clear()
             return
         for call_idx in self.in_flight():
-            self.poll(call_idx, None)
+            if self.poll(call_idx, self._time_left(call_idx)) is None:
+                self.kill()  # past its save_timeout: like the engine, do not wait more
+                break
         for outcome in self.shutdown():
             self.outcomes[outcome.call_idx] = outcome

@@ -57,6 +57,13 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Started:
+    """The worker took ``call_idx`` and runs it now: from here on it may have written."""
+
+    call_idx: int
+
+
+@dataclass(frozen=True)
 class Done:
     """``call_idx`` succeeded; ``payload`` is its pickled result (unpickled by the caller)."""
 

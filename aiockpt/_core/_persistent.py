@@ -12,7 +12,6 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from multiprocessing.reduction import send_handle
 from typing import Any
 
 from .._dist import CompletionGroup
@@ -22,7 +21,7 @@ from .._request import LocalOutcome
 from .._staging._arena import StagingBuffers
 from . import _transport, _worker
 from ._callers import AsyncCaller, live_callers
-from ._messages import Done, DropArena, Failed, LayOut, MapArena, Ready, Run, Stop
+from ._messages import Done, DropArena, Failed, LayOut, MapArena, Ready, Run, Started, Stop
 from ._process import (
     EXIT_GRACE_S,
     START_HINT,
@@ -32,10 +31,12 @@ from ._process import (
     outcome_from_reply,
     stop_process,
 )
+from ._sender import Sender
 
 # What the forkserver imports once, so that each worker forked from it starts in tens of
 # milliseconds instead of importing torch again (about 2 s of CPU).
 _PRELOAD = ("torch", "aiockpt._core._worker")
+_SENDER_STOP_S = 5.0  # how long a dead worker's sender may take to notice
 
 
 def worker_context(start_method: str) -> BaseContext:
@@ -83,7 +84,12 @@ class PersistentAsyncCaller(AsyncCaller):
         self.process: BaseProcess | None = None
         self._watch: DeathWatch | None = None
         self._conn: Connection | None = None
+        self._sender: Sender | None = None  # sends to the worker, never blocking the caller
         self._inflight: deque[int] = deque()
+        # Sent but not started by the worker: resent to a new worker if this one dies.
+        self._unstarted: dict[int, tuple[bytes, StagingBuffers | None]] = {}
+        self._resent: set[int] = set()
+        self._killed = False  # kill() was asked for: what was in flight fails
         self._mapped: set[int] = set()
         self._layouts: dict[int, int] = {}  # arena id -> layout version the worker has
         self._ready = False  # the current worker has said hello
@@ -133,7 +139,9 @@ class PersistentAsyncCaller(AsyncCaller):
             # Our copy of the child's end must go, or a dead worker would never read as EOF.
             child_end.close()
         self.process, self._conn, self._mapped = process, parent_end, set()
-        self._layouts = {}
+        assert process.pid is not None
+        self._sender = Sender(parent_end, process.pid)
+        self._layouts, self._killed = {}, False
         self._watch = DeathWatch(process)
         self._ready, self._eof_at = False, None
         self.starts += 1
@@ -159,35 +167,35 @@ class PersistentAsyncCaller(AsyncCaller):
                 rank=self.rank,
             ) from exc
         with self._lock:
-            for attempt in (1, 2):
-                conn = self._ensure_worker()
-                try:
-                    self._sync_arenas(conn, buffers)
-                    conn.send(Run(call_idx, payload))
-                    if not self._inflight:
-                        self._head_since = time.monotonic()
-                    break
-                except OSError:  # the worker died since we last looked: start a fresh one
-                    self._worker_gone()
-                    if attempt == 2:
-                        raise
+            if self.process is not None and self.process.exitcode is not None:
+                self._worker_gone(resend=True)  # died idle: nothing of this request lost
+            self._send_run(call_idx, payload, buffers)
             self._inflight.append(call_idx)
 
-    def _sync_arenas(self, conn: Connection, buffers: StagingBuffers | None) -> None:
+    def _send_run(self, call_idx: int, payload: bytes, buffers: StagingBuffers | None) -> None:
+        self._ensure_worker()
+        sender = self._sender
+        assert sender is not None
+        self._sync_arenas(sender, buffers)
+        sender.send(Run(call_idx, payload))  # queued: a worker that does not read blocks no one
+        self._unstarted[call_idx] = (payload, buffers)
+        if not self._inflight:
+            self._head_since = time.monotonic()
+
+    def _sync_arenas(self, sender: Sender, buffers: StagingBuffers | None) -> None:
         live = {a.id: a for a in buffers.arenas} if buffers is not None else {}
         for arena_id in self._mapped - live.keys():
-            conn.send(DropArena(arena_id))
+            sender.send(DropArena(arena_id))
             self._mapped.discard(arena_id)
             self._layouts.pop(arena_id, None)
-        assert self.process is not None and self.process.pid is not None
         for arena_id, arena in live.items():
             if arena_id not in self._mapped:
-                conn.send(MapArena(arena_id, arena.nbytes))
-                send_handle(conn, arena.fd, self.process.pid)
+                sender.send(MapArena(arena_id, arena.nbytes))
+                sender.send_fd(arena.fd)
                 self._mapped.add(arena_id)
             plan, version = arena.plan, arena.layout_version
             if plan is not None and self._layouts.get(arena_id) != version:
-                conn.send(LayOut(arena_id, version, plan))
+                sender.send(LayOut(arena_id, version, plan))
                 self._layouts[arena_id] = version
 
     def in_flight(self) -> list[int]:
@@ -230,7 +238,11 @@ class PersistentAsyncCaller(AsyncCaller):
         if isinstance(msg, Ready):
             self._ready = True
             self._head_since = time.monotonic()
+        elif isinstance(msg, Started):
+            self._unstarted.pop(msg.call_idx, None)
         elif isinstance(msg, Done | Failed):
+            self._unstarted.pop(msg.call_idx, None)
+            self._resent.discard(msg.call_idx)
             with contextlib.suppress(ValueError):
                 self._inflight.remove(msg.call_idx)
             self._head_since = time.monotonic()  # the worker moves on to the next call
@@ -247,16 +259,35 @@ class PersistentAsyncCaller(AsyncCaller):
                 start_by = self._start_deadline()
                 start_overdue = start_by is not None and now >= start_by
                 if process.exitcode is not None or overdue or start_overdue:
-                    self._worker_gone(start_overdue)
+                    self._worker_gone(start_overdue, resend=not start_overdue)
             news, self._news = self._news, []
             return news
 
-    def _worker_gone(self, start_overdue: bool = False) -> None:
-        """The worker died (or stopped answering): every request in flight failed."""
+    def _worker_gone(self, start_overdue: bool = False, resend: bool = False) -> None:
+        """The worker died (or stopped answering): the requests it had started failed;
+        with ``resend``, those it had not started go to a new worker (once each), unless
+        the worker was killed on purpose."""
         exitcode = None
         if self.process is not None:
             stop_process(self.process, 0.0 if self._eof_at is None else EXIT_GRACE_S)
             exitcode = self.process.exitcode
+        again: list[tuple[int, bytes, StagingBuffers | None]] = []
+        if resend and not self._killed:
+            for call_idx in self._inflight:
+                if call_idx in self._unstarted and call_idx not in self._resent:
+                    again.append((call_idx, *self._unstarted[call_idx]))
+        self._disconnect()
+        lost = [c for c in self._inflight if c not in {a[0] for a in again}]
+        self._crashed(lost, exitcode, start_overdue)
+        self._inflight = deque(a[0] for a in again)
+        self._unstarted = {}
+        for call_idx, payload, buffers in again:
+            self._resent.add(call_idx)
+            self._send_run(call_idx, payload, buffers)
+        if again:
+            self._head_since = time.monotonic()
+
+    def _crashed(self, calls: list[int], exitcode: int | None, start_overdue: bool) -> None:
         hint = "" if self._ready else START_HINT
         if start_overdue:
             hint = (
@@ -264,30 +295,36 @@ class PersistentAsyncCaller(AsyncCaller):
                 " and was killed: its import may hang (a lock, a network filesystem, your "
                 "main module doing work at import; a spawned worker imports it)."
             )
-        for position, call_idx in enumerate(self._inflight):
-            self._news.append(crash_outcome(call_idx, self.rank, exitcode, position == 0, hint))
-        self._inflight.clear()
+        for call_idx in calls:
+            started = call_idx not in self._unstarted
+            self._news.append(crash_outcome(call_idx, self.rank, exitcode, started, hint))
+
+    def _disconnect(self) -> None:
+        """Forget the (stopped) worker: its sender, connection and process."""
         if self._watch is not None:
             self._watch.close()
-        if self._conn is not None:
+        # The worker is dead, so a send in progress fails at once; the connection is
+        # closed only once no thread writes to it (its descriptor could be reused).
+        stopped = self._sender is None or self._sender.stop(_SENDER_STOP_S)
+        if self._conn is not None and stopped:
             self._conn.close()
         if self.process is not None:
             self.process.close()
         self.process, self._conn, self._mapped, self._eof_at = None, None, set(), None
-        self._watch = None
+        self._watch, self._sender = None, None
         live_callers.discard(self)
 
     def kill(self) -> None:
         """Kill the worker at once (SIGKILL); its requests in flight fail."""
         with self._lock:
             if self.process is not None:
+                self._killed = True
                 self.process.kill()
 
     def shutdown(self, grace: float = STOP_GRACE_S) -> list[LocalOutcome]:
         with self._lock:
-            if self.process is not None and self._conn is not None:
-                with contextlib.suppress(OSError):
-                    self._conn.send(Stop())
+            if self.process is not None and self._sender is not None:
+                self._sender.send(Stop())
                 stop_process(
                     self.process,
                     grace if not self._inflight else 0.0,

@@ -119,7 +119,7 @@ def crash_outcome(
     call_idx: int, rank: int, exitcode: int | None, started: bool, hint: str = ""
 ) -> LocalOutcome:
     """The outcome of a request whose worker died (while running it, or before it)."""
-    what = "while writing it" if started else "before it started (it was queued behind another)"
+    what = "while writing it" if started else "before it started it"
     error = WorkerCrashedError(
         f"the checkpoint worker of call {call_idx} on rank {rank} {_describe_exit(exitcode)} "
         f"{what}; the checkpoint was not written. The next request starts a fresh worker."

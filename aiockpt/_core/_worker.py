@@ -20,7 +20,7 @@ from multiprocessing.reduction import recv_handle
 from typing import Any
 
 from . import _transport
-from ._messages import Done, DropArena, Failed, LayOut, MapArena, Ready, Reply, Run, Stop
+from ._messages import Done, DropArena, Failed, LayOut, MapArena, Ready, Reply, Run, Started, Stop
 from ._priority import apply_priorities
 
 
@@ -110,9 +110,9 @@ def persistent_main(
         if isinstance(msg, DropArena):
             _transport.unmap_arena(msg.arena_id)
         elif isinstance(msg, Run):
-            reply = _run_payload(msg.call_idx, msg.payload)
             try:
-                conn.send(reply)
+                conn.send(Started(msg.call_idx))
+                conn.send(_run_payload(msg.call_idx, msg.payload))
             except OSError:
                 break
     conn.close()
