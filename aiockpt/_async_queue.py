@@ -176,6 +176,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             raise QueueMisuseError(_NOT_OPEN)
         return self._engine
 
+    def _is_closed(self) -> bool:
+        return self._state is _State.CLOSED
+
     @property
     def _must_kill(self) -> bool:
         """Stop the worker with SIGKILL, not by asking: a task died, or a worker did not
@@ -199,7 +202,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 try:
                     yield self
                 except GeneratorExit:  # never left: the event loop is closing the block
-                    self._abandon()
+                    if not self._is_closed():  # not closed by aclose() either
+                        self._abandon()
                     raise
                 except BaseException as exc:  # cancellation included: re-raised below
                     body_exc = exc
@@ -258,6 +262,10 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                     self._stop_now()  # no-op unless the close in aclose() raised half-way
                 except BaseException as exc:  # cancelled (or the loop ends): close here
                     ended = await self._close_inside() or exc
+                    if self._deferred is not None:  # Ctrl-C or exit from user code first
+                        deferred, self._deferred = self._deferred, None
+                        deferred.__context__ = ended
+                        ended = deferred
                     self._report_beside(ended)  # kept in failures() as well
         finally:
             self._served.set()
@@ -311,7 +319,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         """Closing is shielded: a cancellation that came meanwhile is delivered now, with
         the failures nobody observed attached to it."""
         try:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            # A real checkpoint: an asyncio cancellation re-armed by a thread wait
+            # (run_to_end) must be raised here, inside the caller's timeout, not later.
+            await anyio.lowlevel.checkpoint()
         except BaseException as exc:
             self._report_beside(exc)
             raise

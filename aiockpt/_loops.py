@@ -44,17 +44,27 @@ def call_in_loop(
     time (it has ended, stopped, or is blocked). What ``fn`` raised is raised here."""
     answered = threading.Event()
     box: list[tuple[bool, Any]] = []
+    turn = threading.Lock()  # either the loop runs fn, or the waiter gives up: not both
+    given_up = False
 
     def on_loop() -> None:
-        try:
-            box.append((True, fn()))
-        except BaseException as exc:  # handed to the waiting thread
-            box.append((False, exc))
-        finally:
-            answered.set()
+        with turn:
+            if given_up:  # the waiter said it did not happen: it must not happen later
+                return
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # handed to the waiting thread
+                box.append((False, exc))
+            finally:
+                answered.set()
 
-    if not (call_soon_threadsafe(token, on_loop) and answered.wait(timeout)):
+    if not call_soon_threadsafe(token, on_loop):
         return False, None
+    if not answered.wait(timeout):
+        with turn:
+            if not box:
+                given_up = True
+                return False, None
     ok, value = box[0]
     if not ok:
         raise value

@@ -16,6 +16,7 @@ from ._aload import in_thread
 from ._async_queue import AsyncCheckpointQueue, QueueFacade
 from ._exceptions import CheckpointError, QueueClosedError
 from ._futures import CheckpointFuture
+from ._loops import run_to_end
 from ._options import AsyncQueueFacadeKeywords, QueueFacadeKeywords
 from ._queue import CheckpointQueue
 from ._request import AsyncRequest
@@ -175,7 +176,9 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         # theirs, and every rank's calls must be numbered alike.
         with anyio.CancelScope(shield=True):
             try:
-                request = await in_thread(build)
+                # To its end even under asyncio's Task.cancel() (which passes shields):
+                # the step it reserves must be settled whatever happens next.
+                request = await run_to_end(build)
                 (number,) = reserved
                 fut = await self.queue.schedule(
                     request, wait_for_staging=False, needs_global=True, on_scheduled=track

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from functools import partial
@@ -394,16 +395,23 @@ async def test_no_thread_waits_for_a_save_in_flight(tmp_path: Path, gate: str) -
         async with AsyncCheckpointQueue() as queue:
             fut = await queue.schedule(gated({"x": torch.ones(2)}, gate, tmp_path / "a.pt"))
             await anyio.wait_all_tasks_blocked()
-            waiting = [
-                f"{frame.f_code.co_filename}:{frame.f_code.co_name}"
-                for ident, top in sys._current_frames().items()
-                if ident != threading.get_ident()
-                for frame in _stack(top)
-                if "/aiockpt/" in frame.f_code.co_filename
-            ]
+            # The thread that sent the request to the worker ends once it has sent it.
+            deadline = time.monotonic() + 10
+            while (waiting := _aiockpt_frames()) and time.monotonic() < deadline:
+                await anyio.sleep(0.01)
             assert waiting == []
             await anyio.to_thread.run_sync(open_gate, gate)
             assert (await fut).call_idx == 0
+
+
+def _aiockpt_frames() -> list[str]:
+    return [
+        f"{frame.f_code.co_filename}:{frame.f_code.co_name}"
+        for ident, top in sys._current_frames().items()
+        if ident != threading.get_ident()
+        for frame in _stack(top)
+        if "/aiockpt/" in frame.f_code.co_filename
+    ]
 
 
 def _stack(frame: Any) -> Iterator[Any]:

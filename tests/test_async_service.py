@@ -652,3 +652,82 @@ async def test_a_base_exception_from_a_callback_added_after_close_is_raised_ther
 
     with pytest.raises(KeyboardInterrupt):  # no open queue is left to hand it to
         fut.add_done_callback(interrupt)
+
+
+# -- user code raising what the queue itself uses -----------------------------------------
+
+
+async def test_a_finalize_step_raising_cancelled_error_fails_that_save_at_once(
+    tmp_path: Path,
+) -> None:
+    def cancelled_step() -> None:
+        raise asyncio.CancelledError("the step's own")
+
+    with anyio.fail_after(30):  # far below the queue's 10-minute timeout
+        async with AsyncCheckpointQueue() as queue:
+            fut = await queue.schedule(
+                AsyncRequest(write_value, (_state(), str(tmp_path / "a")), [cancelled_step])
+            )
+            with pytest.raises(FinalizeError, match=r"cancelled_step .* raised CancelledError"):
+                await fut
+            ok = await queue.schedule(
+                AsyncRequest(write_value, (_state(), str(tmp_path / "b")), [])
+            )
+            assert (await ok).call_idx == 1
+
+
+# asyncio raises SystemExit out of its event loop itself: trio keeps it in the test.
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_system_exit_from_a_finalize_step_reaches_a_cancelled_service(
+    tmp_path: Path,
+) -> None:
+    def exit_step() -> None:
+        raise SystemExit(3)
+
+    with pytest.raises(BaseException) as info:
+        async with anyio.create_task_group() as tg:
+            queue: AsyncCheckpointQueue = await tg.start(AsyncCheckpointQueue().serve)
+            fut = await queue.schedule(
+                AsyncRequest(write_value, (_state(), str(tmp_path / "a")), [exit_step])
+            )
+            with pytest.raises(FinalizeError, match="interrupted by SystemExit"):
+                await fut
+            tg.cancel_scope.cancel()  # the service ends by cancellation, not aclose()
+    raised = getattr(info.value, "exceptions", [info.value])
+    assert [type(e) for e in raised] == [SystemExit]
+    assert raised[0].code == 3
+
+
+@pytest.mark.parametrize("anyio_backend", [b for b in BACKENDS if b.id != "trio"])
+async def test_aclose_under_an_asyncio_timeout_raises_the_timeout_there(tmp_path: Path) -> None:
+    for delay in (0.001, 0.005, 0.01):
+        async with anyio.create_task_group() as tg:
+            queue: AsyncCheckpointQueue = await tg.start(AsyncCheckpointQueue().serve)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await queue.aclose()
+                    await asyncio.sleep(1)  # reached only if aclose() beat the timeout
+            await asyncio.sleep(0.01)  # no cancellation is left over for this task
+
+
+@pytest.mark.parametrize("anyio_backend", [b for b in BACKENDS if b.id != "trio"])
+async def test_a_manager_save_cut_by_a_timeout_still_settles_its_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with AsyncCheckpointManager(tmp_path / "m") as mgr:
+        real = mgr.steps.request
+
+        def slow_request(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.5)  # the timeout fires while the request is built
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(mgr.steps, "request", slow_request)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await mgr.save(1, _state())
+        monkeypatch.undo()
+        # Begun, the save was scheduled: it commits, and the step is not left reserved.
+        assert [r.call_idx for r in await mgr.finalize()] == [0]
+        assert await mgr.acommitted_steps() == [1]
+        await (await mgr.save(2, _state()))
+        assert await mgr.acommitted_steps() == [1, 2]
