@@ -873,8 +873,12 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 if fut is not None:
                     self._resolve(fut, None, err)
                 return True
-            except anyio.get_cancelled_exc_class():
-                raise
+            except (anyio.get_cancelled_exc_class(), asyncio.CancelledError):
+                # From the step itself, in its thread (a cancellation of this task is
+                # delivered again by run_to_end, never raised from it): that call failed.
+                if fut is not None and isinstance(settled.call.error, CheckpointError):
+                    self._resolve(fut, None, settled.call.error)
+                return True
             except BaseException as exc:  # Ctrl-C, exit (...) in a finalize step: that call
                 self._defer(exc)
                 if fut is not None and isinstance(settled.call.error, CheckpointError):

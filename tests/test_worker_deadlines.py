@@ -56,9 +56,9 @@ def test_a_worker_that_does_not_read_never_blocks_scheduling(tmp_path: Path) -> 
             ckpt.finalize_async_save(blocking=True)
         with pytest.raises(WorkerCrashedError, match=r"call 2 on rank 0 was killed .* before it"):
             ckpt.finalize_async_save(blocking=True)
-        ckpt.async_save(state, str(tmp_path / "c.pt"))  # a fresh worker
+        ckpt.async_save({"w": torch.full((4,), 7.0)}, str(tmp_path / "c.pt"))  # a fresh worker
         assert ckpt.finalize_async_save(blocking=True) == [3]
-        assert torch.load(tmp_path / "c.pt", weights_only=True)["t7"].eq(7).all()
+        assert torch.load(tmp_path / "c.pt", weights_only=True)["w"].eq(7).all()
     finally:
         ckpt.close(abort=True)
 

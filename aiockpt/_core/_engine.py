@@ -13,7 +13,6 @@ writes to the *news* pipe that an event loop can watch (:meth:`wait_handles`).
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import logging
@@ -527,9 +526,7 @@ class CallsEngine:
                     fn(result, call.call_idx)
                 else:
                     fn()
-            # A step's own cancellation (an asyncio.run inside it) is its failure, not the
-            # queue's: it must not pass for a cancellation of the caller.
-            except (Exception, asyncio.CancelledError) as exc:
+            except Exception as exc:
                 name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
                 error = FinalizeError(
                     f"finalize step {name} of checkpoint call {call.call_idx} "
@@ -541,7 +538,7 @@ class CallsEngine:
                 with self._lock:
                     call.failed(error)
                 raise error from exc
-            except BaseException as exc:  # Ctrl-C, exit...: fail it, say so
+            except BaseException as exc:  # Ctrl-C in a finalize step: fail it, say so
                 name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
                 error = FinalizeError(
                     f"finalize step {name} of checkpoint call {call.call_idx} "
