@@ -339,26 +339,28 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         # Shielded: a caller cancelled half-way must not leave a worker process behind, and
         # creating the completion group is collective (every rank enters in program order).
         with anyio.CancelScope(shield=True):
-            self._engine = engine = await self._in_thread(self._make_engine)
             try:
+                # Sets self._engine in the thread: a Ctrl-C raised once the thread is done
+                # (trio) must not drop a running worker.
+                await self._in_thread(self._make_engine)
                 if is_distributed():
-                    await self._in_thread(engine.completion.group)
+                    await self._in_thread(self.engine.completion.group)
             except BaseException:
-                await self._in_thread(engine.stop_workers)
+                if self._engine is not None:
+                    await self._in_thread(self._engine.stop_workers)
                 self._state = _State.CLOSED
                 raise
         try:
             await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._in_thread(engine.stop_workers)
+                await self._in_thread(self.engine.stop_workers)
             self._state = _State.CLOSED
             raise
 
-    def _make_engine(self) -> CallsEngine:
-        engine = CallsEngine(self.options)
+    def _make_engine(self) -> None:
+        self._engine = engine = CallsEngine(self.options)
         engine.warm_up()  # the worker imports torch now, not at the first save
-        return engine
 
     async def aclose(self) -> None:
         """Wait for every request (up to the queue's timeout), finalize it, stop the worker,

@@ -72,6 +72,14 @@ class QueueOptions:
     start_timeout: float = 300.0
 
     def __post_init__(self) -> None:
+        timeout: Any = self.timeout
+        given = timeout
+        if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+            object.__setattr__(self, "timeout", timeout := timedelta(seconds=timeout))
+        if not isinstance(timeout, timedelta) or not timeout.total_seconds() > 0:
+            raise InvalidRequestError(
+                f"timeout must be a positive timedelta or number of seconds, not {given!r}"
+            )
         if self.start_method not in ("spawn", "forkserver"):
             raise InvalidRequestError(
                 f"start_method must be 'spawn' or 'forkserver', not {self.start_method!r}; "
@@ -145,7 +153,7 @@ class EngineKeywords(TypedDict, total=False):
     start_method: str
     max_staging_copies: int
     pin_memory: bool | None
-    timeout: timedelta
+    timeout: timedelta | float
     single_threaded_staging: bool
     save_timeout: float | None
     start_timeout: float

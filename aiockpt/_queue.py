@@ -72,7 +72,7 @@ class CheckpointQueue:
                 io_priority=io_priority,
                 sigterm_timeout=sigterm_timeout,
                 cpu_shm_mode=cpu_shm_mode,
-                **keywords,
+                **keywords,  # type: ignore[arg-type]  # a timeout in seconds is converted
             )
         else:
             options = build_options(persistent, options, keywords)

@@ -112,6 +112,16 @@ def test_options_object_or_keywords_not_both() -> None:
             make(options=opts, save_timeout=3.0)
 
 
+def test_the_group_timeout_takes_seconds_or_a_timedelta() -> None:
+    from datetime import timedelta
+
+    assert aiockpt.QueueOptions(timeout=20).timeout == timedelta(seconds=20)
+    assert aiockpt.AsyncCheckpointQueue(timeout=2.5)._timeout == 2.5
+    for bad in (0, -1, "20"):
+        with pytest.raises(aiockpt.InvalidRequestError, match=rf"timeout must be .*not {bad!r}"):
+            aiockpt.QueueOptions(timeout=bad)  # type: ignore[arg-type]
+
+
 def test_load_blocks_and_aload_is_awaited(tmp_path: Path) -> None:
     import anyio
 
@@ -147,7 +157,9 @@ def test_our_renamed_names_still_work_with_a_warning(tmp_path: Path) -> None:
 
     path = tmp_path / "w.pt"
     torch.save({"w": torch.ones(2)}, path)
-    with pytest.warns(DeprecationWarning, match=r"aiockpt.load_sync is deprecated: use aiockpt.load"):
+    with pytest.warns(
+        DeprecationWarning, match=r"aiockpt.load_sync is deprecated: use aiockpt.load"
+    ):
         load_sync = aiockpt.load_sync
     assert load_sync(path)["w"].tolist() == [1.0, 1.0]
     with pytest.warns(DeprecationWarning, match=r"use aiockpt.dcp.DCPCheckpoint"):
