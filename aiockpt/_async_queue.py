@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -62,6 +62,20 @@ from ._staging._tree import iter_tensors, path_of
 from ._tracebacks import areleasing, drop_locals
 
 logger = logging.getLogger("aiockpt")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _ki_protected(fn: _F) -> _F:
+    """Under trio, Ctrl-C is raised in whatever task runs, unless that code is protected:
+    the queue's own tasks are, so it reaches the program's tasks instead, never the
+    poller in the middle of reading a reply."""
+    try:
+        from trio.lowlevel import enable_ki_protection
+    except ImportError:  # pragma: no cover - trio is not installed
+        return fn
+    return enable_ki_protection(fn)
+
 
 # request, its future, needs_global, the CUDA event its copy waits for (None without
 # CUDA), and the check that no tensor changed since scheduling (lazy staging only)
@@ -697,6 +711,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
 
     # -- the two tasks ------------------------------------------------------------------
 
+    @_ki_protected
     async def _run_task(self, index: int, name: str, fn: Any) -> None:
         try:
             while True:

@@ -490,6 +490,43 @@ if __name__ == "__main__":
         print("KeyboardInterrupt", *getattr(exc, "__notes__", []), sep="\\n")
 """
 
+_TRIO_CTRL_C_IN_POLLER = """
+import os, signal, sys, time
+import trio
+from aiockpt import AsyncCheckpointQueue, AsyncRequest
+
+def interrupted_unpickle():
+    # Runs where the queue reads the worker's reply: Ctrl-C arrives right there.
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+    return "value"
+
+class Reply:
+    def __reduce__(self):
+        return (interrupted_unpickle, ())
+
+def save(path):
+    with open(path, "w") as f:
+        f.write("data")
+    return Reply()
+
+def commit(path):
+    with open(path + ".committed", "w") as f:
+        f.write("ok")
+
+async def main(path):
+    async with AsyncCheckpointQueue() as queue:
+        await queue.schedule(AsyncRequest(save, (path,), [lambda: commit(path)]))
+        await trio.sleep(30)
+
+if __name__ == "__main__":
+    try:
+        trio.run(main, sys.argv[1])
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt")
+"""
+
+
 _TRIO_SERVED_CTRL_C = """
 import os, signal, sys, threading, time
 import trio
@@ -557,6 +594,18 @@ async def test_trio_ctrl_c_while_leaving_the_block_never_hangs(tmp_path: Path, t
     else:  # a second one: the close stops waiting and says which save it gave up
         assert not (tmp_path / "ckpt").exists()
         assert any("interrupted by a second KeyboardInterrupt" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_trio_ctrl_c_while_the_queue_reads_a_reply_reaches_the_program_not_the_queue(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "trio_poller.py"
+    script.write_text(_TRIO_CTRL_C_IN_POLLER)
+    out = await anyio.to_thread.run_sync(_run, script, str(tmp_path / "ckpt"))
+    assert out.stdout.split() == ["KeyboardInterrupt"], out.stderr
+    assert (tmp_path / "ckpt.committed").read_text() == "ok"  # finalized, not broken
+    assert "QueueBrokenError" not in out.stderr and "died" not in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
