@@ -24,6 +24,7 @@ class Sender:
         self._items: deque[Callable[[], Any]] = deque()
         self._idle = threading.Condition()
         self._running = False  # a thread is sending
+        self._thread: threading.Thread | None = None  # the latest one
         self._stopped = False
         self.broken = False  # a send failed: the worker is gone
 
@@ -43,7 +44,8 @@ class Sender:
             if self._running:
                 return
             self._running = True
-        threading.Thread(target=self._run, name="aiockpt-sender", daemon=True).start()
+            self._thread = threading.Thread(target=self._run, name="aiockpt-sender", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         while True:
@@ -70,7 +72,12 @@ class Sender:
             for item in self._items:
                 _discard(item)
             self._items.clear()
-            return not self._running
+            if self._running:
+                return False
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)  # it has sent its last: it ends within microseconds
+        return True
 
 
 class _PassFd:
