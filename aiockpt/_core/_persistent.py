@@ -119,10 +119,16 @@ class PersistentAsyncCaller(AsyncCaller):
             return True
 
     def _ensure_worker(self) -> Connection:
-        if self._conn is not None and self.process is not None and self.process.exitcode is None:
-            return self._conn
+        if (
+            self._conn is not None
+            and self.process is not None
+            and self.process.exitcode is not None
+        ):
+            # Died since we last looked: what it had not started goes to the next worker
+            # (which resending starts).
+            self._worker_gone(resend=True)
         if self._conn is not None:
-            self._worker_gone()
+            return self._conn
         ctx = worker_context(self.start_method)
         parent_end, child_end = ctx.Pipe(duplex=True)
         process = ctx.Process(  # type: ignore[attr-defined]
@@ -167,8 +173,6 @@ class PersistentAsyncCaller(AsyncCaller):
                 rank=self.rank,
             ) from exc
         with self._lock:
-            if self.process is not None and self.process.exitcode is not None:
-                self._worker_gone(resend=True)  # died idle: nothing of this request lost
             self._send_run(call_idx, payload, buffers)
             self._inflight.append(call_idx)
 
@@ -277,8 +281,8 @@ class PersistentAsyncCaller(AsyncCaller):
                 if call_idx in self._unstarted and call_idx not in self._resent:
                     again.append((call_idx, *self._unstarted[call_idx]))
         self._disconnect()
-        lost = [c for c in self._inflight if c not in {a[0] for a in again}]
-        self._crashed(lost, exitcode, start_overdue)
+        resent = {call_idx for call_idx, _, _ in again}
+        self._crashed([c for c in self._inflight if c not in resent], exitcode, start_overdue)
         self._inflight = deque(a[0] for a in again)
         self._unstarted = {}
         for call_idx, payload, buffers in again:
