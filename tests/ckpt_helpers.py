@@ -264,3 +264,25 @@ def save_with_fsync_spy(state: Any, path: str, log_path: str) -> dict[str, Any]:
     with open(log_path, "w") as f:
         json.dump(events, f)
     return record
+
+
+def tamper_then_save(state: Any, path: str) -> str:
+    """Save ``state`` after changing its tensor objects the way a careless checkpoint
+    function might: ``.data`` replaced by a bfloat16 copy, ``requires_grad_()``."""
+    state["a"].data = state["a"].data.to(torch.bfloat16)
+    state["b"].requires_grad_()
+    state["b"].note = "set by the worker"
+    torch.save(state, path)
+    return path
+
+
+def torch_save(state: Any, path: str) -> str:
+    torch.save(state, path)
+    return path
+
+
+def mark_then_save(state: Any, marker: str, path: str) -> str:
+    """Create ``marker`` (the request started), then save ``state`` to ``path``."""
+    open_gate(marker)
+    torch.save(state, path)
+    return path

@@ -524,7 +524,9 @@ async def test_cancel_withdraws_a_request_that_has_not_started(tmp_path: Path, g
             )
             assert [running.cancel(), staging.cancel(), queued.cancel()] == [False, False, True]
             assert queued.done() and queued.cancelled() and not queued.cancel()
-            with pytest.raises(CheckpointCancelledError, match="call 2 was withdrawn: it was cancelled"):
+            with pytest.raises(
+                CheckpointCancelledError, match="call 2 was withdrawn: it was cancelled"
+            ):
                 await queued
             await anyio.to_thread.run_sync(open_gate, gate)
             assert [r.call_idx for r in await queue.finalize()] == [0, 1]

@@ -712,9 +712,7 @@ def test_a_persistent_worker_that_never_starts_fails_the_save_at_its_deadline(
     """start_timeout bounds a worker stuck before it is ready (its import hangs)."""
     script = tmp_path / "stuck_start.py"
     script.write_text(_STUCK_START)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=90
-    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
     lines = [line for line in done.stdout.splitlines() if line.startswith(("RESULT", "ALIVE"))]
     assert done.returncode == 0, done.stderr
     assert lines[0].startswith("RESULT WorkerCrashedError the checkpoint worker of call 0"), lines

@@ -59,17 +59,13 @@ def test_finalize_fifo_order_and_indices(tmp_path: Path, persistent: bool) -> No
         assert idxs == [0, 1, 2]
         assert queue.maybe_finalize_async_calls(blocking=False) == []
         assert queue.get_num_unfinalized_calls() == 3
-        # Release the gates last-first: a fork caller finishes call 2 first, yet finalize
-        # order stays FIFO. (The persistent worker serves them in order anyway.)
-        if not persistent:
-            open_gate(gates[2])
-            open_gate(gates[1])
-            queue._engine.wait_local(queue._engine.active[2], None)
-            assert queue.maybe_finalize_async_calls(blocking=False) == []
-            open_gate(gates[0])
-        else:
-            for gate in gates:
-                open_gate(gate)
+        # Release the gates last-first: calls 1 and 2 still wait for call 0 (forked
+        # children run in scheduling order, as the persistent worker serves them).
+        open_gate(gates[2])
+        open_gate(gates[1])
+        assert queue.maybe_finalize_async_calls(blocking=False) == []
+        assert not (tmp_path / "out2").exists()
+        open_gate(gates[0])
         assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1, 2]
         assert order == [0, 1, 2]
         assert queue.get_num_unfinalized_calls() == 0

@@ -41,7 +41,7 @@ from .._staging._arena import StagedArgs, StagingBuffers
 from .._staging._tree import gc_paused
 from ._callers import AsyncCaller
 from ._calls import Call, CallState, describe_target
-from ._fork import TemporalAsyncCaller
+from ._fork import ForkOrder, TemporalAsyncCaller
 from ._persistent import PersistentAsyncCaller
 
 logger = logging.getLogger("aiockpt")
@@ -132,6 +132,7 @@ class CallsEngine:
         # Makes the caller of each request (tests pass in-process fakes); by default a
         # fork per request or the one persistent worker.
         self._caller_factory = caller_factory
+        self._fork_order = ForkOrder()  # forked children run in scheduling order
         if opts.persistent and caller_factory is None:
             # Started at the first request or by warm_up()/reserve(), never here: a queue
             # built at module level is built again when a spawned worker imports the main
@@ -146,7 +147,9 @@ class CallsEngine:
             return self._caller_factory()
         if self._persistent_caller is not None:
             return self._persistent_caller
-        return TemporalAsyncCaller(self.completion, self.options.worker_settings())
+        return TemporalAsyncCaller(
+            self.completion, self.options.worker_settings(), self._fork_order
+        )
 
     def adopt_worker(self, caller: PersistentAsyncCaller) -> bool:
         """Serve this persistent engine's requests with ``caller`` (a worker started ahead,
@@ -309,7 +312,7 @@ class CallsEngine:
                 import torch
 
                 torch.cuda.current_stream(ready_event.device).wait_event(ready_event)
-            return self.buffers.stage(call_idx, args, kwargs, plan)
+            return self.buffers.stage(call_idx, args, kwargs, plan, not self.persistent)
         except CheckpointError:
             raise
         except Exception as exc:
@@ -586,6 +589,7 @@ class CallsEngine:
                     call.reported(self._timeout_outcome(call, f"{timeout}s of closing the queue"))
             self._callers.clear()
         self.buffers.close()
+        self._fork_order.close()
         self._close_pipes()
         _live_engines.discard(self)
         return killed
@@ -610,6 +614,7 @@ class CallsEngine:
             self._callers.clear()
             self.active.clear()
         self.buffers.close()
+        self._fork_order.close()
         self._close_pipes()
         _live_engines.discard(self)
         if dropped:

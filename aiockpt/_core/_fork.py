@@ -3,8 +3,11 @@ any transfer."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
+import os
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -28,6 +31,39 @@ from ._process import (
 )
 
 
+class ForkOrder:
+    """Makes forked children run their requests one after another, in the order they were
+    forked, as the persistent worker does: with two staging copies, two children may live
+    at once, and the later one waits for the earlier one to exit before it starts, so that
+    two saves to one path are renamed in the order they were scheduled.
+
+    It holds a pidfd of the last child forked; the next child inherits it through the
+    fork and waits until it is readable (that child has exited). A pidfd names one
+    process, so a reused pid cannot be mistaken for it. Where pidfds are missing, children
+    are not ordered."""
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+        self._lock = threading.Lock()
+
+    def predecessor(self) -> int | None:
+        """The pidfd the next child waits for (kept open by this object)."""
+        return self._last
+
+    def forked(self, pid: int | None) -> None:
+        """A child was forked: the next one waits for it."""
+        with self._lock:
+            old, self._last = self._last, None
+            if old is not None:
+                os.close(old)
+            if pid is not None and hasattr(os, "pidfd_open"):
+                with contextlib.suppress(OSError):
+                    self._last = os.pidfd_open(pid)
+
+    def close(self) -> None:
+        self.forked(None)
+
+
 class TemporalAsyncCaller(AsyncCaller):
     """Forks one child process per request (the reference's default caller).
 
@@ -38,9 +74,13 @@ class TemporalAsyncCaller(AsyncCaller):
     """
 
     def __init__(
-        self, completion: CompletionGroup | None = None, settings: WorkerSettings | None = None
+        self,
+        completion: CompletionGroup | None = None,
+        settings: WorkerSettings | None = None,
+        order: ForkOrder | None = None,
     ) -> None:
         super().__init__(completion, settings)
+        self._order = order
         self.process: BaseProcess | None = None
         self._watch: DeathWatch | None = None
         self._conn: Connection | None = None
@@ -81,6 +121,7 @@ class TemporalAsyncCaller(AsyncCaller):
                     kwargs,
                     self.settings.cpu_priority,
                     self.settings.io_priority,
+                    self._order.predecessor() if self._order is not None else None,
                 ),
                 name=f"aiockpt-save-{call_idx}",
             )
@@ -96,6 +137,8 @@ class TemporalAsyncCaller(AsyncCaller):
                 if gc_was_enabled:
                     gc.enable()
                 writer.close()
+            if self._order is not None:
+                self._order.forked(process.pid)
             # The child has its own copy of the arguments: do not keep the staged views.
             process._args = ()  # type: ignore[attr-defined]
             self.process, self._conn, self._watch = process, reader, DeathWatch(process)

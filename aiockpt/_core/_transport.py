@@ -14,18 +14,25 @@ import io
 import mmap
 import os
 import pickle
+import threading
 from typing import Any
 
 import torch
 
 from .._staging import _views
-from .._staging._arena import StagingBuffers, StagingPlan, build_views
+from .._staging._arena import Dressing, StagingBuffers, StagingPlan, build_views, dress, dressing
+from .._staging._scan import plain_subclass
 
 # Arenas mapped in this (worker) process, by arena id.
 _MAPPED: dict[int, mmap.mmap] = {}
 # Per arena: the views of its current layout, and its slot storages by byte range.
 _VIEWS: dict[int, list[torch.Tensor]] = {}
 _SLOTS: dict[int, dict[tuple[int, int], torch.UntypedStorage]] = {}
+# Per arena: the plan of its current layout and its slot tensors.
+_LAYOUTS: dict[int, tuple[StagingPlan, list[torch.Tensor]]] = {}
+# Arenas whose views the running request was given (checked by restore_views after it).
+_USED: set[int] = set()
+_LOCK = threading.Lock()  # the reader thread lays out while a request runs
 # Storages rebuilt while unpickling one request: the same byte range is one storage.
 _STORAGES: dict[tuple[int, int, int], torch.UntypedStorage] = {}
 
@@ -36,18 +43,22 @@ class _RequestPickler(pickle.Pickler):
         self._buffers = buffers
 
     def reducer_override(self, obj: Any) -> Any:
-        if self._buffers is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):
-            ref = self._buffers.reference(obj)
-            if ref is not None:
-                return _rebuild_view, ref
-            where = self._buffers.locate(obj)
-            if where is not None:
-                spec = (obj.dtype, tuple(obj.shape), tuple(obj.stride()), obj.storage_offset())
-                kind = (type(obj) is torch.nn.Parameter, obj.requires_grad)
-                return _rebuild_staged, (*where, *spec, *kind)
+        if isinstance(obj, torch.Tensor):
+            if self._buffers is not None:
+                ref = self._buffers.reference(obj)
+                if ref is not None:
+                    return _rebuild_view, ref
+                where = self._buffers.locate(obj)
+                if where is not None:
+                    spec = (obj.dtype, tuple(obj.shape), tuple(obj.stride()), obj.storage_offset())
+                    return _rebuild_staged, (*where, *spec, dressing(obj))
             if _is_empty_plain(obj):
                 # torch's own pickling of empty storages fails for some dtypes (float8).
-                return _rebuild_empty, (obj.dtype, tuple(obj.shape), tuple(obj.stride()))
+                spec = (obj.dtype, tuple(obj.shape), tuple(obj.stride()), obj.storage_offset())
+                return _rebuild_empty, (*spec, dressing(obj))
+        elif type(obj) is torch.UntypedStorage and obj.device.type == "cpu":
+            # torch cannot unpickle an UntypedStorage pickled on its own.
+            return _rebuild_storage, (bytes(obj),)
         return NotImplemented
 
 
@@ -78,8 +89,10 @@ def map_arena(arena_id: int, fd: int, nbytes: int) -> None:
 def unmap_arena(arena_id: int) -> None:
     """Worker side: forget an arena the caller freed (the pages go with the last view)."""
     _MAPPED.pop(arena_id, None)
-    _VIEWS.pop(arena_id, None)
-    _SLOTS.pop(arena_id, None)
+    with _LOCK:
+        _VIEWS.pop(arena_id, None)
+        _LAYOUTS.pop(arena_id, None)
+        _SLOTS.pop(arena_id, None)
     _views.withdraw(arena_id)
 
 
@@ -90,18 +103,71 @@ def lay_out(arena_id: int, plan: StagingPlan) -> None:
         torch.frombuffer(mm, dtype=torch.uint8, count=size, offset=offset)
         for offset, size in plan.slots
     ]
-    _VIEWS[arena_id] = build_views(slots, plan)
-    _views.announce(arena_id, _VIEWS[arena_id])
-    _SLOTS[arena_id] = {
-        where: slot.untyped_storage() for where, slot in zip(plan.slots, slots, strict=True)
-    }
+    views = build_views(slots, plan)
+    with _LOCK:
+        _VIEWS[arena_id] = views
+        _LAYOUTS[arena_id] = (plan, slots)
+        _SLOTS[arena_id] = {
+            where: slot.untyped_storage() for where, slot in zip(plan.slots, slots, strict=True)
+        }
+    _views.announce(arena_id, views)
 
 
-def _rebuild_view(arena_id: int, index: int, parameter: bool, requires_grad: bool) -> torch.Tensor:
-    t = _VIEWS[arena_id][index]
-    if parameter:
-        return torch.nn.Parameter(t, requires_grad=requires_grad)
-    return t.detach().requires_grad_(True) if requires_grad else t
+def restore_views(check: bool = True) -> int:
+    """Worker side, after a request: rebuild the views of its arenas that its function
+    changed (``v.data = ...``, ``requires_grad_()``, an attribute, ``set_``), so that no
+    request sees what an earlier one did to them. Returns how many were rebuilt.
+    ``check=False`` skips the check (a function known to leave its views alone)."""
+    rebuilt = 0
+    for arena_id in list(_USED) if check else ():
+        with _LOCK:
+            views, layout = _VIEWS.get(arena_id), _LAYOUTS.get(arena_id)
+        if views is None or layout is None:
+            continue
+        plan, slots = layout
+        bases = [slot.data_ptr() for slot in slots]
+        changed = [
+            i
+            for i, (v, spec) in enumerate(zip(views, plan.tensors, strict=True))
+            if not _pristine(v, spec, bases)
+        ]
+        if changed:
+            fresh = list(views)
+            for i, view in zip(changed, build_views(slots, _subplan(plan, changed)), strict=True):
+                fresh[i] = view
+            with _LOCK:
+                if _VIEWS.get(arena_id) is not views:  # laid out anew meanwhile
+                    continue
+                _VIEWS[arena_id] = fresh
+            _views.announce(arena_id, fresh)
+            rebuilt += len(changed)
+    _USED.clear()
+    return rebuilt
+
+
+def _pristine(v: torch.Tensor, spec: Any, bases: list[int]) -> bool:
+    slot, dtype, size, stride, offset = spec
+    return (
+        type(v) is torch.Tensor
+        and v.dtype is dtype
+        and not v.requires_grad
+        and not v.__dict__
+        and v.data_ptr() == bases[slot] + offset * dtype.itemsize
+        and v.size() == size
+        and v.stride() == stride
+        and not v.is_neg()
+        and not (dtype.is_complex and v.is_conj())
+    )
+
+
+def _subplan(plan: StagingPlan, indices: list[int]) -> StagingPlan:
+    return StagingPlan(plan.slots, tuple(plan.tensors[i] for i in indices), plan.nbytes)
+
+
+def _rebuild_view(arena_id: int, index: int, how: Dressing | None) -> torch.Tensor:
+    view = _VIEWS[arena_id][index]
+    _USED.add(arena_id)
+    return view if how is None else dress(view, how)
 
 
 def _is_empty_plain(t: torch.Tensor) -> bool:
@@ -110,14 +176,28 @@ def _is_empty_plain(t: torch.Tensor) -> bool:
         and t.layout == torch.strided
         and not t.is_quantized
         and not t.is_nested
+        and (type(t) in (torch.Tensor, torch.nn.Parameter) or plain_subclass(type(t)))
         and t.untyped_storage().nbytes() == 0
     )
 
 
 def _rebuild_empty(
-    dtype: torch.dtype, size: tuple[int, ...], stride: tuple[int, ...]
+    dtype: torch.dtype,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    storage_offset: int,
+    how: Dressing,
 ) -> torch.Tensor:
-    return torch.empty_strided(size, stride, dtype=dtype)
+    data = torch.empty(0, dtype=dtype).set_(_empty_storage(), storage_offset, size, stride)
+    return dress(data, how)
+
+
+def _empty_storage() -> torch.UntypedStorage:
+    return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
+
+
+def _rebuild_storage(data: bytes) -> torch.UntypedStorage:
+    return torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else _empty_storage()
 
 
 def _rebuild_staged(
@@ -128,8 +208,7 @@ def _rebuild_staged(
     size: tuple[int, ...],
     stride: tuple[int, ...],
     storage_offset: int,
-    parameter: bool = False,
-    requires_grad: bool = False,
+    how: Dressing,
 ) -> torch.Tensor:
     key = (arena_id, offset, nbytes)
     storage = _SLOTS.get(arena_id, {}).get((offset, nbytes)) or _STORAGES.get(key)
@@ -138,6 +217,4 @@ def _rebuild_staged(
         slot = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
         storage = _STORAGES[key] = slot.untyped_storage()
     t = torch.empty(0, dtype=dtype).set_(storage, storage_offset, size, stride)
-    if parameter:
-        return torch.nn.Parameter(t, requires_grad=requires_grad)
-    return t.requires_grad_(True) if requires_grad else t
+    return dress(t, how)

@@ -9,6 +9,7 @@ import gc
 import os
 import pickle
 import queue
+import select
 import signal
 import sys
 import threading
@@ -50,12 +51,17 @@ def fork_child_main(
     kwargs: dict[str, Any],
     cpu_priority: int | None = None,
     io_priority: int | None = None,
+    after: int | None = None,
 ) -> None:
-    """Entry point of a forked per-request child."""
+    """Entry point of a forked per-request child. ``after`` is a pidfd of the child forked
+    before this one: its request runs first (see ``ForkOrder``)."""
     # The parent's heap may hold CUDA tensors: the child's GC must never free them.
     gc.disable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     apply_priorities(cpu_priority, io_priority)
+    if after is not None:
+        with contextlib.suppress(OSError, ValueError):
+            select.select([after], [], [])  # readable once that child has exited
     reply = run_request(call_idx, fn, args, kwargs)
     with contextlib.suppress(OSError):  # the parent is gone; nobody is left to tell
         conn.send(reply)
@@ -112,15 +118,23 @@ def persistent_main(
         elif isinstance(msg, Run):
             try:
                 conn.send(Started(msg.call_idx))
-                conn.send(_run_payload(msg.call_idx, msg.payload))
+                reply, fn = _run_payload(msg.call_idx, msg.payload)
+                conn.send(reply)
             except OSError:
                 break
+            # aiockpt's own writers leave the views they were given as they were.
+            _transport.restore_views(check=not _ours(fn))
     conn.close()
 
 
-def _run_payload(call_idx: int, payload: bytes) -> Reply:
+def _run_payload(call_idx: int, payload: bytes) -> tuple[Reply, Any]:
     try:
         fn, args, kwargs = _transport.loads(payload)
     except BaseException as exc:
-        return _failure(call_idx, 0.0, exc, "could not unpickle the request in the worker: ")
-    return run_request(call_idx, fn, args, kwargs)
+        return _failure(call_idx, 0.0, exc, "could not unpickle the request in the worker: "), None
+    return run_request(call_idx, fn, args, kwargs), fn
+
+
+def _ours(fn: Any) -> bool:
+    module = getattr(fn, "__module__", None) or ""
+    return module == "aiockpt" or module.startswith("aiockpt.")

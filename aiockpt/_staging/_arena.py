@@ -16,10 +16,13 @@ than ``torch.save`` would make it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
+import io
 import itertools
 import mmap
 import os
+import pickle
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ._scan import ALIGNMENT, PlanCache, Scan, StagingPlan, align, make_plan
+from ._scan import ALIGNMENT, PlanCache, Scan, StagingPlan, align, make_plan, plain_subclass
 from ._tree import map_tensors
 
 __all__ = ["ALIGNMENT", "StagedArgs", "StagingArena", "StagingBuffers", "StagingPlan", "make_plan"]
@@ -177,14 +180,110 @@ def build_views(slots: list[torch.Tensor], plan: StagingPlan) -> list[torch.Tens
     ]
 
 
-def like(original: torch.Tensor, staged: torch.Tensor) -> torch.Tensor:
-    """``staged`` as ``torch.save`` would keep ``original``: a ``Parameter`` stays one, and
-    ``requires_grad`` is kept (the staged copy shares ``staged``'s storage)."""
-    if type(original) is torch.nn.Parameter:
-        return torch.nn.Parameter(staged, requires_grad=original.requires_grad)
-    if original.requires_grad:
-        return staged.detach().requires_grad_(True)
-    return staged
+Dressing = tuple[type, bool, bool, bool, Any]
+
+
+def dressing(t: torch.Tensor) -> Dressing:
+    """What ``t`` is beyond a plain view of its storage: its class, ``requires_grad``, its
+    conjugate and negative bits, and its attributes (``torch.save`` keeps them all)."""
+    return (
+        type(t),
+        t.requires_grad,
+        t.dtype.is_complex and t.is_conj(),
+        t.is_neg(),
+        torch._utils._get_obj_state(t) or None,  # type: ignore[no-untyped-call]
+    )
+
+
+def dress(data: torch.Tensor, how: Dressing) -> torch.Tensor:
+    """A new tensor object over ``data``'s storage (a plain view, not modified) dressed as
+    ``how`` says; ``how[4]``, the attributes, is used as given (pass a copy)."""
+    cls, requires_grad, conj, neg, state = how
+    if conj:
+        data = data.conj()
+    if neg:
+        data = torch._neg_view(data)
+    if cls is torch.Tensor:
+        out = data.detach().requires_grad_(True) if requires_grad else data.detach()
+    else:
+        # A Parameter, or a subclass: made as Parameter.__new__ makes one, without calling
+        # the subclass's own __new__ or __init__ (torch.load does not call them either).
+        out = torch.Tensor._make_subclass(cls, data, requires_grad)
+    if state:
+        torch._utils._set_obj_state(out, state)  # type: ignore[no-untyped-call]
+    return out
+
+
+def copied(how: Dressing) -> Dressing:
+    """``how`` with a copy of its attributes, taken now (tensors among them snapshotted),
+    so that a change the caller makes later does not reach the checkpoint."""
+    state = how[4]
+    return (*how[:4], map_tensors(state, snapshot, copy.deepcopy) if state else None)
+
+
+def snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a tensor the arena does not hold, taken now, as ``torch.save`` would
+    keep it: an empty tensor keeps its shape, strides, class and attributes; sparse,
+    quantized, nested and wrapper-subclass tensors go through ``torch.save`` itself."""
+    if t.is_meta:
+        return t
+    if (
+        t.layout is torch.strided
+        and not t.is_quantized
+        and not t.is_nested
+        and (type(t) in (torch.Tensor, torch.nn.Parameter) or plain_subclass(type(t)))
+    ) and t.untyped_storage().nbytes() == 0:
+        data = torch.empty(0, dtype=t.dtype).set_(
+            torch.UntypedStorage(0),  # type: ignore[no-untyped-call]
+            t.storage_offset(),
+            t.shape,
+            t.stride(),
+        )
+        return dress(data, copied(dressing(t)))
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    buf.seek(0)
+    out: torch.Tensor = torch.load(buf, map_location="cpu", weights_only=False)
+    return out
+
+
+_ATOMIC = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
+
+
+class _Discard:
+    """A file that drops what is written to it (a dry-run pickle's sink)."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _holds_shared_storage(obj: Any) -> bool:
+    found = False
+
+    class Finder(pickle.Pickler):
+        def persistent_id(self, o: Any) -> Any:
+            nonlocal found
+            if isinstance(o, torch.UntypedStorage | torch.TypedStorage):
+                storage = o if isinstance(o, torch.UntypedStorage) else o._untyped_storage
+                if storage.device.type == "cpu" and storage.is_shared():
+                    found = True
+                return id(o)  # written as a reference: the bytes are not copied
+            return None
+
+    try:
+        Finder(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except Exception:
+        return False  # torch.save will report what cannot be pickled
+    return found
+
+
+def _unshared(obj: Any) -> Any:
+    """An object the walk does not open, for a forked worker: copied now when it holds a
+    tensor in shared memory (``share_memory_()``, a DataLoader worker's batch), which a
+    fork does not snapshot; returned as it is otherwise (the fork's copy-on-write does)."""
+    if isinstance(obj, _ATOMIC) or not _holds_shared_storage(obj):
+        return obj
+    return copy.deepcopy(obj)
 
 
 @dataclass
@@ -262,11 +361,14 @@ class StagingBuffers:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         scan: Scan | None = None,
+        snapshot_leaves: bool = False,
     ) -> StagedArgs:
         """Copy the tensors of ``args``/``kwargs`` into a free arena leased to ``owner``.
 
-        ``scan`` is :meth:`plan`'s result for these arguments, if already taken. Raises
-        ``LookupError`` when every arena is leased (release one, then call again).
+        ``scan`` is :meth:`plan`'s result for these arguments, if already taken. With
+        ``snapshot_leaves`` (a forked worker), objects the walk does not open are copied
+        when they hold tensors in shared memory. Raises ``LookupError`` when every arena
+        is leased (release one, then call again).
         """
         scan = scan if scan is not None else self.plan(args, kwargs)
         arena = None
@@ -275,7 +377,7 @@ class StagingBuffers:
                 arena = self._pick(scan.plan, grow=True)
                 arena.owner = owner
         try:
-            return self._copy(arena, scan, args, kwargs)
+            return self._copy(arena, scan, args, kwargs, snapshot_leaves)
         except BaseException:
             if arena is not None:
                 self.release(owner)
@@ -306,6 +408,7 @@ class StagingBuffers:
         scan: Scan,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        snapshot_leaves: bool,
     ) -> StagedArgs:
         devices: set[torch.device] = set()
         nbytes = 0
@@ -334,6 +437,7 @@ class StagingBuffers:
                         devices.add(src.device)
         staged: dict[int, torch.Tensor] = {}
         positions = iter(scan.index)
+        dressed = scan.dressed
 
         def copy_one(t: torch.Tensor) -> torch.Tensor:
             nonlocal nbytes
@@ -342,23 +446,21 @@ class StagingBuffers:
             if done is not None:
                 return done
             if index >= 0:
-                view = views[index]
-                dst = like(t, view)
-                if dst is not view and arena is not None:
-                    arena.wrapped[id(dst)] = (dst, index)
+                dst = views[index]
+                if index in dressed:
+                    dst = dress(dst, copied(dressing(t)))
+                    arena.wrapped[id(dst)] = (dst, index)  # type: ignore[union-attr]
             else:
-                src = t.detach()
-                if src.device.type == "meta":
-                    dst = src
-                else:
-                    dst = like(t, src.resolve_conj().resolve_neg().to("cpu", copy=True))
-                    nbytes += dst.numel() * dst.element_size()
-                    if src.is_cuda:
-                        devices.add(src.device)
+                dst = snapshot(t)
+                if not dst.is_meta and dst.layout is torch.strided:
+                    nbytes += dst.untyped_storage().nbytes()
+                if t.is_cuda:
+                    devices.add(t.device)
             staged[id(t)] = dst
             return dst
 
-        new_args, new_kwargs = map_tensors((tuple(args), dict(kwargs)), copy_one)
+        leaf = _unshared if snapshot_leaves else None
+        new_args, new_kwargs = map_tensors((tuple(args), dict(kwargs)), copy_one, leaf)
         for device in devices:
             torch.cuda.synchronize(device)
         return StagedArgs(new_args, new_kwargs, nbytes, arena)
@@ -369,17 +471,17 @@ class StagingBuffers:
         dst.copy_(src, non_blocking=pinned and t.is_cuda)
         return storage.nbytes()
 
-    def reference(self, t: torch.Tensor) -> tuple[int, int, bool, bool] | None:
-        """``(arena id, view index, is a Parameter, requires grad)`` of a tensor that
-        :meth:`stage` handed out as an arena view (or a wrapper of one), else None."""
+    def reference(self, t: torch.Tensor) -> tuple[int, int, Dressing | None] | None:
+        """``(arena id, view index, dressing)`` of a tensor that :meth:`stage` handed out
+        as an arena view (dressing None) or dressed one (see :func:`dress`), else None."""
         key = id(t)
         for arena in self._arenas:
             index = arena.view_index.get(key)
             if index is not None:
-                return arena.id, index, False, False
+                return arena.id, index, None
             wrapped = arena.wrapped.get(key)
             if wrapped is not None and wrapped[0] is t:
-                return arena.id, wrapped[1], type(t) is torch.nn.Parameter, t.requires_grad
+                return arena.id, wrapped[1], dressing(t)
         return None
 
     def release(self, owner: int) -> None:

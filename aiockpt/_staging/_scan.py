@@ -19,10 +19,27 @@ import torch
 from ._tree import iter_tensors
 
 ALIGNMENT = 64
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TENSOR = torch.Tensor
+_PARAMETER = torch.nn.Parameter
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+_plain_subclasses: dict[type, bool] = {}
 _STRIDED = torch.strided
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 _NOT_STAGED = -1
+
+
+def plain_subclass(cls: type) -> bool:
+    """Whether instances of the tensor subclass ``cls`` hold their data in their own
+    storage, as a plain tensor does (Python subclasses that only add methods, attributes
+    or ``__torch_function__``): such tensors are staged by storage and re-dressed. Wrapper
+    subclasses (``__torch_dispatch__``, ``__tensor_flatten__``: DTensor, fake tensors)
+    are copied whole."""
+    known = _plain_subclasses.get(cls)
+    if known is None:
+        known = _plain_subclasses[cls] = getattr(
+            cls, "__torch_dispatch__", _PLAIN_DISPATCH
+        ) is _PLAIN_DISPATCH and not hasattr(cls, "__tensor_flatten__")
+    return known
 
 
 def align(n: int) -> int:
@@ -55,6 +72,9 @@ class Scan:
     #: Per slot: a tensor whose storage fills it, and that storage's address.
     sources: list[torch.Tensor]
     pointers: list[int]
+    #: Indices in ``plan.tensors`` of tensors that are more than a plain view of their
+    #: storage (a Parameter, a subclass, requires_grad, attributes, conj/neg bits).
+    dressed: set[int]
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +99,7 @@ class PlanCache:
         sources: list[torch.Tensor] = []
         pointers: list[int] = []
         specs: list[Any] = []
+        dressed: set[int] = set()
         flat = iter_tensors(args)
         # Repeated tensor objects are rare: look for them only if there are any.
         repeats = len(set(map(id, flat))) != len(flat)
@@ -90,20 +111,25 @@ class PlanCache:
                     key.append(seen)
                     continue
             dtype = t.dtype
-            if (
-                type(t) not in _PLAIN
-                or t.layout is not _STRIDED
-                or dtype in _QUANTIZED
-                or t.is_nested
-                or t.is_meta
-                or t.is_neg()
-                or (dtype.is_complex and t.is_conj())
-            ):
-                # Sparse, quantized, nested, conjugate/negative views and subclasses are
-                # cloned; meta tensors pass as they are.
+            cls = type(t)
+            if cls is not _TENSOR and cls is not _PARAMETER and not plain_subclass(cls):
+                index.append(_NOT_STAGED)  # a wrapper subclass (its data is elsewhere)
+                key.append(_NOT_STAGED)
+                continue
+            if t.layout is not _STRIDED or dtype in _QUANTIZED or t.is_nested or t.is_meta:
+                # Sparse, quantized and nested tensors are copied whole; meta tensors pass.
                 index.append(_NOT_STAGED)
                 key.append(_NOT_STAGED)
                 continue
+            # What the arena's view lacks: its type, requires_grad, attributes, and the
+            # conjugate/negative bits (the arena holds the storage's bytes as they are).
+            dress = (
+                cls is not _TENSOR
+                or t.requires_grad
+                or bool(t.__dict__)
+                or t.is_neg()
+                or (dtype.is_complex and t.is_conj())
+            )
             storage = t.untyped_storage()
             cdata = storage._cdata
             slot = slot_of.get(cdata)
@@ -118,6 +144,8 @@ class PlanCache:
                 sources.append(t)
                 pointers.append(storage.data_ptr())
             spec = (slot, dtype, t.shape, t.stride(), t.storage_offset())
+            if dress:
+                dressed.add(len(specs))
             index.append(len(specs))
             specs.append(spec)
             key.append(spec)
@@ -128,7 +156,7 @@ class PlanCache:
         else:
             plan = _make_plan(sizes, specs)
             self._key, self._plan = key, plan
-        return Scan(plan, index, sources, pointers)
+        return Scan(plan, index, sources, pointers, dressed)
 
 
 def _make_plan(sizes: list[int], specs: list[Any]) -> StagingPlan:

@@ -29,33 +29,67 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+def _is_named_tuple(obj: Any) -> bool:
+    return hasattr(type(obj), "_make") and hasattr(obj, "_fields")
+
+
+def walked(obj: Any) -> bool:
+    """Whether the walk enters ``obj``: dicts (and subclasses), lists, exact tuples, named
+    tuples and dataclass instances. Anything else (a tuple subclass with its own
+    ``__new__``, a plain object holding tensors) is a leaf the walk does not open."""
+    if isinstance(obj, dict | list):
+        return True
+    if isinstance(obj, tuple):
+        return type(obj) is tuple or _is_named_tuple(obj)
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def map_tensors(
+    obj: Any, fn: Callable[[torch.Tensor], Any], leaf: Callable[[Any], Any] | None = None
+) -> Any:
     """Return ``obj`` with every tensor ``t`` inside it replaced by ``fn(t)``.
 
     Dicts keep their type and attributes (``model.state_dict()``'s ``_metadata`` survives),
-    named tuples stay named tuples, dataclass instances are copied with their fields mapped;
-    other objects are returned as they are.
+    named tuples stay named tuples, dataclass instances are copied with their fields mapped.
+    A container reached twice is copied once, so sharing and cycles survive as in
+    ``copy.deepcopy``. Other objects become ``leaf(obj)`` (themselves by default).
     """
+    return _map(obj, fn, leaf, {})
+
+
+def _map(obj: Any, fn: Callable[[torch.Tensor], Any], leaf: Any, memo: dict[int, Any]) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if not walked(obj):
+        return obj if leaf is None else leaf(obj)
+    key = id(obj)
+    done = memo.get(key)
+    if done is not None:
+        return done
     if isinstance(obj, dict):
         out = obj.copy() if type(obj) is dict else copy.copy(obj)
-        for key, value in obj.items():
+        memo[key] = out
+        for k, value in obj.items():
             # Most values of a state dict are tensors: skip the recursive call for them.
-            out[key] = fn(value) if type(value) in _TENSORS else map_tensors(value, fn)
+            out[k] = fn(value) if type(value) in _TENSORS else _map(value, fn, leaf, memo)
         return out
     if isinstance(obj, list):
-        return [map_tensors(v, fn) for v in obj]
+        out_list: list[Any] = []
+        memo[key] = out_list
+        out_list.extend(_map(v, fn, leaf, memo) for v in obj)
+        return out_list
     if isinstance(obj, tuple):
-        items = [map_tensors(v, fn) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = copy.copy(obj)  # type: ignore[arg-type]
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name, None)
-            object.__setattr__(out, f.name, map_tensors(value, fn))
-        return out
-    return obj
+        items = [_map(v, fn, leaf, memo) for v in obj]
+        done = memo.get(key)  # a cycle through this tuple made it already
+        if done is None:
+            done = memo[key] = type(obj)._make(items) if _is_named_tuple(obj) else tuple(items)  # type: ignore[attr-defined]
+        return done
+    out = copy.copy(obj)
+    memo[key] = out
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name, None)
+        object.__setattr__(out, f.name, _map(value, fn, leaf, memo))
+    return out
 
 
 def _children(obj: Any) -> Any:
@@ -63,44 +97,51 @@ def _children(obj: Any) -> Any:
         return obj.values()
     if isinstance(obj, list | tuple):
         return obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
-    return ()
+    return [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
 
 
-def path_of(obj: Any, target: torch.Tensor, here: str = "") -> str | None:
+def path_of(obj: Any, target: torch.Tensor) -> str | None:
     """Where ``target`` sits inside ``obj`` (``"[0]['model']['weight']"``), None if it
     is not there. Walks the whole structure: for error messages only."""
+    return _path(obj, target, "", set())
+
+
+def _path(obj: Any, target: torch.Tensor, here: str, seen: set[int]) -> str | None:
     if obj is target:
         return here
+    if isinstance(obj, torch.Tensor) or not walked(obj) or id(obj) in seen:
+        return None
+    seen.add(id(obj))
     if isinstance(obj, dict):
         items: Any = obj.items()
     elif isinstance(obj, list | tuple):
         items = enumerate(obj)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        items = ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
     else:
-        return None
+        items = ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
     for key, value in items:
-        found = path_of(value, target, f"{here}[{key!r}]")
+        found = _path(value, target, f"{here}[{key!r}]", seen)
         if found is not None:
             return found
     return None
 
 
 def iter_tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor inside ``obj``, in traversal order (a tensor reached twice appears twice)."""
+    """Every tensor inside ``obj``, in the order :func:`map_tensors` meets them: a tensor
+    reached twice appears twice, a container reached twice is entered once."""
     out: list[torch.Tensor] = []
-    _collect(obj, out)
+    _collect(obj, out, set())
     return out
 
 
-def _collect(obj: Any, out: list[torch.Tensor]) -> None:
+def _collect(obj: Any, out: list[torch.Tensor], seen: set[int]) -> None:
     if isinstance(obj, torch.Tensor):
         out.append(obj)
         return
+    if not walked(obj) or id(obj) in seen:
+        return
+    seen.add(id(obj))
     for value in _children(obj):
         if type(value) in _TENSORS:
             out.append(value)
         else:
-            _collect(value, out)
+            _collect(value, out, seen)

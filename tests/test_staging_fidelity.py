@@ -1,0 +1,209 @@
+"""Staging keeps what ``torch.save`` keeps: what a checkpoint holds is compared with a
+``torch.save`` of the same object taken when the save was scheduled (classes,
+attributes, requires_grad, conjugate/negative bits, strides, shared storages, shared and
+cyclic containers), for the forked and the persistent worker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ckpt_helpers import (
+    make_gate,
+    mark_then_save,
+    open_gate,
+    tamper_then_save,
+    torch_save,
+    wait_gate,
+    wait_then_write,
+)
+from fidelity import as_saved, as_torch_saves
+
+from aiockpt import AsyncRequest, CheckpointQueue, TorchCheckpoint
+
+
+class FlaggedParameter(torch.nn.Parameter):
+    """A Parameter subclass, as Megatron-style code makes them."""
+
+
+class TaggedTensor(torch.Tensor):
+    """A plain Python tensor subclass (no ``__torch_dispatch__``)."""
+
+
+class Pair(tuple):
+    """A tuple subclass whose ``__new__`` does not take an iterable."""
+
+    def __new__(cls, a: Any, b: Any) -> Pair:
+        return super().__new__(cls, (a, b))
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        return tuple(self)
+
+
+class Holder:
+    """A plain object holding a tensor: the staging walk does not open it."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+def _attributes() -> dict[str, Any]:
+    t = torch.randn(3)
+    t.note = "x"
+    p = torch.nn.Parameter(torch.randn(4))
+    p.tensor_model_parallel = True
+    p.partition_dim = 0
+    fp = FlaggedParameter(torch.randn(2))
+    fp.flag = 7
+    tagged = torch.randn(5).as_subclass(TaggedTensor)
+    tagged.tag = "sub"
+    tagged.scale = torch.full((2,), 0.5)  # a tensor-valued attribute
+    return {"t": t, "p": p, "fp": fp, "tagged": tagged}
+
+
+def _empty() -> dict[str, Any]:
+    return {
+        "param0": torch.nn.Parameter(torch.empty(0)),
+        "grad0": torch.empty(0, 3, requires_grad=True),
+        "plain0": torch.empty(2, 0).t(),
+    }
+
+
+def _shared_containers() -> dict[str, Any]:
+    shared = {"w": torch.ones(2)}
+    listed = [torch.zeros(1), shared]
+    return {"x": shared, "y": shared, "l": listed, "again": listed}
+
+
+def _cyclic() -> dict[str, Any]:
+    cyc: dict[str, Any] = {"w": torch.ones(1)}
+    cyc["self"] = cyc
+    loop: list[Any] = [torch.arange(3)]
+    loop.append(loop)
+    return {"c": cyc, "loop": loop}
+
+
+def _bits() -> dict[str, Any]:
+    x = torch.randn(4, 3, dtype=torch.complex64)
+    r = torch.randn(6)
+    return {"x": x, "conj": x.conj(), "conj_t": x.t().conj(), "r": r, "neg": torch._neg_view(r)}
+
+
+def _expanded() -> dict[str, Any]:
+    return {
+        "e": torch.randn(1).expand(1 << 22),
+        "tagged": torch.randn(1).as_subclass(TaggedTensor).expand(1 << 22),
+        "conj": torch.randn(1, dtype=torch.complex64).conj().expand(1 << 20),
+    }
+
+
+def _refused_before() -> dict[str, Any]:
+    return {
+        "storage": torch.arange(3, dtype=torch.float32).untyped_storage(),
+        "q4": torch.quantize_per_tensor(torch.rand(8), 0.1, 0, torch.quint4x2),
+        "pair": Pair(torch.ones(1), 2),
+    }
+
+
+CASES = {
+    "attributes_parameters_and_subclasses": _attributes,
+    "empty_tensors_keep_class_and_requires_grad": _empty,
+    "containers_referenced_twice_stay_one_object": _shared_containers,
+    "cyclic_containers": _cyclic,
+    "conjugate_and_negative_views_share_their_base": _bits,
+    "expanded_tensors_stay_small": _expanded,
+    "storages_quint4x2_and_tuple_subclasses": _refused_before,
+}
+
+
+@pytest.fixture(params=[False, True], ids=["fork", "persistent"])
+def ckpt(request: pytest.FixtureRequest) -> Iterator[TorchCheckpoint]:
+    c = TorchCheckpoint(persistent=request.param)
+    yield c
+    c.close()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_checkpoint_holds_what_torch_save_keeps(
+    ckpt: TorchCheckpoint, tmp_path: Path, case: str
+) -> None:
+    sd = CASES[case]()
+    want = as_torch_saves(sd)
+    ckpt.async_save(sd, tmp_path / "ckpt.pt")
+    assert ckpt.finalize_async_save(blocking=True) == [0]
+    assert as_saved(str(tmp_path / "ckpt.pt")) == want
+    if case == "expanded_tensors_stay_small":
+        assert os.path.getsize(tmp_path / "ckpt.pt") < 64 << 10  # not 16 MiB materialised
+
+
+def test_attributes_changed_after_the_save_is_scheduled_are_not_saved(
+    ckpt: TorchCheckpoint, tmp_path: Path
+) -> None:
+    sd = _attributes()
+    want = as_torch_saves(sd)
+    ckpt.async_save(sd, tmp_path / "ckpt.pt")
+    sd["t"].note = "changed"
+    sd["p"].partition_dim = 1
+    sd["tagged"].scale.fill_(9.0)
+    sd["fp"].requires_grad_(False)
+    ckpt.finalize_async_save(blocking=True)
+    assert as_saved(str(tmp_path / "ckpt.pt")) == want
+
+
+def test_a_persistent_worker_request_never_sees_what_an_earlier_one_did_to_its_tensors(
+    tmp_path: Path,
+) -> None:
+    with CheckpointQueue(persistent=True) as queue:
+        first = {"a": torch.full((4,), 1.25), "b": torch.full((3,), 2.0)}
+        queue.schedule_async_request(
+            AsyncRequest(tamper_then_save, (first, str(tmp_path / "1")), [])
+        )
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+        second = {"a": torch.full((4,), 3.125), "b": torch.full((3,), 4.0)}
+        want = as_torch_saves(second)
+        queue.schedule_async_request(AsyncRequest(torch_save, (second, str(tmp_path / "2")), []))
+        assert queue.maybe_finalize_async_calls(blocking=True) == [1]
+    tampered = torch.load(tmp_path / "1", weights_only=False)
+    assert tampered["a"].dtype == torch.bfloat16 and tampered["b"].requires_grad  # it did
+    assert as_saved(str(tmp_path / "2")) == want
+
+
+def test_forked_saves_to_one_path_land_in_scheduling_order(tmp_path: Path) -> None:
+    path = str(tmp_path / "latest.pt")
+    gate, marker = make_gate(str(tmp_path), "gate"), str(tmp_path / "second-started")
+    with CheckpointQueue(persistent=False, max_staging_copies=2) as queue:
+        # The older save is held back; the newer one is ready to write at once.
+        older = {"step": 1, "w": torch.ones(4)}
+        queue.schedule_async_request(AsyncRequest(wait_then_write, (older, gate, path), []))
+        newer = {"step": 2, "w": torch.full((2,), 2.0)}
+        queue.schedule_async_request(AsyncRequest(mark_then_save, (newer, marker, path), []))
+        try:
+            # The newer one must not start while the older one runs: give it every chance.
+            with pytest.raises(TimeoutError):
+                wait_gate(marker, timeout=2.0)
+        finally:
+            open_gate(gate)
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1]
+    assert os.path.exists(marker)
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 2 and torch.equal(saved["w"], newer["w"])
+
+
+def test_a_forked_save_snapshots_shared_memory_the_walk_cannot_reach(tmp_path: Path) -> None:
+    shared = torch.zeros(4).share_memory_()
+    gate = make_gate(str(tmp_path), "gate")
+    path = str(tmp_path / "held.pt")
+    with CheckpointQueue(persistent=False) as queue:
+        sd = {"holder": Holder(shared), "plain": torch.ones(2)}
+        queue.schedule_async_request(AsyncRequest(wait_then_write, (sd, gate, path), []))
+        shared.fill_(7.0)  # after the save was scheduled: must not reach the file
+        open_gate(gate)
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+    saved = torch.load(path, weights_only=False)
+    assert torch.equal(saved["holder"].t, torch.zeros(4))
+    assert torch.equal(shared, torch.full((4,), 7.0))
