@@ -461,6 +461,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                     self._state = _State.DRAINING
                     if self._stage_send is not None:
                         self._stage_send.close()
+                    if self._engine is not None:
+                        self._engine.closing()
                 if self._state is _State.DRAINING:
                     await self._drain()
                     if self._force is not None:

@@ -501,3 +501,20 @@ def test_the_default_worker_is_forked_from_a_forkserver_that_has_torch(tmp_path:
         "worker_parent_is_server": True,
         "server_has_torch": True,
     }
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["fork", "persistent"])
+def test_a_closed_queue_leaves_no_copy_thread_after_a_large_save(
+    tmp_path: Path, persistent: bool
+) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    big = torch.arange(12 << 20, dtype=torch.float32)  # 48 MiB: copied by two threads
+    with CheckpointQueue(persistent=persistent) as queue:
+        queue.schedule_async_request(AsyncRequest(write_value, (big, str(tmp_path / "a")), []))
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+        helpers = [t.name for t in threading.enumerate() if t.name.startswith("aiockpt-copy")]
+        assert helpers  # the large copy did use a helper
+    left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert left == []
+    with open(tmp_path / "a", "rb") as f:
+        assert torch.equal(pickle.load(f), big)

@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import torch
 from ckpt_helpers import make_gate, wait_then_write, write_value
 
+import aiockpt._core._persistent as persistent_module
 from aiockpt import (
     AsyncRequest,
     CheckpointQueue,
@@ -23,6 +25,7 @@ from aiockpt import (
     TorchCheckpoint,
     WorkerCrashedError,
 )
+from aiockpt._core._process import stop_process
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,7 +45,7 @@ def _worker_pid(ckpt: TorchCheckpoint) -> int:
 
 
 def test_a_worker_that_does_not_read_never_blocks_scheduling(tmp_path: Path) -> None:
-    ckpt = TorchCheckpoint(save_timeout=10.0, max_staging_copies=2)
+    ckpt = TorchCheckpoint(save_timeout=20.0, max_staging_copies=2)
     try:
         state = _many_tensors()
         ckpt.async_save(state, str(tmp_path / "warm.pt"))
@@ -52,7 +55,7 @@ def test_a_worker_that_does_not_read_never_blocks_scheduling(tmp_path: Path) -> 
         # sent by a thread, it cannot block the caller.
         ckpt.async_save(_many_tensors(), str(tmp_path / "a.pt"))
         ckpt.async_save({"x": _many_tensors()}, str(tmp_path / "b.pt"))
-        with pytest.raises(SaveTimeoutError, match=r"call 1 .* save_timeout=10.0s"):
+        with pytest.raises(SaveTimeoutError, match=r"call 1 .* save_timeout=20.0s"):
             ckpt.finalize_async_save(blocking=True)
         with pytest.raises(WorkerCrashedError, match=r"call 2 on rank 0 was killed .* before it"):
             ckpt.finalize_async_save(blocking=True)
@@ -156,3 +159,66 @@ def test_exit_gives_up_on_a_stuck_worker_at_its_save_deadline(
         if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_close_waits_for_a_worker_that_never_became_ready_no_longer_than_save_timeout(
+    tmp_path: Path,
+) -> None:
+    ckpt = TorchCheckpoint(start_method="spawn", save_timeout=2.0, start_timeout=600.0)
+    caller = ckpt.queue._engine._persistent_caller
+    assert caller is not None
+    caller.start()
+    assert caller.process is not None and caller.process.pid is not None
+    os.kill(caller.process.pid, signal.SIGSTOP)  # stuck in its import: never ready
+    try:
+        ckpt.async_save({"w": torch.ones(3)}, str(tmp_path / "a.pt"))
+        # Not start_timeout (600 s): the close's own bound ends the wait.
+        with pytest.raises(
+            SaveTimeoutError,
+            match=r"call 0 .* did not start within save_timeout=2.0s of closing the queue: "
+            r"its worker was still starting",
+        ):
+            ckpt.close()
+    finally:
+        ckpt.close(abort=True)
+    assert not (tmp_path / "a.pt").exists()
+
+
+def test_a_stopped_idle_worker_is_woken_to_take_its_sigterm_at_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exits: list[int | None] = []
+
+    def stop_and_record(process: Any, grace: float, sigterm_timeout: float = 0.0) -> None:
+        stop_process(process, grace, sigterm_timeout)
+        exits.append(process.exitcode)
+
+    monkeypatch.setattr(persistent_module, "stop_process", stop_and_record)
+    ckpt = TorchCheckpoint(sigterm_timeout=20.0)
+    os.kill(_worker_pid(ckpt), signal.SIGSTOP)  # a debugger, or a job control stop
+    ckpt.close()
+    # SIGTERM (then SIGCONT) ended it; a worker left stopped would have needed SIGKILL.
+    assert exits[0] == -signal.SIGTERM
+
+
+_FORKSERVER_AT_CONSTRUCTION = """
+from multiprocessing import forkserver
+from aiockpt import TorchCheckpoint
+
+if __name__ == "__main__":
+    assert getattr(forkserver._forkserver, "_forkserver_pid", None) is None
+    ckpt = TorchCheckpoint()
+    print("RUNNING", forkserver._forkserver._forkserver_pid is not None, flush=True)
+    ckpt.close()
+"""
+
+
+def test_the_forkserver_starts_importing_torch_when_the_checkpoint_is_made(
+    tmp_path: Path,
+) -> None:
+    # The first save would otherwise wait for the forkserver's import of torch (seconds).
+    script = tmp_path / "construct.py"
+    script.write_text(_FORKSERVER_AT_CONSTRUCTION)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "RUNNING True" in done.stdout

@@ -119,6 +119,7 @@ class CallsEngine:
         self.call_idx = -1
         self.closed = False
         self._cancelled: set[int] = set()
+        self._closing_since: float | None = None  # when refuse_new was first called
         self._lock = threading.Lock()  # engine state only; each caller locks its own process
         self._changed = threading.Condition(self._lock)
         self._reading = False  # a thread is blocked on the workers' connections
@@ -258,6 +259,26 @@ class CallsEngine:
         progress to register its call, so the close sees it."""
         with self._schedule_lock:
             self.closed = True
+        self.closing()
+
+    def closing(self) -> None:
+        """A close has begun: from now on a call still waiting for its worker to start is
+        given ``save_timeout`` from this moment (see :meth:`_since`)."""
+        with self._lock:
+            if self._closing_since is None:
+                self._closing_since = time.monotonic()
+                _ping(self._news_w)  # a waiting reader recomputes its deadline
+                _ping(self._wake_w)
+
+    def _since(self, call: Call) -> float | None:
+        """When ``call``'s save deadline started: when its worker began it, or, for a call
+        still waiting for its worker (one that is starting) while the queue closes, when
+        the close began, so that a close never waits more than ``save_timeout``."""
+        since: float | None = call.caller.running_since(call.call_idx)
+        if since is None and self._closing_since is not None:
+            call.timed_out_unstarted = True
+            return self._closing_since
+        return since
 
     def _schedule_failed(
         self, call: Call, caller: AsyncCaller | None, exc: BaseException, start: float
@@ -371,12 +392,21 @@ class CallsEngine:
 
     def _timeout_outcome(self, call: Call, within: str = "") -> LocalOutcome:
         within = within or f"save_timeout={self.options.save_timeout}s"
+        if call.timed_out_unstarted and call.caller.running_since(call.call_idx) is None:
+            what = (
+                f"did not start within {within} of closing the queue: its worker was still "
+                "starting (importing) and was killed, and the checkpoint was not written. "
+                "Check what the worker's import waits for (start_timeout bounds it)"
+            )
+        else:
+            what = (
+                f"did not finish within {within}; its worker was killed and the checkpoint "
+                "was not written. Check the storage; the next request starts a fresh worker"
+            )
         return LocalOutcome(
             call.call_idx,
             error=SaveTimeoutError(
-                f"checkpoint call {call.call_idx} ({call.target}) on rank {get_rank()} did not "
-                f"finish within {within}; its worker was killed and the checkpoint was not "
-                "written. Check the storage; the next request starts a fresh worker",
+                f"checkpoint call {call.call_idx} ({call.target}) on rank {get_rank()} {what}",
                 call_idx=call.call_idx,
                 rank=get_rank(),
             ),
@@ -388,7 +418,7 @@ class CallsEngine:
             return
         now = time.monotonic()
         for call in self._running.values():
-            since = call.caller.running_since(call.call_idx)
+            since = self._since(call)
             if not call.timed_out and since is not None and now >= since + limit:
                 call.timed_out = True
                 call.caller.kill()
@@ -398,7 +428,7 @@ class CallsEngine:
         limit = self.options.save_timeout
         if limit is not None:
             for call in self._running.values():
-                since = call.caller.running_since(call.call_idx)
+                since = self._since(call)
                 if since is not None and not call.timed_out:
                     instants.append(since + limit)
         return min(instants) if instants else None

@@ -56,6 +56,16 @@ def worker_context(start_method: str) -> BaseContext:
     return ctx
 
 
+def _start_forkserver() -> None:
+    """Start the forkserver now (it returns at once; the server imports torch on its own),
+    so that by the first save its import is done: the first worker start waits for it."""
+    from multiprocessing import forkserver
+
+    worker_context("forkserver")
+    with contextlib.suppress(Exception):  # the first start will say what is wrong
+        forkserver.ensure_running()
+
+
 class PersistentAsyncCaller(AsyncCaller):
     """One long-lived worker process that serves requests in order.
 
@@ -81,6 +91,8 @@ class PersistentAsyncCaller(AsyncCaller):
             )
         super().__init__(completion, settings)
         self.start_method = start_method
+        if start_method == "forkserver":
+            _start_forkserver()
         self.process: BaseProcess | None = None
         self._watch: DeathWatch | None = None
         self._conn: Connection | None = None

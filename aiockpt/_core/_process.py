@@ -27,6 +27,9 @@ def stop_process(process: BaseProcess, grace: float, sigterm_timeout: float = 0.
     process.join(grace)
     if process.is_alive() and sigterm_timeout > 0:
         process.terminate()
+        if process.pid is not None:  # a stopped process (SIGSTOP, a debugger) must wake
+            with contextlib.suppress(OSError):  # to act on SIGTERM: it would cost the wait
+                os.kill(process.pid, signal.SIGCONT)
         process.join(sigterm_timeout)
     if process.is_alive():
         process.kill()

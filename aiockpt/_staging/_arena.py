@@ -37,20 +37,13 @@ from ._tree import map_tensors
 __all__ = ["ALIGNMENT", "StagedArgs", "StagingArena", "StagingBuffers", "StagingPlan", "make_plan"]
 _layout_versions = itertools.count(1)
 _SPLIT_COPY = 32 << 20  # storages from this size are copied by two threads
-_copy_pool: ThreadPoolExecutor | None = None
 
 
-def _split_memmove(dst: int, src: int, nbytes: int) -> None:
-    """memmove on two threads (ctypes releases the GIL): the helper copies the second
-    half while this thread copies the first."""
-    global _copy_pool
-    if _copy_pool is None or (os.cpu_count() or 1) < 2:
-        if (os.cpu_count() or 1) < 2:
-            ctypes.memmove(dst, src, nbytes)
-            return
-        _copy_pool = ThreadPoolExecutor(1, thread_name_prefix="aiockpt-copy")
+def _split_memmove(pool: ThreadPoolExecutor, dst: int, src: int, nbytes: int) -> None:
+    """memmove on two threads (ctypes releases the GIL): the pool's thread copies the
+    second half while this thread copies the first."""
     half = nbytes // 2 // mmap.PAGESIZE * mmap.PAGESIZE
-    done = _copy_pool.submit(ctypes.memmove, dst + half, src + half, nbytes - half)
+    done = pool.submit(ctypes.memmove, dst + half, src + half, nbytes - half)
     try:
         ctypes.memmove(dst, src, half)
     finally:
@@ -322,7 +315,18 @@ class StagingBuffers:
         self._arenas: list[StagingArena] = []
         self._lock = threading.Lock()
         self._plans = PlanCache()
+        self._pool: ThreadPoolExecutor | None = None  # the helper of large copies
         self.allocations = 0  # arenas created so far: a warm save does not add one
+
+    def _copy_pool(self) -> ThreadPoolExecutor | None:
+        """The thread that copies half of each large storage (None: copy on one thread);
+        it lives until :meth:`close`."""
+        if self.single_threaded or (os.cpu_count() or 1) < 2:
+            return None
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="aiockpt-copy")
+            return self._pool
 
     @property
     def arenas(self) -> list[StagingArena]:
@@ -427,8 +431,8 @@ class StagingBuffers:
                     # memmove: no per-call dispatch, and no intra-op threads, whose
                     # spin-waits stall the copy on a busy machine. Large storages are
                     # split with one helper thread unless staging is single-threaded.
-                    if size >= _SPLIT_COPY and not self.single_threaded:
-                        _split_memmove(base + offset, scan.pointers[slot], size)
+                    if size >= _SPLIT_COPY and (pool := self._copy_pool()) is not None:
+                        _split_memmove(pool, base + offset, scan.pointers[slot], size)
                     else:
                         memmove(base + offset, scan.pointers[slot], size)
                 else:
@@ -511,8 +515,12 @@ class StagingBuffers:
         arena.free()
 
     def close(self) -> None:
-        """Free every arena (leased or not): call only when no worker reads them any more."""
+        """Free every arena (leased or not) and stop the copy helper thread: call only when
+        no worker reads them any more."""
         with self._lock:
             for arena in list(self._arenas):
                 with contextlib.suppress(Exception):
                     self._drop(arena)
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
