@@ -365,7 +365,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 self._state = _State.CLOSED
                 raise
         try:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            # A real checkpoint: an asyncio Task.cancel() that came while the engine was
+            # made (re-armed by run_to_end) is raised here, not at the block's first await.
+            await anyio.lowlevel.checkpoint()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._in_thread(self.engine.stop_workers)

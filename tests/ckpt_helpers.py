@@ -286,3 +286,33 @@ def mark_then_save(state: Any, marker: str, path: str) -> str:
     open_gate(marker)
     torch.save(state, path)
     return path
+
+
+def move_then_save(state: Any, path: str) -> str:
+    """Save ``state`` after moving its tensors' storages to fresh shared memory, as
+    handing them to another process through torch.multiprocessing does."""
+    for v in state.values():
+        v.untyped_storage().share_memory_()
+    torch.save(state, path)
+    return path
+
+
+def grad_and_hook_then_save(state: Any, path: str) -> str:
+    """Save ``state`` after giving its tensors a ``.grad`` and a backward hook."""
+    for v in state.values():
+        v.grad = torch.full_like(v, 7.0)
+        v.requires_grad_(True)
+        v.register_hook(lambda g: g)
+        v.requires_grad_(False)
+    torch.save(state, path)
+    return path
+
+
+def report_grad_then_save(state: Any, path: str) -> str:
+    """Save ``state``; write to ``path + ".seen"`` each tensor's ``(grad, has hooks)``
+    as this request received it."""
+    seen = {k: (v.grad, bool(v._backward_hooks)) for k, v in state.items()}
+    with open(path + ".seen", "wb") as f:
+        pickle.dump(seen, f)
+    torch.save(state, path)
+    return path

@@ -24,6 +24,8 @@ def _describe(obj: Any, seen: dict[int, int], storages: dict[int, int], ids: Any
     if id(obj) in seen:
         return ("same object as", seen[id(obj)])
     seen[id(obj)] = next(ids)
+    if isinstance(obj, torch.nn.parameter.UninitializedTensorMixin):
+        return (type(obj).__name__, "uninitialized", obj.requires_grad)
     if isinstance(obj, torch.Tensor):
         state = {k: _describe(v, seen, storages, ids) for k, v in vars(obj).items()}
         head = (type(obj).__name__, obj.dtype, tuple(obj.shape), obj.requires_grad, state)

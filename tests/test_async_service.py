@@ -22,7 +22,12 @@ import anyio
 import pytest
 import torch
 from async_backends import BACKENDS
-from ckpt_helpers import open_gate, raise_value_error, wait_then_write, write_value
+from ckpt_helpers import (
+    open_gate,
+    raise_value_error,
+    wait_then_write,
+    write_value,
+)
 
 from aiockpt import (
     AsyncCheckpointManager,
@@ -782,3 +787,38 @@ async def test_a_manager_save_cut_by_a_timeout_still_settles_its_step(
         assert await mgr.acommitted_steps() == [1]
         await (await mgr.save(2, _state()))
         assert await mgr.acommitted_steps() == [1, 2]
+
+
+async def test_a_task_cancelled_while_the_queue_opens_never_runs_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not isinstance(anyio.lowlevel.current_token().native_token, asyncio.AbstractEventLoop):
+        pytest.skip("Task.cancel() is asyncio's")
+    started, proceed = threading.Event(), threading.Event()
+    real = AsyncCheckpointQueue._make_engine
+
+    def held_open(self: AsyncCheckpointQueue) -> None:
+        started.set()
+        proceed.wait(30)
+        real(self)
+
+    monkeypatch.setattr(AsyncCheckpointQueue, "_make_engine", held_open)
+    ran: list[str] = []
+    engines: list[Any] = []
+
+    async def enter() -> None:
+        queue = AsyncCheckpointQueue()
+        try:
+            async with queue:
+                ran.append("body")  # must not run: the task was cancelled while opening
+        finally:
+            engines.append(queue._engine)
+
+    task = asyncio.create_task(enter())
+    assert await anyio.to_thread.run_sync(started.wait, 30)
+    task.cancel()
+    proceed.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ran == []
+    assert engines[0] is not None and engines[0].closed  # its worker was stopped

@@ -6,6 +6,7 @@ cyclic containers), for the forked and the persistent worker."""
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,12 @@ from typing import Any
 import pytest
 import torch
 from ckpt_helpers import (
+    grad_and_hook_then_save,
     make_gate,
     mark_then_save,
+    move_then_save,
     open_gate,
+    report_grad_then_save,
     tamper_then_save,
     torch_save,
     wait_gate,
@@ -24,6 +28,7 @@ from ckpt_helpers import (
 from fidelity import as_saved, as_torch_saves
 
 from aiockpt import AsyncRequest, CheckpointQueue, TorchCheckpoint
+from aiockpt.utils import wrap_for_async
 
 
 class FlaggedParameter(torch.nn.Parameter):
@@ -46,6 +51,37 @@ class Pair(tuple):
 
 class Holder:
     """A plain object holding a tensor: the staging walk does not open it."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class Scaled(torch.Tensor):
+    """A tensor subclass that pickles its attributes through __getstate__/__setstate__."""
+
+    def __getstate__(self) -> Any:
+        return ({"scale": self.scale}, None) if self.tuple_state else {"scale": self.scale}
+
+    def __setstate__(self, state: Any) -> None:
+        self.scale = (state[0] if isinstance(state, tuple) else state)["scale"]
+        self.tuple_state = isinstance(state, tuple)
+
+
+class WriteOnce(dict):  # type: ignore[type-arg]
+    """A dict subclass whose keys cannot be set twice."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key in self:
+            raise KeyError(f"{key} already set")
+        super().__setitem__(key, value)
+
+
+class Notes(list):  # type: ignore[type-arg]
+    """A list subclass with attributes."""
+
+
+class Record:
+    """A plain object holding a non-leaf tensor (deepcopy refuses those)."""
 
     def __init__(self, t: torch.Tensor) -> None:
         self.t = t
@@ -109,6 +145,27 @@ def _refused_before() -> dict[str, Any]:
     }
 
 
+def _unusual_classes() -> dict[str, Any]:
+    scaled = []
+    for tuple_state in (False, True):
+        t = torch.randn(3).as_subclass(Scaled)
+        t.scale, t.tuple_state = 2.5, tuple_state
+        scaled.append(t)
+    once = WriteOnce()
+    once["w"] = torch.ones(2)
+    notes = Notes([torch.zeros(2), 3])
+    notes.note = "x"
+    p = torch.nn.Parameter(torch.randn(2))
+    p.record = Record(torch.randn(2, requires_grad=True) * 2)  # a non-leaf
+    return {
+        "lazy": torch.nn.LazyLinear(4).state_dict(),
+        "scaled": scaled,
+        "once": once,
+        "notes": notes,
+        "p": p,
+    }
+
+
 CASES = {
     "attributes_parameters_and_subclasses": _attributes,
     "empty_tensors_keep_class_and_requires_grad": _empty,
@@ -117,6 +174,7 @@ CASES = {
     "conjugate_and_negative_views_share_their_base": _bits,
     "expanded_tensors_stay_small": _expanded,
     "storages_quint4x2_and_tuple_subclasses": _refused_before,
+    "lazy_parameters_setstate_subclasses_strict_dicts_list_subclasses": _unusual_classes,
 }
 
 
@@ -173,6 +231,30 @@ def test_a_persistent_worker_request_never_sees_what_an_earlier_one_did_to_its_t
     assert as_saved(str(tmp_path / "2")) == want
 
 
+@pytest.mark.parametrize("tamper", ["move_storage", "grad_and_hook", "wrapped_function"])
+def test_a_persistent_worker_restores_views_however_a_request_changed_them(
+    tmp_path: Path, tamper: str
+) -> None:
+    fn: Any = {
+        "move_storage": move_then_save,
+        "grad_and_hook": grad_and_hook_then_save,
+        "wrapped_function": wrap_for_async(tamper_then_save),
+    }[tamper]
+    with CheckpointQueue(persistent=True) as queue:
+        first = {"a": torch.full((4,), 1.25), "b": torch.full((3,), 2.0)}
+        queue.schedule_async_request(AsyncRequest(fn, (first, str(tmp_path / "1")), []))
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+        for step in (2, 3):
+            state = {"a": torch.full((4,), float(step)), "b": torch.full((3,), step * 10.0)}
+            want = as_torch_saves(state)
+            request = AsyncRequest(report_grad_then_save, (state, str(tmp_path / f"{step}")), [])
+            queue.schedule_async_request(request)
+            assert queue.maybe_finalize_async_calls(blocking=True) == [step - 1]
+            assert as_saved(str(tmp_path / f"{step}")) == want
+            with open(tmp_path / f"{step}.seen", "rb") as f:
+                assert pickle.load(f) == {"a": (None, False), "b": (None, False)}
+
+
 def test_forked_saves_to_one_path_land_in_scheduling_order(tmp_path: Path) -> None:
     path = str(tmp_path / "latest.pt")
     gate, marker = make_gate(str(tmp_path), "gate"), str(tmp_path / "second-started")
@@ -192,6 +274,21 @@ def test_forked_saves_to_one_path_land_in_scheduling_order(tmp_path: Path) -> No
     assert os.path.exists(marker)
     saved = torch.load(path, weights_only=True)
     assert saved["step"] == 2 and torch.equal(saved["w"], newer["w"])
+
+
+def test_a_forked_save_snapshots_numpy_views_of_shared_memory(tmp_path: Path) -> None:
+    shared = torch.zeros(4).share_memory_()
+    gate = make_gate(str(tmp_path), "gate")
+    path = str(tmp_path / "held.pt")
+    with CheckpointQueue(persistent=False) as queue:
+        sd = {"array": shared.numpy(), "holder": Holder(shared.numpy())}
+        queue.schedule_async_request(AsyncRequest(wait_then_write, (sd, gate, path), []))
+        shared.fill_(7.0)  # after the save was scheduled: must not reach the file
+        open_gate(gate)
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+    saved = torch.load(path, weights_only=False)
+    assert saved["array"].tolist() == [0.0] * 4
+    assert saved["holder"].t.tolist() == [0.0] * 4
 
 
 def test_a_forked_save_snapshots_shared_memory_the_walk_cannot_reach(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
@@ -136,5 +137,7 @@ def _run_payload(call_idx: int, payload: bytes) -> tuple[Reply, Any]:
 
 
 def _ours(fn: Any) -> bool:
+    """Whether ``fn`` is one of aiockpt's own writers (a plain function of the package,
+    not a wrapper around a user's function)."""
     module = getattr(fn, "__module__", None) or ""
-    return module == "aiockpt" or module.startswith("aiockpt.")
+    return isinstance(fn, types.FunctionType) and module.startswith("aiockpt.")

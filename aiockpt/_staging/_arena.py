@@ -23,6 +23,7 @@ import itertools
 import mmap
 import os
 import pickle
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -174,6 +175,7 @@ def build_views(slots: list[torch.Tensor], plan: StagingPlan) -> list[torch.Tens
 
 
 Dressing = tuple[type, bool, bool, bool, Any]
+_TENSOR_SETSTATE = torch.Tensor.__setstate__
 
 
 def dressing(t: torch.Tensor) -> Dressing:
@@ -203,7 +205,11 @@ def dress(data: torch.Tensor, how: Dressing) -> torch.Tensor:
         # the subclass's own __new__ or __init__ (torch.load does not call them either).
         out = torch.Tensor._make_subclass(cls, data, requires_grad)
     if state:
-        torch._utils._set_obj_state(out, state)  # type: ignore[no-untyped-call]
+        # As torch.load does (_rebuild_from_type_v2): a class's own __setstate__ first.
+        if getattr(cls, "__setstate__", _TENSOR_SETSTATE) is not _TENSOR_SETSTATE:
+            out.__setstate__(state)  # type: ignore[no-untyped-call]
+        else:
+            out = torch._utils._set_obj_state(out, state)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -211,7 +217,35 @@ def copied(how: Dressing) -> Dressing:
     """``how`` with a copy of its attributes, taken now (tensors among them snapshotted),
     so that a change the caller makes later does not reach the checkpoint."""
     state = how[4]
-    return (*how[:4], map_tensors(state, snapshot, copy.deepcopy) if state else None)
+    return (*how[:4], map_tensors(state, snapshot, _copy_value) if state else None)
+
+
+def _copy_value(obj: Any) -> Any:
+    """A copy of ``obj`` taken now: ``copy.deepcopy``, or a ``torch.save`` round trip for
+    what deepcopy refuses (an object holding a non-leaf tensor)."""
+    if isinstance(obj, _ATOMIC):
+        return obj
+    try:
+        return copy.deepcopy(obj)
+    except Exception:
+        return _round_trip(obj)
+
+
+def _round_trip(obj: Any) -> Any:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s storage, 0 when it has none of its own (meta, sparse, lazy)."""
+    if t.is_meta or t.layout is not torch.strided:
+        return 0
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, ValueError):
+        return 0
 
 
 def snapshot(t: torch.Tensor) -> torch.Tensor:
@@ -250,12 +284,20 @@ class _Discard:
         return len(data)
 
 
+def _numpy_view(obj: Any) -> bool:
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(obj, numpy.ndarray) and not obj.flags.owndata
+
+
 def _holds_shared_storage(obj: Any) -> bool:
     found = False
 
     class Finder(pickle.Pickler):
         def persistent_id(self, o: Any) -> Any:
             nonlocal found
+            if _numpy_view(o):  # a view of memory it does not own: maybe shared
+                found = True
+                return id(o)
             if isinstance(o, torch.UntypedStorage | torch.TypedStorage):
                 storage = o if isinstance(o, torch.UntypedStorage) else o._untyped_storage
                 if storage.device.type == "cpu" and storage.is_shared():
@@ -272,11 +314,15 @@ def _holds_shared_storage(obj: Any) -> bool:
 
 def _unshared(obj: Any) -> Any:
     """An object the walk does not open, for a forked worker: copied now when it holds a
-    tensor in shared memory (``share_memory_()``, a DataLoader worker's batch), which a
-    fork does not snapshot; returned as it is otherwise (the fork's copy-on-write does)."""
+    tensor in shared memory (``share_memory_()``, a DataLoader worker's batch) or a numpy
+    array over memory it does not own (which may be shared), which a fork does not
+    snapshot; returned as it is otherwise (the fork's copy-on-write does)."""
     if isinstance(obj, _ATOMIC) or not _holds_shared_storage(obj):
         return obj
-    return copy.deepcopy(obj)
+    try:
+        return _copy_value(obj)
+    except Exception:
+        return obj  # torch.save in the worker says what cannot be pickled
 
 
 @dataclass
@@ -456,8 +502,7 @@ class StagingBuffers:
                     arena.wrapped[id(dst)] = (dst, index)  # type: ignore[union-attr]
             else:
                 dst = snapshot(t)
-                if not dst.is_meta and dst.layout is torch.strided:
-                    nbytes += dst.untyped_storage().nbytes()
+                nbytes += _storage_bytes(dst)
                 if t.is_cuda:
                     devices.add(t.device)
             staged[id(t)] = dst
@@ -500,7 +545,10 @@ class StagingBuffers:
         if its storage does not live in an arena."""
         if t.device.type != "cpu" or t.layout != torch.strided or t.is_nested or t.is_quantized:
             return None
-        storage = t.untyped_storage()
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, ValueError):  # no storage of its own (a lazy parameter)
+            return None
         size = storage.nbytes()
         if size == 0:
             return None

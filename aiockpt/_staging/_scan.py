@@ -23,6 +23,7 @@ _TENSOR = torch.Tensor
 _PARAMETER = torch.nn.Parameter
 _PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 _plain_subclasses: dict[type, bool] = {}
+_UNINITIALIZED: type = torch.nn.parameter.UninitializedTensorMixin  # type: ignore[attr-defined]
 _STRIDED = torch.strided
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 _NOT_STAGED = -1
@@ -36,9 +37,12 @@ def plain_subclass(cls: type) -> bool:
     are copied whole."""
     known = _plain_subclasses.get(cls)
     if known is None:
-        known = _plain_subclasses[cls] = getattr(
-            cls, "__torch_dispatch__", _PLAIN_DISPATCH
-        ) is _PLAIN_DISPATCH and not hasattr(cls, "__tensor_flatten__")
+        known = _plain_subclasses[cls] = (
+            getattr(cls, "__torch_dispatch__", _PLAIN_DISPATCH) is _PLAIN_DISPATCH
+            and not hasattr(cls, "__tensor_flatten__")
+            # A lazy module's parameter has no data yet: every access to it raises.
+            and not issubclass(cls, _UNINITIALIZED)
+        )
     return known
 
 
@@ -130,7 +134,12 @@ class PlanCache:
                 or t.is_neg()
                 or (dtype.is_complex and t.is_conj())
             )
-            storage = t.untyped_storage()
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, ValueError):  # no storage of its own (a lazy parameter)
+                index.append(_NOT_STAGED)
+                key.append(_NOT_STAGED)
+                continue
             cdata = storage._cdata
             slot = slot_of.get(cdata)
             if slot is None:

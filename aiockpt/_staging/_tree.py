@@ -3,6 +3,7 @@ subclasses), lists, tuples (named ones too) and dataclass instances."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
+_KNOWN_DICTS = {dict, collections.OrderedDict, collections.defaultdict}
 
 
 @contextlib.contextmanager
@@ -69,14 +71,21 @@ def _map(obj: Any, fn: Callable[[torch.Tensor], Any], leaf: Any, memo: dict[int,
     if isinstance(obj, dict):
         out = obj.copy() if type(obj) is dict else copy.copy(obj)
         memo[key] = out
-        for k, value in obj.items():
-            # Most values of a state dict are tensors: skip the recursive call for them.
-            out[k] = fn(value) if type(value) in _TENSORS else _map(value, fn, leaf, memo)
+        if type(obj) in _KNOWN_DICTS:
+            for k, value in obj.items():
+                # Most values of a state dict are tensors: skip the recursive call for them.
+                out[k] = fn(value) if type(value) in _TENSORS else _map(value, fn, leaf, memo)
+        else:
+            # A subclass's own __setitem__ may refuse to replace a key: the copy has every
+            # key already, so its values are replaced as a plain dict would.
+            for k, value in obj.items():
+                dict.__setitem__(out, k, _map(value, fn, leaf, memo))
         return out
     if isinstance(obj, list):
-        out_list: list[Any] = []
+        # A subclass keeps its class and attributes (a shallow copy, then new items).
+        out_list: list[Any] = [] if type(obj) is list else copy.copy(obj)
         memo[key] = out_list
-        out_list.extend(_map(v, fn, leaf, memo) for v in obj)
+        list.__setitem__(out_list, slice(None), [_map(v, fn, leaf, memo) for v in obj])
         return out_list
     if isinstance(obj, tuple):
         items = [_map(v, fn, leaf, memo) for v in obj]
