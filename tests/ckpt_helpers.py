@@ -311,8 +311,36 @@ def grad_and_hook_then_save(state: Any, path: str) -> str:
 def report_grad_then_save(state: Any, path: str) -> str:
     """Save ``state``; write to ``path + ".seen"`` each tensor's ``(grad, has hooks)``
     as this request received it."""
-    seen = {k: (v.grad, bool(v._backward_hooks)) for k, v in state.items()}
+    seen = {
+        k: (v.grad, bool(v._backward_hooks) or v._post_accumulate_grad_hooks is not None)
+        for k, v in state.items()
+    }
     with open(path + ".seen", "wb") as f:
         pickle.dump(seen, f)
+    torch.save(state, path)
+    return path
+
+
+def post_hook_then_save(state: Any, path: str) -> str:
+    """Save ``state`` after giving its tensors a post-accumulate-grad hook."""
+    for v in state.values():
+        v.requires_grad_(True)
+        v.register_post_accumulate_grad_hook(lambda p: None)
+        v.requires_grad_(False)
+    torch.save(state, path)
+    return path
+
+
+def alias_then_save(state: Any, path: str) -> str:
+    """Save ``state`` after pointing each tensor at a new storage object over the same
+    bytes (the tensors no longer share the storage they shared)."""
+    for v in state.values():
+        alias = torch.frombuffer(
+            (__import__("ctypes").c_char * v.untyped_storage().nbytes()).from_address(
+                v.untyped_storage().data_ptr()
+            ),
+            dtype=torch.uint8,
+        ).untyped_storage()
+        v.set_(alias, v.storage_offset(), v.size(), v.stride())
     torch.save(state, path)
     return path

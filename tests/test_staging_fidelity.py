@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import torch
 from ckpt_helpers import (
+    alias_then_save,
     grad_and_hook_then_save,
     make_gate,
     mark_then_save,
     move_then_save,
     open_gate,
+    post_hook_then_save,
     report_grad_then_save,
     tamper_then_save,
     torch_save,
@@ -65,6 +67,22 @@ class Scaled(torch.Tensor):
     def __setstate__(self, state: Any) -> None:
         self.scale = (state[0] if isinstance(state, tuple) else state)["scale"]
         self.tuple_state = isinstance(state, tuple)
+
+
+class StrictParameter(torch.nn.Parameter):
+    """A Parameter subclass whose __setstate__ needs a key torch.load never passes it
+    (torch rebuilds Parameters without calling it)."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.version = state["version"]
+
+
+class Counted(torch.Tensor):
+    """A tensor subclass whose __setstate__ counts its calls: one per load, none before."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__.update(state)
+        self.loads = self.__dict__.get("loads", 0) + 1
 
 
 class WriteOnce(dict):  # type: ignore[type-arg]
@@ -157,7 +175,13 @@ def _unusual_classes() -> dict[str, Any]:
     notes.note = "x"
     p = torch.nn.Parameter(torch.randn(2))
     p.record = Record(torch.randn(2, requires_grad=True) * 2)  # a non-leaf
+    strict = StrictParameter(torch.randn(2))
+    strict.note = "x"
+    counted = torch.randn(2).as_subclass(Counted)
+    counted.loads = 0
     return {
+        "strict": strict,
+        "counted": counted,
         "lazy": torch.nn.LazyLinear(4).state_dict(),
         "scaled": scaled,
         "once": once,
@@ -231,28 +255,38 @@ def test_a_persistent_worker_request_never_sees_what_an_earlier_one_did_to_its_t
     assert as_saved(str(tmp_path / "2")) == want
 
 
-@pytest.mark.parametrize("tamper", ["move_storage", "grad_and_hook", "wrapped_function"])
+@pytest.mark.parametrize(
+    "tamper", ["move_storage", "grad_and_hook", "post_hook", "alias", "wrapped_function"]
+)
 def test_a_persistent_worker_restores_views_however_a_request_changed_them(
     tmp_path: Path, tamper: str
 ) -> None:
     fn: Any = {
         "move_storage": move_then_save,
         "grad_and_hook": grad_and_hook_then_save,
+        "post_hook": post_hook_then_save,
+        "alias": alias_then_save,
         "wrapped_function": wrap_for_async(tamper_then_save),
     }[tamper]
     with CheckpointQueue(persistent=True) as queue:
-        first = {"a": torch.full((4,), 1.25), "b": torch.full((3,), 2.0)}
+        base = torch.full((4,), 1.25)
+        first = {"a": base, "b": torch.full((3,), 2.0), "v": base[1:3]}
         queue.schedule_async_request(AsyncRequest(fn, (first, str(tmp_path / "1")), []))
         assert queue.maybe_finalize_async_calls(blocking=True) == [0]
         for step in (2, 3):
-            state = {"a": torch.full((4,), float(step)), "b": torch.full((3,), step * 10.0)}
+            base = torch.full((4,), float(step))
+            state = {"a": base, "b": torch.full((3,), step * 10.0), "v": base[1:3]}
             want = as_torch_saves(state)
             request = AsyncRequest(report_grad_then_save, (state, str(tmp_path / f"{step}")), [])
             queue.schedule_async_request(request)
             assert queue.maybe_finalize_async_calls(blocking=True) == [step - 1]
             assert as_saved(str(tmp_path / f"{step}")) == want
             with open(tmp_path / f"{step}.seen", "rb") as f:
-                assert pickle.load(f) == {"a": (None, False), "b": (None, False)}
+                assert pickle.load(f) == {
+                    "a": (None, False),
+                    "b": (None, False),
+                    "v": (None, False),
+                }
 
 
 def test_forked_saves_to_one_path_land_in_scheduling_order(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ _MAPPED: dict[int, mmap.mmap] = {}
 _VIEWS: dict[int, list[torch.Tensor]] = {}
 _SLOTS: dict[int, dict[tuple[int, int], torch.UntypedStorage]] = {}
 # Per arena: the plan of its current layout and its slot tensors.
-_LAYOUTS: dict[int, tuple[StagingPlan, list[torch.Tensor], list[int]]] = {}
+_LAYOUTS: dict[int, tuple[StagingPlan, list[torch.Tensor], list[int], list[int]]] = {}
 # Arenas whose views the running request was given (checked by restore_views after it).
 _USED: set[int] = set()
 _LOCK = threading.Lock()  # the reader thread lays out while a request runs
@@ -106,7 +106,12 @@ def lay_out(arena_id: int, plan: StagingPlan) -> None:
     views = build_views(slots, plan)
     with _LOCK:
         _VIEWS[arena_id] = views
-        _LAYOUTS[arena_id] = (plan, slots, [slot.data_ptr() for slot in slots])
+        _LAYOUTS[arena_id] = (
+            plan,
+            slots,
+            [slot.data_ptr() for slot in slots],
+            [slot.untyped_storage()._cdata for slot in slots],
+        )
         _SLOTS[arena_id] = {
             where: slot.untyped_storage() for where, slot in zip(plan.slots, slots, strict=True)
         }
@@ -124,7 +129,7 @@ def restore_views(check: bool = True) -> int:
             views, layout = _VIEWS.get(arena_id), _LAYOUTS.get(arena_id)
         if views is None or layout is None:
             continue
-        plan, slots, bases = layout
+        plan, slots, bases, storages = layout
         if [slot.data_ptr() for slot in slots] != bases:
             # A storage was moved (share_memory_(), pickling by torch.multiprocessing):
             # the slots no longer map the arena. Lay the whole arena out again.
@@ -134,7 +139,7 @@ def restore_views(check: bool = True) -> int:
         changed = [
             i
             for i, (v, spec) in enumerate(zip(views, plan.tensors, strict=True))
-            if not _pristine(v, spec, bases)
+            if not _pristine(v, spec, bases, storages)
         ]
         if changed:
             fresh = list(views)
@@ -150,7 +155,7 @@ def restore_views(check: bool = True) -> int:
     return rebuilt
 
 
-def _pristine(v: torch.Tensor, spec: Any, bases: list[int]) -> bool:
+def _pristine(v: torch.Tensor, spec: Any, bases: list[int], storages: list[int]) -> bool:
     slot, dtype, size, stride, offset = spec
     return (
         type(v) is torch.Tensor
@@ -159,6 +164,8 @@ def _pristine(v: torch.Tensor, spec: Any, bases: list[int]) -> bool:
         and not v.__dict__
         and v.grad is None
         and not v._backward_hooks
+        and getattr(v, "_post_accumulate_grad_hooks", None) is None
+        and v.untyped_storage()._cdata == storages[slot]
         and v.data_ptr() == bases[slot] + offset * dtype.itemsize
         and v.size() == size
         and v.stride() == stride

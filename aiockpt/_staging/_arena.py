@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import copyreg
 import ctypes
 import io
 import itertools
@@ -175,7 +176,6 @@ def build_views(slots: list[torch.Tensor], plan: StagingPlan) -> list[torch.Tens
 
 
 Dressing = tuple[type, bool, bool, bool, Any]
-_TENSOR_SETSTATE = torch.Tensor.__setstate__
 
 
 def dressing(t: torch.Tensor) -> Dressing:
@@ -186,8 +186,22 @@ def dressing(t: torch.Tensor) -> Dressing:
         t.requires_grad,
         t.dtype.is_complex and t.is_conj(),
         t.is_neg(),
-        torch._utils._get_obj_state(t) or None,  # type: ignore[no-untyped-call]
+        _attributes(t),
     )
+
+
+def _attributes(t: torch.Tensor) -> Any:
+    """``t``'s own attributes as they are (``__dict__`` and slots), None if it has none.
+    Not ``__getstate__``: the staged tensor gets the same attributes, so pickling it
+    calls the class's own ``__getstate__`` (or not) exactly as pickling ``t`` would, and
+    no ``__setstate__`` of the user's runs while staging."""
+    cls = type(t)
+    names = () if cls is torch.Tensor or cls is torch.nn.Parameter else copyreg._slotnames(cls)  # type: ignore[attr-defined]
+    slots = {n: getattr(t, n) for n in names if n != "__dict__" and hasattr(t, n)}
+    own = t.__dict__
+    if not own and not slots:
+        return None
+    return (dict(own), slots)
 
 
 def dress(data: torch.Tensor, how: Dressing) -> torch.Tensor:
@@ -205,11 +219,10 @@ def dress(data: torch.Tensor, how: Dressing) -> torch.Tensor:
         # the subclass's own __new__ or __init__ (torch.load does not call them either).
         out = torch.Tensor._make_subclass(cls, data, requires_grad)
     if state:
-        # As torch.load does (_rebuild_from_type_v2): a class's own __setstate__ first.
-        if getattr(cls, "__setstate__", _TENSOR_SETSTATE) is not _TENSOR_SETSTATE:
-            out.__setstate__(state)  # type: ignore[no-untyped-call]
-        else:
-            out = torch._utils._set_obj_state(out, state)  # type: ignore[no-untyped-call]
+        own, slots = state
+        out.__dict__.update(own)
+        for name, value in slots.items():
+            object.__setattr__(out, name, value)
     return out
 
 
