@@ -208,7 +208,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         await self._open()
         body_exc: BaseException | None = None
         close_exc: BaseException | None = None  # raised after the task group, ungrouped
-        entered = anyio.get_current_task().id
+        entered = self._entered_task = anyio.get_current_task().id
         left_elsewhere = False
         try:
             async with anyio.create_task_group() as tg:
@@ -386,6 +386,14 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             self._state = _State.CLOSED
             return
         self._check_thread()
+        if (
+            getattr(self, "_AsyncContextManagerMixin__cm", None) is not None
+            and getattr(self, "_entered_task", None) == anyio.get_current_task().id
+        ):
+            # Entered with __aenter__() and closed here, in the same task: leave the block
+            # (its task group belongs to this task), which closes the queue.
+            await self.__aexit__(None, None, None)
+            return
         try:
             await self._shutdown()
         finally:

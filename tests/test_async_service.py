@@ -822,3 +822,36 @@ async def test_a_task_cancelled_while_the_queue_opens_never_runs_the_block(
         await task
     assert ran == []
     assert engines[0] is not None and engines[0].closed  # its worker was stopped
+
+
+_ENTER_THEN_ACLOSE = """
+import asyncio, sys, torch
+sys.path.insert(0, {tests!r})
+from ckpt_helpers import write_value
+from aiockpt import AsyncCheckpointQueue, AsyncRequest
+
+async def main():
+    queue = AsyncCheckpointQueue()
+    await queue.__aenter__()
+    fut = await queue.schedule(AsyncRequest(write_value, ({{"w": torch.ones(2)}}, {out!r}), []))
+    await fut
+    await queue.aclose()
+    print("CLOSED", flush=True)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_entering_then_calling_aclose_in_the_same_task_leaves_nothing_at_loop_end(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "enter_then_aclose.py"
+    out = tmp_path / "a"
+    script.write_text(_ENTER_THEN_ACLOSE.format(tests=str(Path(__file__).parent), out=str(out)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "CLOSED" in done.stdout
+    assert "cancel scope" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    with open(out, "rb") as f:
+        assert torch.equal(pickle.load(f)["w"], torch.ones(2))
