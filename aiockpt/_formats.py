@@ -61,18 +61,25 @@ class StepFormat(Protocol):
         ...
 
 
-# name -> (module, class, commit marker): the marker is known without importing the module,
-# so a directory holding steps of another format is recognised as such.
-_REGISTRY: dict[str, tuple[str, str, str]] = {
-    "torch": ("aiockpt._sharded", "TorchFormat", "metadata.json"),
-    "dcp": ("aiockpt.dcp._format", "DCPFormat", ".metadata"),
+# name -> (module, class, commit marker, needs local storage): known without importing the
+# module, so a directory holding steps of another format is recognised as such, and a
+# manager made on an event loop imports nothing there (torch.distributed.checkpoint's
+# import reads hundreds of files).
+_REGISTRY: dict[str, tuple[str, str, str, bool]] = {
+    "torch": ("aiockpt._sharded", "TorchFormat", "metadata.json", False),
+    "dcp": ("aiockpt.dcp._format", "DCPFormat", ".metadata", True),
 }
 FORMATS = tuple(_REGISTRY)
 
 
 def markers() -> dict[str, str]:
     """Every format's commit marker, by format name."""
-    return {name: marker for name, (_, _, marker) in _REGISTRY.items()}
+    return {name: entry[2] for name, entry in _REGISTRY.items()}
+
+
+def needs_local_storage(name: str) -> bool:
+    """Whether format ``name`` writes through the filesystem (see StepFormat)."""
+    return _REGISTRY[name][3]
 
 
 def step_format(name: str, options: dict[str, Any]) -> StepFormat:
@@ -80,6 +87,6 @@ def step_format(name: str, options: dict[str, Any]) -> StepFormat:
     cache) for ``name``, configured with ``options``."""
     if name not in _REGISTRY:
         raise InvalidRequestError(f"format must be one of {FORMATS}, not {name!r}")
-    module, cls, _ = _REGISTRY[name]
+    module, cls, _, _ = _REGISTRY[name]
     made: StepFormat = getattr(importlib.import_module(module), cls)(**options)
     return made

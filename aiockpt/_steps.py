@@ -31,7 +31,7 @@ from ._exceptions import (
     InvalidRequestError,
     QueueClosedError,
 )
-from ._formats import FORMATS, StepFormat, StepHooks, markers, step_format
+from ._formats import FORMATS, StepFormat, StepHooks, markers, needs_local_storage, step_format
 from ._ranks import get_rank, is_distributed
 from ._request import AsyncRequest
 from .storage._files import entry_kind, open_dir, opened
@@ -164,15 +164,17 @@ class StepDirectory:
         self.directory = os.fspath(directory)
         self.keep_last = None if keep_last is None else int(keep_last)
         self.storage = storage if storage is not None else LocalStorage()
-        self.format: StepFormat = step_format(format, dict(format_options or {}))
+        self._format_name, self._format_options = format, dict(format_options or {})
+        self._format: StepFormat | None = None  # imported when first needed (see format)
+        self._format_lock = threading.Lock()
         # A storage written before ``is_local`` existed is taken for a remote one.
         remote = storage is not None and not getattr(storage, "is_local", False)
-        if self.format.needs_local_storage and remote:
+        if needs_local_storage(format) and remote:
             raise InvalidRequestError(
                 f"format={format!r} writes through the local (or mounted) filesystem: a "
                 "custom storage is supported with format='torch' only"
             )
-        self.marker = self.format.marker
+        self.marker = markers()[format]
         self.lock = self.storage.lock(self.directory)
         self._mutex = threading.Lock()
         self._in_flight: set[int] = set()  # scheduled, outcome not yet known here
@@ -181,9 +183,22 @@ class StepDirectory:
 
     # -- life cycle --------------------------------------------------------------------
 
+    @property
+    def format(self) -> StepFormat:
+        """The format object, made (its module imported) at the first use: :meth:`open`,
+        which the async manager runs in a thread."""
+        made = self._format
+        if made is None:
+            with self._format_lock:
+                if self._format is None:
+                    self._format = step_format(self._format_name, self._format_options)
+                made = self._format
+        return made
+
     def open(self) -> None:
         """Raises :class:`StorageError` (cannot create), :class:`UntrustedEntryError` (the
         directory is a file), :class:`DirectoryLockedError` (another manager holds it)."""
+        self.format  # noqa: B018  (imported here, off any event loop)
         self.storage.makedirs(self.directory)
         if get_rank() == 0:
             self.lock.acquire()

@@ -855,3 +855,37 @@ def test_entering_then_calling_aclose_in_the_same_task_leaves_nothing_at_loop_en
     assert "cancel scope" not in done.stderr and "Traceback" not in done.stderr, done.stderr
     with open(out, "rb") as f:
         assert torch.equal(pickle.load(f)["w"], torch.ones(2))
+
+
+_DCP_MANAGER_ON_LOOP = """
+import asyncio, sys, threading
+import torch
+from aiockpt import AsyncCheckpointManager
+
+opened_on_loop = []
+
+async def main():
+    loop_thread = threading.get_ident()
+
+    def audit(event, args):
+        if event == "open" and threading.get_ident() == loop_thread:
+            opened_on_loop.append(args[0])
+
+    sys.addaudithook(audit)
+    mgr = AsyncCheckpointManager({directory!r}, format="dcp")
+    print("CONSTRUCTED", len(opened_on_loop), "torch.distributed.checkpoint" in sys.modules)
+    async with mgr:
+        print("IMPORTED", "torch.distributed.checkpoint" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+def test_a_dcp_manager_made_on_the_loop_imports_its_format_in_a_thread(tmp_path: Path) -> None:
+    # Importing torch.distributed.checkpoint reads hundreds of files: not on the loop.
+    script = tmp_path / "dcp_manager.py"
+    script.write_text(_DCP_MANAGER_ON_LOOP.format(directory=str(tmp_path / "ckpts")))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "CONSTRUCTED 0 False" in done.stdout, done.stdout
+    assert "IMPORTED True" in done.stdout, done.stdout
