@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -53,7 +53,7 @@ from ._exceptions import (
     StagingError,
 )
 from ._futures import CheckpointFuture, CheckpointResult
-from ._loops import call_in_loop, run_to_end
+from ._loops import call_in_loop, ki_protected, run_to_end
 from ._options import QueueKeywords, QueueOptions, build_options
 from ._ranks import is_distributed
 from ._request import AsyncRequest
@@ -62,19 +62,6 @@ from ._staging._tree import iter_tensors, path_of
 from ._tracebacks import areleasing, drop_locals
 
 logger = logging.getLogger("aiockpt")
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _ki_protected(fn: _F) -> _F:
-    """Under trio, Ctrl-C is raised in whatever task runs, unless that code is protected:
-    the queue's own tasks are, so it reaches the program's tasks instead, never the
-    poller in the middle of reading a reply."""
-    try:
-        from trio.lowlevel import enable_ki_protection
-    except ImportError:  # pragma: no cover - trio is not installed
-        return fn
-    return enable_ki_protection(fn)
 
 
 # request, its future, needs_global, the CUDA event its copy waits for (None without
@@ -723,7 +710,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
 
     # -- the two tasks ------------------------------------------------------------------
 
-    @_ki_protected
+    @ki_protected
     async def _run_task(self, index: int, name: str, fn: Any) -> None:
         try:
             while True:

@@ -12,6 +12,20 @@ import anyio
 import anyio.lowlevel
 
 T = TypeVar("T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def ki_protected(fn: _F) -> _F:
+    """Under trio, Ctrl-C is raised in whatever code runs, unless that code is protected:
+    then it is raised in the task at its next checkpoint. The queue's own tasks are
+    protected, so Ctrl-C reaches the program's tasks instead, never the poller in the
+    middle of reading a reply; so is :func:`run_to_end`, so that Ctrl-C cannot land
+    between starting its thread and waiting for it."""
+    try:
+        from trio.lowlevel import enable_ki_protection
+    except ImportError:  # pragma: no cover - trio is not installed
+        return fn
+    return enable_ki_protection(fn)
 
 
 def current_token() -> anyio.lowlevel.EventLoopToken | None:
@@ -80,6 +94,7 @@ def _cancel_again(token: anyio.lowlevel.EventLoopToken) -> None:
             task.cancel()
 
 
+@ki_protected
 async def run_to_end(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` in a thread of its own and wait until it returns.
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 import torch
 from async_backends import BACKENDS
@@ -565,10 +566,51 @@ if __name__ == "__main__":
 """
 
 
+_TRIO_CTRL_C_WHILE_OPENING = """
+import os, signal, sys, threading
+import trio
+from aiockpt import AsyncCheckpointQueue
+
+real = AsyncCheckpointQueue._make_engine
+started = threading.Event()
+
+def make_engine_slowly(self):
+    started.set()
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the worker is being started
+    real(self)
+    print("WORKER", self._engine._persistent_caller.process.pid, flush=True)
+
+AsyncCheckpointQueue._make_engine = make_engine_slowly
+
+async def main():
+    async with AsyncCheckpointQueue():
+        print("BODY RAN", flush=True)
+        await trio.sleep(30)
+
+if __name__ == "__main__":
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt", flush=True)
+"""
+
+
 def _run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=60
     )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_trio_ctrl_c_while_the_queue_opens_leaves_no_worker(tmp_path: Path) -> None:
+    script = tmp_path / "trio_opening.py"
+    script.write_text(_TRIO_CTRL_C_WHILE_OPENING)
+    out = await anyio.to_thread.run_sync(_run, script)
+    lines = out.stdout.split("\n")
+    assert lines[0].startswith("WORKER") and "KeyboardInterrupt" in lines, out
+    assert "BODY RAN" not in out.stdout
+    pid = int(lines[0].split()[1])
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
