@@ -931,3 +931,72 @@ def test_a_dcp_manager_made_on_the_loop_imports_its_format_in_a_thread(tmp_path:
     assert done.returncode == 0, done.stderr
     assert "CONSTRUCTED 0 False" in done.stdout, done.stdout
     assert "IMPORTED True" in done.stdout, done.stdout
+
+
+def test_a_call_into_a_blocked_loop_gives_up_at_its_bound_and_never_runs_later() -> None:
+    from aiockpt._loops import call_in_loop
+
+    loop = asyncio.new_event_loop()
+    ready, block, drained = threading.Event(), threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    async def capture() -> anyio.lowlevel.EventLoopToken:
+        return anyio.lowlevel.current_token()
+
+    token = loop.run_until_complete(capture())
+
+    def blocked() -> None:  # the loop is stuck in user code
+        ready.set()
+        block.wait(30)
+
+    thread = threading.Thread(target=loop.run_forever)
+    loop.call_soon(blocked)
+    thread.start()
+    try:
+        assert ready.wait(30)
+        assert call_in_loop(token, lambda: ran.append("late"), 0.5) == (False, None)
+        block.set()  # the loop runs again: the call it gave up on must not happen now
+        loop.call_soon_threadsafe(drained.set)
+        assert drained.wait(30)
+        assert ran == []
+        assert call_in_loop(token, lambda: ran.append("now") or 7, 30) == (True, 7)
+        assert ran == ["now"]
+    finally:
+        block.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+
+
+def test_cancel_from_another_thread_gives_up_on_a_blocked_owner_and_the_save_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aiockpt._futures as futures_module
+
+    monkeypatch.setattr(futures_module, "_CANCEL_WAIT_S", 0.5)
+    gate = str(tmp_path / "gate")
+    outcome: dict[str, Any] = {}
+    scheduled, blocked, release = threading.Event(), threading.Event(), threading.Event()
+
+    async def owner() -> None:
+        async with AsyncCheckpointQueue() as queue:
+            fut = await queue.schedule(
+                AsyncRequest(wait_then_write, ("data", gate, str(tmp_path / "a")), [])
+            )
+            outcome["fut"] = fut
+            scheduled.set()
+            blocked.set()
+            release.wait(30)  # the owning loop is stuck in user code
+            open_gate(gate)
+            outcome["result"] = await fut
+
+    thread = threading.Thread(target=lambda: asyncio.run(owner()))
+    thread.start()
+    try:
+        assert scheduled.wait(30) and blocked.wait(30)
+        assert outcome["fut"].cancel() is False  # the owner never answered within the bound
+    finally:
+        release.set()
+        thread.join(60)
+    assert outcome["result"].call_idx == 0
+    assert torch.load(tmp_path / "a", weights_only=True) == "data"
