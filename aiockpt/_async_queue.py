@@ -842,7 +842,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         engine = self.engine
         while True:
             self._wakeup = anyio.Event()
-            engine.collect()
+            # In a thread: reading a reply unpickles the worker's result, whose own code
+            # (a slow or hostile __reduce__) must never run on the event loop.
+            await self._in_thread(engine.collect)
             while engine.active and engine.front_ready():
                 if not await self._settle_front(engine):
                     break
@@ -875,7 +877,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 return False
             fut = self._futures.get(settled.call.call_idx)  # None: withdrawn or given up
             if settled.error is not None:
-                if fut is not None:
+                # A call that failed while it was scheduled is resolved by its stager, once
+                # that has let go of the request (so the caller's state is not held).
+                if fut is not None and not settled.call.error_raised:
                     self._resolve(fut, None, settled.error)
                 return True
             start = time.perf_counter()

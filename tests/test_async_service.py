@@ -26,6 +26,7 @@ from async_backends import BACKENDS
 from ckpt_helpers import (
     open_gate,
     raise_value_error,
+    return_loaded_where,
     wait_then_write,
     write_value,
 )
@@ -434,6 +435,15 @@ async def test_the_facades_make_no_filesystem_call_on_the_loop(
     monkeypatch.undo()
     assert on_loop == []
     assert any(tmp_path.rglob("*")), "nothing was saved"
+
+
+async def test_a_workers_result_is_unpickled_off_the_loop() -> None:
+    # The result's own code (a slow or hostile __reduce__) must not run on the event loop.
+    async with AsyncCheckpointQueue() as queue:
+        fut = await queue.schedule(AsyncRequest(return_loaded_where, ({"w": torch.ones(2)},), []))
+        result = await fut
+    assert isinstance(result.value, int)
+    assert result.value != threading.get_ident()
 
 
 # -- whole programs ------------------------------------------------------------------------
