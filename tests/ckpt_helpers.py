@@ -359,3 +359,10 @@ class LoadedWhere:
 
 def return_loaded_where(state: Any) -> LoadedWhere:
     return LoadedWhere()
+
+
+def sleep_then_save(state: Any, seconds: float, path: str) -> str:
+    """Take ``seconds`` (a slow disk), then save ``state`` to ``path``."""
+    time.sleep(seconds)
+    torch.save(state, path)
+    return path

@@ -5,6 +5,7 @@ cyclic containers), for the forked and the persistent worker."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from ckpt_helpers import (
     open_gate,
     post_hook_then_save,
     report_grad_then_save,
+    sleep_then_save,
     tamper_then_save,
     torch_save,
     wait_gate,
@@ -83,6 +85,45 @@ class Counted(torch.Tensor):
     def __setstate__(self, state: Any) -> None:
         self.__dict__.update(state)
         self.loads = self.__dict__.get("loads", 0) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """An immutable record whose copies are itself (a common idiom)."""
+
+    w: torch.Tensor
+
+    def __copy__(self) -> Frozen:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> Frozen:
+        return self
+
+
+class SelfCopyingDict(dict):  # type: ignore[type-arg]
+    """A dict subclass whose shallow copy is itself."""
+
+    def __copy__(self) -> SelfCopyingDict:
+        return self
+
+
+class NoCopies(list):  # type: ignore[type-arg]
+    """A list subclass that refuses to be copied (pickling it is fine)."""
+
+    def __copy__(self) -> NoCopies:
+        raise RuntimeError("no copies")
+
+
+class Cached:
+    """An attribute value whose deepcopy drops its cache; pickling keeps it."""
+
+    def __init__(self) -> None:
+        self.cache = {"k": 1}
+
+    def __deepcopy__(self, memo: Any) -> Cached:
+        out = Cached()
+        out.cache = {}
+        return out
 
 
 class WriteOnce(dict):  # type: ignore[type-arg]
@@ -175,12 +216,16 @@ def _unusual_classes() -> dict[str, Any]:
     notes.note = "x"
     p = torch.nn.Parameter(torch.randn(2))
     p.record = Record(torch.randn(2, requires_grad=True) * 2)  # a non-leaf
+    cached = torch.nn.Parameter(torch.randn(2))
+    cached.h = Cached()
     strict = StrictParameter(torch.randn(2))
     strict.note = "x"
     counted = torch.randn(2).as_subclass(Counted)
     counted.loads = 0
     return {
         "strict": strict,
+        "cached": cached,
+        "nocopies": NoCopies([torch.ones(2)]),
         "counted": counted,
         "lazy": torch.nn.LazyLinear(4).state_dict(),
         "scaled": scaled,
@@ -235,6 +280,21 @@ def test_attributes_changed_after_the_save_is_scheduled_are_not_saved(
     sd["fp"].requires_grad_(False)
     ckpt.finalize_async_save(blocking=True)
     assert as_saved(str(tmp_path / "ckpt.pt")) == want
+
+
+def test_staging_never_changes_objects_whose_copy_is_themselves(
+    ckpt: TorchCheckpoint, tmp_path: Path
+) -> None:
+    w, v = torch.full((4,), 5.0), torch.full((2,), 6.0)
+    frozen, selfish = Frozen(w), SelfCopyingDict(v=v)
+    sd = {"frozen": frozen, "selfish": selfish}
+    want = as_torch_saves(sd)
+    ckpt.async_save(sd, tmp_path / "a.pt")
+    ckpt.async_save({"other": torch.full((4,), 7.0), "more": torch.zeros(2)}, tmp_path / "b.pt")
+    assert ckpt.finalize_async_save(blocking=True) == [0, 1]
+    assert frozen.w is w and selfish["v"] is v  # the caller's objects are untouched
+    assert w.tolist() == [5.0] * 4 and v.tolist() == [6.0] * 2
+    assert as_saved(str(tmp_path / "a.pt")) == want
 
 
 def test_a_persistent_worker_request_never_sees_what_an_earlier_one_did_to_its_tensors(
@@ -308,6 +368,18 @@ def test_forked_saves_to_one_path_land_in_scheduling_order(tmp_path: Path) -> No
     assert os.path.exists(marker)
     saved = torch.load(path, weights_only=True)
     assert saved["step"] == 2 and torch.equal(saved["w"], newer["w"])
+
+
+def test_a_forked_child_waiting_for_the_one_before_is_not_charged_for_the_wait(
+    tmp_path: Path,
+) -> None:
+    # Each save fits its deadline; the second one's wait for the first does not count.
+    with CheckpointQueue(persistent=False, max_staging_copies=2, save_timeout=3.0) as queue:
+        for name, seconds in (("a", 2.0), ("b", 1.5)):
+            args = ({"w": torch.ones(2)}, seconds, str(tmp_path / name))
+            queue.schedule_async_request(AsyncRequest(sleep_then_save, args, []))
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1]
+    assert (tmp_path / "a").exists() and (tmp_path / "b").exists()
 
 
 def test_a_forked_save_snapshots_numpy_views_of_shared_memory(tmp_path: Path) -> None:

@@ -44,21 +44,24 @@ class ForkOrder:
 
     def __init__(self) -> None:
         self._last: int | None = None
+        self.last_caller: TemporalAsyncCaller | None = None  # the caller of that child
         self._lock = threading.Lock()
 
     def predecessor(self) -> int | None:
         """The pidfd the next child waits for (kept open by this object)."""
         return self._last
 
-    def forked(self, pid: int | None) -> None:
-        """A child was forked: the next one waits for it."""
+    def forked(self, pid: int | None, caller: TemporalAsyncCaller | None = None) -> None:
+        """A child was forked (by ``caller``): the next one waits for it."""
         with self._lock:
             old, self._last = self._last, None
+            self.last_caller = None
             if old is not None:
                 os.close(old)
             if pid is not None and hasattr(os, "pidfd_open"):
                 with contextlib.suppress(OSError):
                     self._last = os.pidfd_open(pid)
+                    self.last_caller = caller
 
     def close(self) -> None:
         self.forked(None)
@@ -89,6 +92,9 @@ class TemporalAsyncCaller(AsyncCaller):
         self._eof_at: float | None = None  # the child closed its pipe without a reply
         self._news: list[LocalOutcome] = []
         self.start_time: float | None = None
+        self.ended_at: float | None = None  # when its child was seen to have exited
+        self._after: TemporalAsyncCaller | None = None  # whose child ours waits for
+        self._after_ended = 0.0  # when that child exited (once known)
 
     def run(
         self,
@@ -106,6 +112,7 @@ class TemporalAsyncCaller(AsyncCaller):
             self._call_idx = call_idx
             self.start_time = time.monotonic()
             if fn is None:
+                self.ended_at = self.start_time
                 self._reported = True
                 self._news.append(LocalOutcome(call_idx))
                 return
@@ -138,7 +145,8 @@ class TemporalAsyncCaller(AsyncCaller):
                     gc.enable()
                 writer.close()
             if self._order is not None:
-                self._order.forked(process.pid)
+                self._after = self._order.last_caller if self._order.predecessor() else None
+                self._order.forked(process.pid, self)
             # The child has its own copy of the arguments: do not keep the staged views.
             process._args = ()  # type: ignore[attr-defined]
             self.process, self._conn, self._watch = process, reader, DeathWatch(process)
@@ -148,7 +156,18 @@ class TemporalAsyncCaller(AsyncCaller):
         return [self._call_idx] if self._call_idx is not None and not self._reported else []
 
     def running_since(self, call_idx: int) -> float | None:
-        return self.start_time if call_idx == self._call_idx else None
+        """When its request began: when the child was forked, or, if it waited for the
+        child before it, when that one exited (None while it still waits: the earlier
+        child's own deadline bounds that wait)."""
+        if call_idx != self._call_idx or self.start_time is None:
+            return None
+        after = self._after
+        if after is not None:
+            if after.ended_at is None:
+                return None
+            # Let go of it: callers must not chain each other for the queue's lifetime.
+            self._after, self._after_ended = None, after.ended_at
+        return max(self.start_time, self._after_ended)
 
     def wait_objects(self) -> list[Any]:
         with self._lock:
@@ -180,6 +199,8 @@ class TemporalAsyncCaller(AsyncCaller):
                 except (EOFError, OSError):
                     self._eof_at = time.monotonic()
             exited = process.exitcode is not None
+            if exited and self.ended_at is None:
+                self.ended_at = time.monotonic()
             if not self._reported:
                 overdue = (
                     self._eof_at is not None and time.monotonic() >= self._eof_at + EXIT_GRACE_S
@@ -204,7 +225,9 @@ class TemporalAsyncCaller(AsyncCaller):
             self.process.join(0)
             if self.process.exitcode is not None:
                 self.process.close()
-        self._conn, self.process = None, None
+        if self.ended_at is None:
+            self.ended_at = time.monotonic()
+        self._conn, self.process, self._after = None, None, None
         live_callers.discard(self)
 
     def kill(self) -> None:

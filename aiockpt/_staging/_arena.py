@@ -234,14 +234,18 @@ def copied(how: Dressing) -> Dressing:
 
 
 def _copy_value(obj: Any) -> Any:
-    """A copy of ``obj`` taken now: ``copy.deepcopy``, or a ``torch.save`` round trip for
-    what deepcopy refuses (an object holding a non-leaf tensor)."""
+    """A copy of ``obj`` taken now, as pickling (what ``torch.save`` does) sees it: a
+    pickle round trip, else a ``torch.save`` one, else ``copy.deepcopy``."""
     if isinstance(obj, _ATOMIC):
         return obj
     try:
-        return copy.deepcopy(obj)
+        return pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
     except Exception:
+        pass
+    try:
         return _round_trip(obj)
+    except Exception:
+        return copy.deepcopy(obj)
 
 
 def _round_trip(obj: Any) -> Any:

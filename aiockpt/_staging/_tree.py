@@ -36,14 +36,49 @@ def _is_named_tuple(obj: Any) -> bool:
 
 
 def walked(obj: Any) -> bool:
-    """Whether the walk enters ``obj``: dicts (and subclasses), lists, exact tuples, named
-    tuples and dataclass instances. Anything else (a tuple subclass with its own
-    ``__new__``, a plain object holding tensors) is a leaf the walk does not open."""
-    if isinstance(obj, dict | list):
+    """Whether the walk enters ``obj``: dicts and lists (subclasses too), exact and named
+    tuples, dataclass instances. A subclass or dataclass with its own ``__copy__`` or
+    pickling (``__reduce__``) is a leaf the walk does not open: its copy may be the object
+    itself, which must never be changed. So is anything else (a tuple subclass with its
+    own ``__new__``, a plain object holding tensors)."""
+    cls = type(obj)
+    if cls is dict or cls is list or cls is tuple:
         return True
+    if isinstance(obj, dict | list):
+        return _copies_plainly(cls)
     if isinstance(obj, tuple):
-        return type(obj) is tuple or _is_named_tuple(obj)
-    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+        return _is_named_tuple(obj)
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type) and _copies_plainly(cls)
+
+
+_PLAIN_REDUCE: set[Any] = {
+    object.__reduce__,
+    collections.OrderedDict.__reduce__,
+    collections.defaultdict.__reduce__,
+}
+_PLAIN_COPY: set[Any] = {None, collections.defaultdict.__copy__}
+_OBJECT_REDUCE_EX: Any = object.__reduce_ex__
+_plainly: dict[type, bool] = {}
+
+
+def _copies_plainly(cls: type) -> bool:
+    """Whether ``copy.copy`` of a ``cls`` instance is a new object made the default way
+    (``__reduce_ex__``), not by the class's own code."""
+    known = _plainly.get(cls)
+    if known is None:
+        known = _plainly[cls] = (
+            getattr(cls, "__copy__", None) in _PLAIN_COPY
+            and getattr(cls, "__reduce__", None) in _PLAIN_REDUCE
+            and getattr(cls, "__reduce_ex__", None) is _OBJECT_REDUCE_EX
+        )
+    return known
+
+
+def _shallow(obj: Any) -> Any:
+    out = copy.copy(obj)
+    if out is obj:  # pragma: no cover - excluded by _copies_plainly
+        raise TypeError(f"copy.copy() of a {type(obj).__name__} returned the object itself")
+    return out
 
 
 def map_tensors(
@@ -69,7 +104,7 @@ def _map(obj: Any, fn: Callable[[torch.Tensor], Any], leaf: Any, memo: dict[int,
     if done is not None:
         return done
     if isinstance(obj, dict):
-        out = obj.copy() if type(obj) is dict else copy.copy(obj)
+        out = obj.copy() if type(obj) is dict else _shallow(obj)
         memo[key] = out
         if type(obj) in _KNOWN_DICTS:
             for k, value in obj.items():
@@ -83,7 +118,7 @@ def _map(obj: Any, fn: Callable[[torch.Tensor], Any], leaf: Any, memo: dict[int,
         return out
     if isinstance(obj, list):
         # A subclass keeps its class and attributes (a shallow copy, then new items).
-        out_list: list[Any] = [] if type(obj) is list else copy.copy(obj)
+        out_list: list[Any] = [] if type(obj) is list else _shallow(obj)
         memo[key] = out_list
         list.__setitem__(out_list, slice(None), [_map(v, fn, leaf, memo) for v in obj])
         return out_list
@@ -93,7 +128,7 @@ def _map(obj: Any, fn: Callable[[torch.Tensor], Any], leaf: Any, memo: dict[int,
         if done is None:
             done = memo[key] = type(obj)._make(items) if _is_named_tuple(obj) else tuple(items)  # type: ignore[attr-defined]
         return done
-    out = copy.copy(obj)
+    out = _shallow(obj)
     memo[key] = out
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name, None)
