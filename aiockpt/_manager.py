@@ -210,11 +210,13 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         """:meth:`committed_steps` without blocking the event loop."""
         return await in_thread(self.committed_steps)
 
-    async def rollback(self, to_step: int) -> list[int]:
+    async def rollback(self, to_step: int, *, force: bool = False) -> list[int]:
         """Un-commit and delete the steps above ``to_step`` so that saving resumes from
-        there; returns them. Refused while saves are pending (await them first).
-        In a distributed job every rank calls it."""
-        return await in_thread(lambda: self.steps.rollback(to_step))
+        there; returns them. ``to_step`` must be a committed step (the error names those
+        that exist), so a checkpoint is always left; ``force=True`` deletes the steps
+        above any ``to_step``, even every one. Refused while saves are pending (await
+        them first). In a distributed job every rank calls it."""
+        return await in_thread(lambda: self.steps.rollback(to_step, force))
 
 
 class CheckpointManager(_Steps):
@@ -286,10 +288,10 @@ class CheckpointManager(_Steps):
         :meth:`AsyncCheckpointManager.restore`; ``format="dcp"`` loads into ``state_dict``)."""
         return _restore(self.steps, step, state_dict, **load_options)
 
-    def rollback(self, to_step: int) -> list[int]:
+    def rollback(self, to_step: int, *, force: bool = False) -> list[int]:
         """Un-commit and delete the steps above ``to_step``; returns them (see
         :meth:`AsyncCheckpointManager.rollback`)."""
-        return self.steps.rollback(to_step)
+        return self.steps.rollback(to_step, force)
 
     def close(self) -> None:
         """Finalize pending saves, stop the worker, release the directory. Idempotent."""

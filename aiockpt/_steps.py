@@ -302,8 +302,9 @@ class StepDirectory:
                 raise InvalidRequestError(
                     f"cannot save step {step} in {self.directory!r}: step {above} is already "
                     f"{what}, and saves must go forward (retention keeps the newest steps). "
-                    f"To go back, call rollback({step - 1 if step else 0}) first: it "
-                    "un-commits and deletes the steps above it"
+                    "To go back, call rollback(s) first with s a committed step below "
+                    f"{step} (committed_steps() lists them): it un-commits and deletes the "
+                    "steps above s"
                 )
             self._in_flight.add(step)
 
@@ -348,10 +349,12 @@ class StepDirectory:
             self.delete(step)
         return sorted(doomed)
 
-    def rollback(self, to_step: Any) -> list[int]:
+    def rollback(self, to_step: Any, force: bool = False) -> list[int]:
         """Un-commit and delete every step above ``to_step``, newest first (so a crash
-        mid-way leaves the directory as if rolled back less far). Collective in a
-        distributed job: every rank calls it; rank 0 deletes. Returns the steps deleted."""
+        mid-way leaves the directory as if rolled back less far). ``to_step`` must be a
+        committed step, so a checkpoint is always left; ``force=True`` deletes the steps
+        above any ``to_step``, even every one. Collective in a distributed job: every rank
+        calls it; rank 0 deletes. Returns the steps deleted."""
         to_step = check_step(to_step)
         if not self._open:
             raise QueueClosedError(
@@ -365,6 +368,17 @@ class StepDirectory:
                     "are being saved: wait for them (finalize/poll) first"
                 )
         found = self.scan()
+        if not force and to_step not in found.committed:
+            below = [s for s in found.committed if s < to_step]
+            if below:
+                advice = f"Roll back to step {below[-1]}, the newest committed step below it"
+            else:
+                advice = "No committed step is below it, so every checkpoint would go"
+            raise InvalidRequestError(
+                f"cannot roll back {self.directory!r} to step {to_step}: it is not a committed "
+                f"step (committed: {found.committed or 'none'}). {advice}; or pass "
+                f"force=True to delete every step above {to_step} anyway"
+            )
         doomed = sorted({s for s in found.committed + found.partial if s > to_step})
         if get_rank() == 0:
             for step in reversed(doomed):

@@ -232,12 +232,40 @@ def test_saving_below_a_committed_step_is_refused_until_a_rollback(tmp_path: Pat
                 mgr.save(step, sd(step))
             assert "rollback(" in str(e.value)
         assert mgr.committed_steps() == [10] and not (tmp_path / "step-000000000005").exists()
-        assert mgr.rollback(4) == [10]
+        with pytest.raises(
+            InvalidRequestError,
+            match=r"to step 4: it is not a committed step \(committed: \[10\]\)\. No committed "
+            r"step is below it, so every checkpoint would go; or pass force=True",
+        ):
+            mgr.rollback(4)  # the advice never deletes every checkpoint by itself
+        assert mgr.committed_steps() == [10]
+        assert mgr.rollback(4, force=True) == [10]
         assert mgr.committed_steps() == [] and mgr.latest_step() is None
         mgr.save(5, sd(5))
         mgr.poll(blocking=True)
         assert mgr.committed_steps() == [5]  # the save just committed survived retention
         assert mgr.restore()["step"] == 5
+
+
+def test_rollback_to_a_step_retention_pruned_names_the_steps_that_exist(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep_last=2, persistent=False) as mgr:
+        for step in (100, 149, 150, 151):
+            mgr.save(step, sd(step))
+            mgr.poll(blocking=True)
+        assert mgr.committed_steps() == [150, 151]  # 100 and 149 were pruned
+        with pytest.raises(InvalidRequestError, match=r"committed step below 120") as e:
+            mgr.save(120, sd(120))
+        assert "rollback(149)" not in str(e.value)
+        with pytest.raises(
+            InvalidRequestError,
+            match=r"to step 149: it is not a committed step \(committed: \[150, 151\]\)",
+        ):
+            mgr.rollback(149)
+        with pytest.raises(InvalidRequestError, match=r"Roll back to step 151, the newest"):
+            mgr.rollback(160)
+        assert mgr.committed_steps() == [150, 151]  # nothing was deleted
+        assert mgr.rollback(150) == [151]
+        assert mgr.committed_steps() == [150] and mgr.restore()["step"] == 150
 
 
 def test_pending_steps_block_lower_and_equal_saves(tmp_path: Path) -> None:
@@ -392,7 +420,7 @@ def test_deleting_a_step_uncommits_it_before_removing_its_files(
 
         monkeypatch.setattr(shutil, "rmtree", killed)
         with pytest.raises(KeyboardInterrupt):
-            mgr.rollback(0)
+            mgr.rollback(0, force=True)
         monkeypatch.undo()
         step1 = tmp_path / "step-000000000001"
         assert sorted(os.listdir(step1)) == ["shard-00000-of-00001.pt"]  # no longer committed
@@ -438,7 +466,7 @@ async def test_async_manager_makes_no_filesystem_call_on_the_loop(
             assert await mgr.acommitted_steps() == [3]
             assert (await mgr.restore())["step"] == 3
             assert (await aload(tmp_path / "step-000000000003"))["step"] == 3
-            assert await mgr.rollback(0) == [3]
+            assert await mgr.rollback(0, force=True) == [3]
         finally:
             _watch.clear()
         assert _loop_fs_calls == []
@@ -498,9 +526,9 @@ def test_a_step_that_cannot_be_deleted_fails_rollback_with_a_typed_error(tmp_pat
         mgr.poll(blocking=True)
         step1 = tmp_path / "step-000000000001"
         with unwritable(step1), pytest.raises(StorageError, match="cannot delete checkpoint"):
-            mgr.rollback(0)
+            mgr.rollback(0, force=True)
         assert mgr.committed_steps() == [1]  # nothing was un-committed
-        assert mgr.rollback(0) == [1]
+        assert mgr.rollback(0, force=True) == [1]
 
 
 @pytest.mark.anyio
@@ -522,4 +550,4 @@ async def test_a_save_that_fails_to_stage_releases_its_step(
             await mgr.save(1, sd(1))
         await (await mgr.save(1, sd(1)))  # the same step again: nothing holds it
         assert await mgr.acommitted_steps() == [1]
-        assert await mgr.rollback(0) == [1]  # and nothing is left pending
+        assert await mgr.rollback(0, force=True) == [1]  # and nothing is left pending
