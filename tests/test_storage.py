@@ -176,6 +176,28 @@ def test_damaged_trailer_and_plain_torch_files(tmp_path: Path) -> None:
     assert torch.equal(load(plain)["w"], torch.ones(3))  # nothing to check it against
 
 
+@pytest.mark.parametrize("damage", ["one byte appended", "last byte cut", "flipped and cut"])
+def test_a_file_cut_or_extended_after_its_trailer_is_corrupt_not_unchecked(
+    tmp_path: Path, damage: str
+) -> None:
+    target = tmp_path / "model.pt"
+    save_file({"w": torch.arange(1000.0) * 4}, str(target))
+    data = target.read_bytes()
+    if damage == "one byte appended":
+        data += b"\0"
+    elif damage == "last byte cut":
+        data = data[:-1]
+    else:  # a changed value that a trailer, if read, would catch
+        i = data.index(struct.pack("<f", 400.0))
+        data = data[:i] + struct.pack("<f", 1000.0) + data[i + 4 : -1]
+    target.write_bytes(data)
+    with pytest.raises(CorruptCheckpointError, match="cut from it or appended to it") as info:
+        load(target)
+    assert info.value.path == str(target)
+    with pytest.raises(CorruptCheckpointError, match="cut from it or appended to it"):
+        verify(str(target))
+
+
 def test_overwriting_keeps_the_mode_of_the_replaced_file(tmp_path: Path) -> None:
     target = tmp_path / "secret.pt"
     save_file({"w": torch.ones(2)}, str(target))

@@ -26,6 +26,7 @@ EOCD_SIZE = 22
 MAGIC = b"aiockpt:xxh3_64:"
 TRAILER_SIZE = len(MAGIC) + 16 + 1 + 20
 _IOV_MAX = 1024
+_SEARCH = 4096  # how far from the end a misplaced trailer is still recognised
 
 
 class HashingWriter:
@@ -122,6 +123,15 @@ def read_trailer(fd: int, size: int, path: str) -> tuple[int, str] | None:
     eocd, trailer = end[:EOCD_SIZE], end[EOCD_SIZE:]
     claims_eocd = eocd[:4] == EOCD_SIGNATURE and eocd[-2:] == struct.pack("<H", TRAILER_SIZE)
     if not claims_eocd and not trailer.startswith(MAGIC):
+        # Not where it belongs: a trailer a little before or after the end means bytes
+        # were cut or appended, which is corruption, not a file without a trailer.
+        near = min(size, _SEARCH)
+        if MAGIC in os.pread(fd, near, size - near):
+            raise CorruptCheckpointError(
+                f"{path!r} ends {_SEARCH} bytes or less away from its aiockpt checksum "
+                "trailer: bytes were cut from it or appended to it; the file is corrupt",
+                path=path,
+            )
         return None
     bad = CorruptCheckpointError(
         f"{path!r} has a damaged aiockpt checksum trailer: the file is corrupt", path=path
