@@ -105,6 +105,18 @@ def test_metadata_cannot_point_outside_the_checkpoint(tmp_path: Path) -> None:
             verify(str(ck))
 
 
+def test_a_huge_world_size_in_metadata_is_refused_before_anything_is_built(
+    tmp_path: Path,
+) -> None:
+    ck = committed_dir(tmp_path, {"w": torch.ones(2)})
+    meta = json.loads((ck / "metadata.json").read_text())
+    meta["world_size"] = 100_000_000  # would build 10^8 shard names
+    (ck / "metadata.json").write_text(json.dumps(meta))
+    for check in (load, lambda p: verify(str(p))):
+        with pytest.raises(CorruptCheckpointError, match=r"1 shard file.* world size of 100000000"):
+            check(ck)
+
+
 def test_uncommitted_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "half").mkdir()
     save_file({"w": torch.ones(2)}, str(tmp_path / "half" / "shard-00000-of-00001.pt"))

@@ -83,6 +83,8 @@ def check_metadata(meta: Any, directory: str, path: str) -> dict[str, Any]:
         raise bad(f"world_size is {world_size!r}")
     if not isinstance(files, list) or not all(isinstance(r, dict) for r in files):
         raise bad('"files" is not a list of records')
+    if len(files) != world_size:  # checked first: nothing is built from world_size alone
+        raise bad(f"it records {len(files)} shard file(s) for a world size of {world_size}")
     names = [record.get("name") for record in files]
     for name in names:
         safe_join(directory, name)
