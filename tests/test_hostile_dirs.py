@@ -17,6 +17,8 @@ from aiockpt import (
     CheckpointManager,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DirectoryLockedError,
+    StorageError,
     load,
     verify,
 )
@@ -200,6 +202,53 @@ def test_a_planted_lock_link_is_refused_not_followed(tmp_path: Path) -> None:
     os.mkfifo(ckpts / ".aiockpt.lock")
     with pytest.raises(UntrustedEntryError, match="is a FIFO"):
         CheckpointManager(ckpts)
+
+
+def test_a_lock_file_hard_linked_to_an_outside_file_is_refused_not_overwritten(
+    tmp_path: Path,
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.link(victim, ckpts / ".aiockpt.lock")
+    with pytest.raises(UntrustedEntryError, match="has other hard links"):
+        CheckpointManager(ckpts)
+    assert victim.read_text() == "precious"
+
+
+def test_a_locked_directory_with_an_oversized_lock_file_says_who_holds_it(
+    tmp_path: Path,
+) -> None:
+    import fcntl
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    lock = ckpts / ".aiockpt.lock"
+    lock.write_text("pid 4242 on host elsewhere\n" + "x" * 10_000)
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another holder
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(DirectoryLockedError, match="pid 4242 on host elsewhere"):
+            CheckpointManager(ckpts)
+        assert len(os.listdir("/proc/self/fd")) == before  # no descriptor left behind
+    finally:
+        os.close(fd)
+
+
+def test_a_filesystem_without_locks_is_a_typed_error_saying_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(StorageError, match=r"does not support file locks .* mount it with"):
+        CheckpointManager(tmp_path / "ckpts")
 
 
 def test_a_manager_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:

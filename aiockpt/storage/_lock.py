@@ -12,8 +12,8 @@ import fcntl
 import os
 import socket
 
-from .._exceptions import DirectoryLockedError, StorageError
-from ._files import open_file, opened, read_at_most
+from .._exceptions import DirectoryLockedError, StorageError, UntrustedEntryError
+from ._files import open_file, opened
 
 LOCK_NAME = ".aiockpt.lock"
 
@@ -52,10 +52,22 @@ class DirectoryLock:
                 self.path, dir_fd=pfd, name=LOCK_NAME, writable=True
             )  # a regular file, no link
         try:
+            if os.fstat(fd).st_nlink != 1:
+                # A hard link to a file elsewhere: writing our pid would overwrite it.
+                raise UntrustedEntryError(
+                    f"the lock file {self.path!r} has other hard links (it may be another "
+                    "file, which taking the lock would overwrite): remove it and open the "
+                    "directory again",
+                    path=self.path,
+                )
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = read_at_most(fd, 4096, self.path).decode("utf-8", "replace").strip()
-            os.close(fd)
+            try:  # the holder's line; the file may be longer than it should be
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            except OSError:
+                holder = ""
+            finally:
+                os.close(fd)
             holder = holder.replace("\n", " ")[:200] or "an unknown process"
             raise DirectoryLockedError(
                 f"{self.directory!r} is in use by another checkpoint manager ({holder}): one "
@@ -63,6 +75,19 @@ class DirectoryLock:
                 "it left running), or use another directory",
                 holder=holder,
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise StorageError(
+                    f"the filesystem of {self.directory!r} does not support file locks "
+                    f"(flock: {exc.strerror or exc}; NFS without lockd, Lustre without "
+                    "-o flock): mount it with locking, or put checkpoints on a filesystem "
+                    "that has it",
+                    path=self.path,
+                ) from exc
+            raise StorageError(
+                f"cannot lock {self.path!r}: {exc.strerror or exc}", path=self.path
+            ) from exc
         except BaseException:
             os.close(fd)
             raise
