@@ -285,3 +285,26 @@ def test_ls_lists_steps_in_numeric_order(tmp_path: Path) -> None:
         ["step-200000000000", "200000000000"],
         ["step-1000000000000", "1000000000000"],
     ]
+
+
+def test_a_directory_named_like_a_dead_writers_temporary_file_does_not_stop_a_save(
+    tmp_path: Path,
+) -> None:
+    from aiockpt.storage._atomic import _HOST, TMP_MARKER
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    step = tmp_path / "ckpts" / "step-000000000001"
+    step.mkdir(parents=True)
+    planted = step / f".shard-00000-of-00001.pt{TMP_MARKER}{_HOST}-{dead.stdout.strip()}-0badc0de"
+    planted.mkdir()
+    with CheckpointManager(tmp_path / "ckpts", persistent=False) as mgr:
+        mgr.save(1, {"w": torch.ones(3)})
+        mgr.poll(blocking=True)
+        assert mgr.committed_steps() == [1]
+        assert torch.equal(mgr.restore()["w"], torch.ones(3))
+    assert planted.is_dir()  # not ours to delete

@@ -79,7 +79,9 @@ def remove_temporaries(directory: str, prefix: str = "") -> list[str]:
         if not name.startswith("." + prefix) or TMP_MARKER not in name:
             continue
         if _writer_state(name.rsplit(TMP_MARKER, 1)[1])[0] == "dead":
-            with contextlib.suppress(FileNotFoundError):
+            # Only a leftover file: a directory (or anything else) planted under such a
+            # name is not ours to delete, and does not stop the save.
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
                 os.unlink(os.path.join(directory, name))
                 removed.append(name)
     return removed
