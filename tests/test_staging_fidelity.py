@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from ckpt_helpers import (
 )
 from fidelity import as_saved, as_torch_saves
 
-from aiockpt import AsyncRequest, CheckpointQueue, TorchCheckpoint
+from aiockpt import AsyncRequest, CheckpointQueue, TorchCheckpoint, WorkerCrashedError
 from aiockpt.utils import wrap_for_async
 
 
@@ -51,6 +52,18 @@ class Pair(tuple):
 
     def __getnewargs__(self) -> tuple[Any, ...]:
         return tuple(self)
+
+
+class OldPickle:
+    """Pickles with protocol 2 (torch.save's) and refuses newer protocols."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if protocol > 2:
+            raise TypeError("only protocol 2")
+        return (OldPickle, (self.value,))
 
 
 class Holder:
@@ -380,6 +393,61 @@ def test_a_forked_child_waiting_for_the_one_before_is_not_charged_for_the_wait(
             queue.schedule_async_request(AsyncRequest(sleep_then_save, args, []))
         assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1]
     assert (tmp_path / "a").exists() and (tmp_path / "b").exists()
+
+
+def test_a_forked_save_killed_while_waiting_keeps_the_rest_of_the_chain_in_order(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "latest.pt")
+    gate = make_gate(str(tmp_path), "gate")
+    with CheckpointQueue(persistent=False, max_staging_copies=3) as queue:
+        queue.schedule_async_request(AsyncRequest(wait_then_write, ({"tag": "A"}, gate, path), []))
+        queue.schedule_async_request(AsyncRequest(torch_save, ({"tag": "B"}, path), []))
+        queue.schedule_async_request(AsyncRequest(torch_save, ({"tag": "C"}, path), []))
+        waiting = queue._engine._running[1].caller.process
+        os.kill(waiting.pid, signal.SIGKILL)  # B dies while it waits for A (an OOM kill)
+        waiting.join(30)
+        open_gate(gate)
+        with pytest.raises(WorkerCrashedError, match=r"call 1 .* before it started it"):
+            queue.maybe_finalize_async_calls(blocking=True)  # 0 finalized, then 1 raises
+        assert queue.maybe_finalize_async_calls(blocking=True) == [2]
+    assert torch.load(path, weights_only=True) == {"tag": "C"}  # C ran after A, not before
+
+
+def test_objects_that_pickle_only_with_protocol_2_are_saved_by_either_worker(
+    ckpt: TorchCheckpoint, tmp_path: Path
+) -> None:
+    sd = {"old": OldPickle(3), "w": torch.ones(2)}
+    want = as_torch_saves(sd)
+    ckpt.async_save(sd, tmp_path / "a.pt")
+    assert ckpt.finalize_async_save(blocking=True) == [0]
+    assert as_saved(str(tmp_path / "a.pt")) == want
+
+
+def test_a_forked_save_snapshots_tensors_over_memory_torch_did_not_allocate(
+    tmp_path: Path,
+) -> None:
+    from multiprocessing import shared_memory
+
+    import numpy
+
+    block = shared_memory.SharedMemory(create=True, size=16)
+    try:
+        t = torch.from_numpy(numpy.ndarray((4,), dtype=numpy.float32, buffer=block.buf))
+        t.zero_()
+        gate = make_gate(str(tmp_path), "gate")
+        path = str(tmp_path / "held.pt")
+        with CheckpointQueue(persistent=False) as queue:
+            sd = {"holder": Holder(t)}
+            queue.schedule_async_request(AsyncRequest(wait_then_write, (sd, gate, path), []))
+            t.add_(100.0)  # after the save was scheduled: must not reach the file
+            open_gate(gate)
+            assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+        assert torch.load(path, weights_only=False)["holder"].t.tolist() == [0.0] * 4
+        del t
+    finally:
+        block.close()
+        block.unlink()
 
 
 def test_a_forked_save_snapshots_numpy_views_of_shared_memory(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import multiprocessing as mp
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from .._request import LocalOutcome
 from .._staging._arena import StagingBuffers
 from . import _worker
 from ._callers import AsyncCaller, live_callers
+from ._messages import Started
 from ._process import (
     EXIT_GRACE_S,
     STOP_GRACE_S,
@@ -33,38 +35,43 @@ from ._process import (
 
 class ForkOrder:
     """Makes forked children run their requests one after another, in the order they were
-    forked, as the persistent worker does: with two staging copies, two children may live
-    at once, and the later one waits for the earlier one to exit before it starts, so that
-    two saves to one path are renamed in the order they were scheduled.
+    forked, as the persistent worker does: with several staging copies, several children
+    may live at once, and each waits for every child forked before it to exit before it
+    starts, so that saves to one path are renamed in the order they were scheduled (even
+    when a child in the middle is killed).
 
-    It holds a pidfd of the last child forked; the next child inherits it through the
-    fork and waits until it is readable (that child has exited). A pidfd names one
-    process, so a reused pid cannot be mistaken for it. Where pidfds are missing, children
-    are not ordered."""
+    It holds a pidfd of each child that may still run; a new child inherits them through
+    the fork and waits until all are readable (those children have exited). A pidfd names
+    one process, so a reused pid cannot be mistaken for it. Where pidfds are missing,
+    children are not ordered."""
 
     def __init__(self) -> None:
-        self._last: int | None = None
-        self.last_caller: TemporalAsyncCaller | None = None  # the caller of that child
+        self._live: list[int] = []
         self._lock = threading.Lock()
 
-    def predecessor(self) -> int | None:
-        """The pidfd the next child waits for (kept open by this object)."""
-        return self._last
-
-    def forked(self, pid: int | None, caller: TemporalAsyncCaller | None = None) -> None:
-        """A child was forked (by ``caller``): the next one waits for it."""
+    def predecessors(self) -> tuple[int, ...]:
+        """The pidfds the next child waits for (kept open by this object); those of
+        children that have exited are closed first."""
         with self._lock:
-            old, self._last = self._last, None
-            self.last_caller = None
-            if old is not None:
-                os.close(old)
-            if pid is not None and hasattr(os, "pidfd_open"):
-                with contextlib.suppress(OSError):
-                    self._last = os.pidfd_open(pid)
-                    self.last_caller = caller
+            if self._live:
+                done, _, _ = select.select(self._live, [], [], 0)
+                for fd in done:
+                    os.close(fd)
+                self._live = [fd for fd in self._live if fd not in done]
+            return tuple(self._live)
+
+    def forked(self, pid: int | None) -> None:
+        """A child was forked: the next ones wait for it."""
+        if pid is None or not hasattr(os, "pidfd_open"):
+            return
+        with self._lock, contextlib.suppress(OSError):
+            self._live.append(os.pidfd_open(pid))
 
     def close(self) -> None:
-        self.forked(None)
+        with self._lock:
+            for fd in self._live:
+                os.close(fd)
+            self._live = []
 
 
 class TemporalAsyncCaller(AsyncCaller):
@@ -92,9 +99,9 @@ class TemporalAsyncCaller(AsyncCaller):
         self._eof_at: float | None = None  # the child closed its pipe without a reply
         self._news: list[LocalOutcome] = []
         self.start_time: float | None = None
-        self.ended_at: float | None = None  # when its child was seen to have exited
-        self._after: TemporalAsyncCaller | None = None  # whose child ours waits for
-        self._after_ended = 0.0  # when that child exited (once known)
+        # Written by the child (CLOCK_MONOTONIC, shared by every process) when its request
+        # starts, after it waited for the children before it: its deadline counts from then.
+        self._started: Any = None
 
     def run(
         self,
@@ -112,11 +119,11 @@ class TemporalAsyncCaller(AsyncCaller):
             self._call_idx = call_idx
             self.start_time = time.monotonic()
             if fn is None:
-                self.ended_at = self.start_time
                 self._reported = True
                 self._news.append(LocalOutcome(call_idx))
                 return
             ctx = mp.get_context("fork")
+            started = self._started = ctx.RawValue("d", 0.0)
             reader, writer = ctx.Pipe(duplex=False)
             process = ctx.Process(
                 target=_worker.fork_child_main,
@@ -128,7 +135,8 @@ class TemporalAsyncCaller(AsyncCaller):
                     kwargs,
                     self.settings.cpu_priority,
                     self.settings.io_priority,
-                    self._order.predecessor() if self._order is not None else None,
+                    self._order.predecessors() if self._order is not None else (),
+                    started,
                 ),
                 name=f"aiockpt-save-{call_idx}",
             )
@@ -145,8 +153,7 @@ class TemporalAsyncCaller(AsyncCaller):
                     gc.enable()
                 writer.close()
             if self._order is not None:
-                self._after = self._order.last_caller if self._order.predecessor() else None
-                self._order.forked(process.pid, self)
+                self._order.forked(process.pid)
             # The child has its own copy of the arguments: do not keep the staged views.
             process._args = ()  # type: ignore[attr-defined]
             self.process, self._conn, self._watch = process, reader, DeathWatch(process)
@@ -156,18 +163,18 @@ class TemporalAsyncCaller(AsyncCaller):
         return [self._call_idx] if self._call_idx is not None and not self._reported else []
 
     def running_since(self, call_idx: int) -> float | None:
-        """When its request began: when the child was forked, or, if it waited for the
-        child before it, when that one exited (None while it still waits: the earlier
-        child's own deadline bounds that wait)."""
+        """When its request began in the child: after the child waited for the children
+        forked before it (None while it still waits: their own deadlines bound that)."""
         if call_idx != self._call_idx or self.start_time is None:
             return None
-        after = self._after
-        if after is not None:
-            if after.ended_at is None:
-                return None
-            # Let go of it: callers must not chain each other for the queue's lifetime.
-            self._after, self._after_ended = None, after.ended_at
-        return max(self.start_time, self._after_ended)
+        if self._started is None:  # nothing was forked (no function)
+            return self.start_time
+        began = float(self._started.value)
+        return began if began > 0 else None
+
+    def _began(self) -> bool:
+        """Whether the child got past waiting for the children before it."""
+        return self._started is None or float(self._started.value) > 0
 
     def wait_objects(self) -> list[Any]:
         with self._lock:
@@ -193,14 +200,16 @@ class TemporalAsyncCaller(AsyncCaller):
                 return news
             if not self._reported and conn is not None and self._eof_at is None:
                 try:
-                    if conn.poll():
-                        news.append(outcome_from_reply(conn.recv(), self.rank))
+                    while conn.poll():
+                        reply = conn.recv()
+                        if isinstance(reply, Started):  # it waited, and begins now
+                            continue
+                        news.append(outcome_from_reply(reply, self.rank))
                         self._reported = True
+                        break
                 except (EOFError, OSError):
                     self._eof_at = time.monotonic()
             exited = process.exitcode is not None
-            if exited and self.ended_at is None:
-                self.ended_at = time.monotonic()
             if not self._reported:
                 overdue = (
                     self._eof_at is not None and time.monotonic() >= self._eof_at + EXIT_GRACE_S
@@ -208,7 +217,9 @@ class TemporalAsyncCaller(AsyncCaller):
                 if exited or overdue:
                     if not exited:  # closed its pipe but did not exit: count it as dead
                         stop_process(process, 0.0)
-                    news.append(crash_outcome(self._call_idx, self.rank, process.exitcode, True))
+                    news.append(
+                        crash_outcome(self._call_idx, self.rank, process.exitcode, self._began())
+                    )
                     self._reported = True
                     exited = True
             if self._reported and exited:
@@ -225,9 +236,7 @@ class TemporalAsyncCaller(AsyncCaller):
             self.process.join(0)
             if self.process.exitcode is not None:
                 self.process.close()
-        if self.ended_at is None:
-            self.ended_at = time.monotonic()
-        self._conn, self.process, self._after = None, None, None
+        self._conn, self.process = None, None
         live_callers.discard(self)
 
     def kill(self) -> None:
@@ -242,7 +251,9 @@ class TemporalAsyncCaller(AsyncCaller):
                 return news
             stop_process(self.process, grace, self.settings.sigterm_timeout)
             if not self._reported and self._call_idx is not None:
-                news.append(crash_outcome(self._call_idx, self.rank, self.process.exitcode, True))
+                news.append(
+                    crash_outcome(self._call_idx, self.rank, self.process.exitcode, self._began())
+                )
                 self._reported = True
             self._release_process()
             return news

@@ -38,8 +38,8 @@ _STORAGES: dict[tuple[int, int, int], torch.UntypedStorage] = {}
 
 
 class _RequestPickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, buffers: StagingBuffers | None) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+    def __init__(self, file: io.BytesIO, buffers: StagingBuffers | None, protocol: int) -> None:
+        super().__init__(file, protocol=protocol)
         self._buffers = buffers
 
     def reducer_override(self, obj: Any) -> Any:
@@ -63,10 +63,18 @@ class _RequestPickler(pickle.Pickler):
 
 
 def dumps(obj: Any, buffers: StagingBuffers | None) -> bytes:
-    """Pickle ``obj``, sending tensors that live in ``buffers`` by reference."""
-    out = io.BytesIO()
-    _RequestPickler(out, buffers).dump(obj)
-    return out.getvalue()
+    """Pickle ``obj``, sending tensors that live in ``buffers`` by reference. Objects that
+    pickle only with an older protocol (torch.save uses 2) are sent with that one."""
+    for protocol in (pickle.HIGHEST_PROTOCOL, 2):
+        out = io.BytesIO()
+        try:
+            _RequestPickler(out, buffers, protocol).dump(obj)
+        except Exception:
+            if protocol == 2:
+                raise
+            continue
+        return out.getvalue()
+    raise AssertionError("unreachable")
 
 
 def loads(payload: bytes) -> Any:

@@ -52,17 +52,27 @@ def fork_child_main(
     kwargs: dict[str, Any],
     cpu_priority: int | None = None,
     io_priority: int | None = None,
-    after: int | None = None,
+    after: tuple[int, ...] = (),
+    started: Any = None,
 ) -> None:
-    """Entry point of a forked per-request child. ``after`` is a pidfd of the child forked
-    before this one: its request runs first (see ``ForkOrder``)."""
+    """Entry point of a forked per-request child. ``after`` holds pidfds of the children
+    forked before this one: their requests run first (see ``ForkOrder``); ``started`` is
+    set to the time this request starts."""
     # The parent's heap may hold CUDA tensors: the child's GC must never free them.
     gc.disable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     apply_priorities(cpu_priority, io_priority)
-    if after is not None:
-        with contextlib.suppress(OSError, ValueError):
-            select.select([after], [], [])  # readable once that child has exited
+    waiting = list(after)
+    while waiting:  # each pidfd is readable once its child has exited
+        try:
+            done, _, _ = select.select(waiting, [], [])
+        except (OSError, ValueError):
+            break
+        waiting = [fd for fd in waiting if fd not in done]
+    if started is not None:
+        started.value = time.monotonic()
+        with contextlib.suppress(OSError):  # wake the parent: the deadline starts now
+            conn.send(Started(call_idx))
     reply = run_request(call_idx, fn, args, kwargs)
     with contextlib.suppress(OSError):  # the parent is gone; nobody is left to tell
         conn.send(reply)

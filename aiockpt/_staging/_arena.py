@@ -307,6 +307,9 @@ def _numpy_view(obj: Any) -> bool:
 
 
 def _holds_shared_storage(obj: Any) -> bool:
+    """Whether pickling ``obj`` meets memory a fork may not snapshot: a storage in shared
+    memory, or one torch did not allocate (not resizable: over a numpy array, an mmap,
+    a ``SharedMemory`` block), or a numpy view. True too if the dry run cannot tell."""
     found = False
 
     class Finder(pickle.Pickler):
@@ -317,15 +320,17 @@ def _holds_shared_storage(obj: Any) -> bool:
                 return id(o)
             if isinstance(o, torch.UntypedStorage | torch.TypedStorage):
                 storage = o if isinstance(o, torch.UntypedStorage) else o._untyped_storage
-                if storage.device.type == "cpu" and storage.is_shared():
+                if storage.device.type == "cpu" and (
+                    storage.is_shared() or not storage.resizable()
+                ):
                     found = True
                 return id(o)  # written as a reference: the bytes are not copied
             return None
 
     try:
-        Finder(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        Finder(_Discard(), protocol=2).dump(obj)  # torch.save's protocol
     except Exception:
-        return False  # torch.save will report what cannot be pickled
+        return True  # cannot tell: copy it if it can be copied
     return found
 
 
