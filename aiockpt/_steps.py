@@ -199,7 +199,10 @@ class StepDirectory:
         """Raises :class:`StorageError` (cannot create), :class:`UntrustedEntryError` (the
         directory is a file), :class:`DirectoryLockedError` (another manager holds it)."""
         self.format  # noqa: B018  (imported here, off any event loop)
-        self.storage.makedirs(self.directory)
+        # The directory you name is yours: a link to a directory (ckpts -> /scratch/run)
+        # is used as such. Links inside it are never followed.
+        if not (getattr(self.storage, "is_local", False) and os.path.isdir(self.directory)):
+            self.storage.makedirs(self.directory)
         if get_rank() == 0:
             self.lock.acquire()
         try:

@@ -308,3 +308,20 @@ def test_a_directory_named_like_a_dead_writers_temporary_file_does_not_stop_a_sa
         assert mgr.committed_steps() == [1]
         assert torch.equal(mgr.restore()["w"], torch.ones(3))
     assert planted.is_dir()  # not ours to delete
+
+
+def test_a_manager_directory_you_name_may_be_a_link_to_a_directory(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch" / "run"
+    scratch.mkdir(parents=True)
+    (tmp_path / "ckpts").symlink_to(scratch)  # ckpts -> /scratch/run, as on clusters
+    with CheckpointManager(tmp_path / "ckpts", persistent=False) as mgr:
+        mgr.save(1, {"w": torch.ones(3)})
+        mgr.poll(blocking=True)
+        assert mgr.committed_steps() == [1]
+    assert (scratch / "step-000000000001" / "metadata.json").is_file()
+    with CheckpointManager(tmp_path / "ckpts", persistent=False) as mgr:
+        assert torch.equal(mgr.restore()["w"], torch.ones(3))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "to-a-file").symlink_to(tmp_path / "file")
+    with pytest.raises(UntrustedEntryError, match="is a symlink, not a directory"):
+        CheckpointManager(tmp_path / "to-a-file")
