@@ -403,3 +403,20 @@ def test_trailer_does_not_depend_on_how_torch_splits_its_writes(tmp_path: Path) 
     with pytest.raises(ValueError, match="not a zip archive"):
         write_atomic((tmp_path / "raw.pt").as_posix(), lambda f: f.write(b"raw"), trailer=True)
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []
+
+
+def test_a_legacy_torch_save_file_is_named_as_such_not_damaged(tmp_path: Path) -> None:
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CorruptCheckpointError, match="legacy \\(non-zip\\) format") as info:
+        load(legacy)
+    assert "damaged" not in str(info.value)
+
+
+def test_loading_a_dcp_checkpoint_as_a_torch_one_says_how_to_load_it(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=str(tmp_path / "dcp"))
+    with pytest.raises(CheckpointNotFoundError, match=r"is a torch.distributed.checkpoint") as e:
+        load(tmp_path / "dcp")
+    assert "aiockpt.dcp.load" in str(e.value) and "save failed" not in str(e.value)

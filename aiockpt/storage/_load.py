@@ -30,6 +30,9 @@ from ._local import check_record, open_record
 from ._metadata import read_metadata, safe_join
 from ._protocol import Storage
 
+# torch.save with _use_new_zipfile_serialization=False: a pickle (protocol 2) of its magic
+# number 0x1950a86a20f9469cfc6c.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 _ZIP_MAGIC = b"PK\x03\x04"
 _UNREADABLE = (
     RuntimeError,
@@ -100,7 +103,15 @@ def _load_fd(fd: int, path: str, record: dict[str, Any] | None, verify: bool, **
                 f"{path!r} is corrupt: its xxh3-64 checksum does not match its trailer",
                 path=path,
             )
-    if os.pread(fd, 4, 0) != _ZIP_MAGIC:
+    head = os.pread(fd, 16, 0)
+    if head[:4] != _ZIP_MAGIC:
+        if head.startswith(_LEGACY_MAGIC):
+            raise CorruptCheckpointError(
+                f"{path!r} is a torch.save file in the legacy (non-zip) format, which "
+                "aiockpt does not read: load it with torch.load, or save it again with "
+                "torch.save's default format",
+                path=path,
+            )
         raise CorruptCheckpointError(
             f"{path!r} is not a torch.save file (no zip header): it is damaged, or not a "
             "checkpoint",

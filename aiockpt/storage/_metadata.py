@@ -105,6 +105,14 @@ def check_metadata(meta: Any, directory: str, path: str) -> dict[str, Any]:
     return meta
 
 
+def _has_entry(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
 def read_metadata(directory: str, *, dir_fd: int | None = None) -> dict[str, Any]:
     """The checked metadata of the committed checkpoint in ``directory``.
 
@@ -118,6 +126,12 @@ def read_metadata(directory: str, *, dir_fd: int | None = None) -> dict[str, Any
     try:
         fd = open_file(path, dir_fd=dir_fd, name=METADATA)
     except CheckpointNotFoundError:
+        if _has_entry(dir_fd, ".metadata"):
+            raise CheckpointNotFoundError(
+                f"{directory!r} is a torch.distributed.checkpoint (DCP) checkpoint, not a "
+                f"torch-format one (it has .metadata, no {METADATA}): load it with "
+                "aiockpt.dcp.load(state_dict, path), or torch.distributed.checkpoint.load"
+            ) from None
         raise CheckpointNotFoundError(
             f"{directory!r} holds no committed checkpoint (no {METADATA}): its save failed, "
             "was interrupted or is still running"
