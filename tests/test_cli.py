@@ -200,3 +200,39 @@ def test_plot_draws_a_png(tmp_path: Path) -> None:
     ]
     plot({"contenders": rows, "state_bytes": 2**30}, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_unreadable_step_is_one_bad_row_and_a_typed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+    import os
+
+    from aiockpt import StorageError, load
+    from aiockpt._cli._main import main
+
+    with CheckpointManager(tmp_path, persistent=False) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"w": torch.full((2,), float(step))})
+            mgr.poll(blocking=True)
+    real_stat = os.stat
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> Any:
+        # Step 1's metadata cannot be read (root ignores chmod, so the refusal is made here).
+        fd = kwargs.get("dir_fd")
+        if (
+            fd is not None
+            and str(path) == "metadata.json"
+            and "step-000000000001" in os.readlink(f"/proc/self/fd/{fd}")
+        ):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", denied)
+    assert main(["ls", str(tmp_path)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert any("step-000000000001" in r and "BAD: cannot open" in r for r in rows), rows
+    assert any("step-000000000002" in r and "BAD" not in r for r in rows), rows
+    with pytest.raises(StorageError, match=r"cannot open .*Permission denied"):
+        load(tmp_path / "step-000000000001")
+    assert torch.equal(load(tmp_path / "step-000000000002")["w"], torch.full((2,), 2.0))

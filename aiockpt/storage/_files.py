@@ -17,7 +17,12 @@ from contextlib import contextmanager
 
 import xxhash
 
-from .._exceptions import CheckpointNotFoundError, CorruptCheckpointError, UntrustedEntryError
+from .._exceptions import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageError,
+    UntrustedEntryError,
+)
 
 CHUNK = 8 * 2**20  # hashing reads this much at a time: memory stays flat for any file size
 
@@ -45,11 +50,21 @@ def _refuse(path: str, mode: int, wanted: str) -> UntrustedEntryError:
     )
 
 
+def _unreadable(path: str, exc: OSError) -> StorageError:
+    """A permission error, an overlong name, an I/O error: typed, saying where."""
+    return StorageError(
+        f"cannot open {path!r}: {exc.strerror or exc}; check its permissions (and the filesystem)",
+        path=path,
+    )
+
+
 def _lstat(name: str, dir_fd: int | None, path: str) -> os.stat_result:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path!r} does not exist") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def _open_checked(name: str, flags: int, dir_fd: int | None, path: str, want_dir: bool) -> int:
@@ -67,7 +82,7 @@ def _open_checked(name: str, flags: int, dir_fd: int | None, path: str, want_dir
             raise UntrustedEntryError(
                 f"{path!r} changed into a link while opening it", path=path
             ) from exc
-        raise
+        raise _unreadable(path, exc) from exc
     mode = os.fstat(fd).st_mode
     if not is_wanted(mode):
         os.close(fd)
@@ -85,6 +100,8 @@ def open_dir(path: str, *, dir_fd: int | None = None, name: str | None = None) -
             raise CheckpointNotFoundError(f"{path!r} does not exist") from None
         except NotADirectoryError:
             raise CheckpointNotFoundError(f"{path!r} is not a directory") from None
+        except OSError as exc:
+            raise _unreadable(path, exc) from exc
         return fd
     assert name is not None
     return _open_checked(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd, path, want_dir=True)
