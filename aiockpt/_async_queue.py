@@ -881,6 +881,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 # that has let go of the request (so the caller's state is not held).
                 if fut is not None and not settled.call.error_raised:
                     self._resolve(fut, None, settled.error)
+                if isinstance(settled.error.__cause__, KeyboardInterrupt | SystemExit):
+                    self._defer(settled.error.__cause__)  # raised when the queue closes
                 return True
             start = time.perf_counter()
             self._finalizing = settled.call.call_idx

@@ -260,6 +260,10 @@ class CheckpointQueue:
                 engine.finalize(settled)
             except CheckpointError as err:
                 err.finalized_call_idxs = finalized
+                if isinstance(err.__cause__, KeyboardInterrupt | SystemExit):
+                    # Raised while its result was unpickled (a Ctrl-C, or the result's
+                    # own code): the call failed; the interrupt goes on to the program.
+                    raise err.__cause__ from err
                 raise
             finalized.append(settled.call.call_idx)
         return finalized

@@ -366,3 +366,38 @@ def sleep_then_save(state: Any, seconds: float, path: str) -> str:
     time.sleep(seconds)
     torch.save(state, path)
     return path
+
+
+_KEPT: list[Any] = []
+
+
+def keep_then_save(state: Any, path: str) -> str:
+    """Save ``state``, keeping a reference to its tensor past the request (a careless
+    cache): the next request may change it."""
+    _KEPT.append(state["w"])
+    torch.save(state, path)
+    return path
+
+
+def change_kept_then_save(state: Any, path: str) -> str:
+    """Change the tensor an earlier request kept, then save ``state``."""
+    for kept in _KEPT:
+        kept.data = torch.zeros_like(kept)
+    _KEPT.clear()
+    torch.save(state, path)
+    return path
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt("raised while the result was unpickled")
+
+
+class Interrupting:
+    """Unpickles by raising KeyboardInterrupt (a result's own code, in the caller)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_interrupt, ())
+
+
+def return_interrupting(state: Any) -> Interrupting:
+    return Interrupting()

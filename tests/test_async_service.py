@@ -1010,3 +1010,28 @@ def test_cancel_from_another_thread_gives_up_on_a_blocked_owner_and_the_save_goe
         thread.join(60)
     assert outcome["result"].call_idx == 0
     assert torch.load(tmp_path / "a", weights_only=True) == "data"
+
+
+async def test_a_result_whose_unpickling_raises_keyboardinterrupt_fails_that_save_only(
+    tmp_path: Path,
+) -> None:
+    if not isinstance(anyio.lowlevel.current_token().native_token, asyncio.AbstractEventLoop):
+        pytest.skip("trio takes KeyboardInterrupt for a Ctrl-C of its own")
+    from ckpt_helpers import return_interrupting
+
+    from aiockpt import WorkerError
+
+    with pytest.raises(KeyboardInterrupt, match="while the result was unpickled"):
+        async with AsyncCheckpointQueue() as queue:
+            first = await queue.schedule(AsyncRequest(write_value, (1, str(tmp_path / "a")), []))
+            bad = await queue.schedule(
+                AsyncRequest(return_interrupting, ({"w": torch.ones(2)},), [])
+            )
+            last = await queue.schedule(AsyncRequest(write_value, (2, str(tmp_path / "b")), []))
+            assert (await first).call_idx == 0
+            with pytest.raises(WorkerError, match=r"could not be unpickled .*KeyboardInterrupt"):
+                await bad
+            assert (await last).call_idx == 2  # the other saves go on
+    for name, value in (("a", 1), ("b", 2)):
+        with open(tmp_path / name, "rb") as f:
+            assert pickle.load(f) == value

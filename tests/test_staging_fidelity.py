@@ -17,7 +17,9 @@ import pytest
 import torch
 from ckpt_helpers import (
     alias_then_save,
+    change_kept_then_save,
     grad_and_hook_then_save,
+    keep_then_save,
     make_gate,
     mark_then_save,
     move_then_save,
@@ -32,7 +34,13 @@ from ckpt_helpers import (
 )
 from fidelity import as_saved, as_torch_saves
 
-from aiockpt import AsyncRequest, CheckpointQueue, TorchCheckpoint, WorkerCrashedError
+from aiockpt import (
+    AsyncRequest,
+    CheckpointQueue,
+    SaveTimeoutError,
+    TorchCheckpoint,
+    WorkerCrashedError,
+)
 from aiockpt.utils import wrap_for_async
 
 
@@ -360,6 +368,33 @@ def test_a_persistent_worker_restores_views_however_a_request_changed_them(
                     "b": (None, False),
                     "v": (None, False),
                 }
+
+
+def test_views_a_request_kept_and_a_later_one_changed_are_restored(tmp_path: Path) -> None:
+    with CheckpointQueue(persistent=True, max_staging_copies=2) as queue:
+        for i, fn in enumerate((keep_then_save, change_kept_then_save)):  # two arenas
+            state = {"w": torch.full((4,), float(i + 1))}
+            queue.schedule_async_request(AsyncRequest(fn, (state, str(tmp_path / f"{i}")), []))
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1]
+        for i in range(2, 6):  # every later save, on either arena, holds its own values
+            state = {"w": torch.full((4,), float(i + 1))}
+            queue.schedule_async_request(
+                AsyncRequest(torch_save, (state, str(tmp_path / f"{i}")), [])
+            )
+            assert queue.maybe_finalize_async_calls(blocking=True) == [i]
+            assert torch.load(tmp_path / f"{i}")["w"].tolist() == [float(i + 1)] * 4
+
+
+def test_a_forked_child_stopped_while_waiting_still_meets_its_deadline(tmp_path: Path) -> None:
+    path = str(tmp_path / "latest.pt")
+    with CheckpointQueue(persistent=False, max_staging_copies=2, save_timeout=3.0) as queue:
+        args = ({"tag": "A"}, 1.0, path)
+        queue.schedule_async_request(AsyncRequest(sleep_then_save, args, []))
+        queue.schedule_async_request(AsyncRequest(torch_save, ({"tag": "B"}, path), []))
+        os.kill(queue._engine._running[1].caller.process.pid, signal.SIGSTOP)  # while waiting
+        with pytest.raises(SaveTimeoutError, match=r"call 1 .* save_timeout=3.0s"):
+            queue.maybe_finalize_async_calls(blocking=True)  # A finalized, B timed out
+    assert torch.load(path, weights_only=True) == {"tag": "A"}
 
 
 def test_forked_saves_to_one_path_land_in_scheduling_order(tmp_path: Path) -> None:

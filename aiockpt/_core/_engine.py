@@ -395,8 +395,9 @@ class CallsEngine:
         if call.timed_out_unstarted and call.caller.running_since(call.call_idx) is None:
             what = (
                 f"did not start within {within} of closing the queue: its worker was still "
-                "starting (importing) and was killed, and the checkpoint was not written. "
-                "Check what the worker's import waits for (start_timeout bounds it)"
+                "starting (importing), or waiting for an earlier save, and was killed; the "
+                "checkpoint was not written. Check what the worker waits for (start_timeout "
+                "bounds a start)"
             )
         else:
             what = (

@@ -102,6 +102,11 @@ class TemporalAsyncCaller(AsyncCaller):
         # Written by the child (CLOCK_MONOTONIC, shared by every process) when its request
         # starts, after it waited for the children before it: its deadline counts from then.
         self._started: Any = None
+        # Duplicates of the pidfds of the children ours waits for, and when they were all
+        # seen to have exited: a child that does not start then (stopped, say) is given
+        # its save_timeout from that moment.
+        self._waits_for: list[int] = []
+        self._free_since: float | None = None
 
     def run(
         self,
@@ -124,6 +129,7 @@ class TemporalAsyncCaller(AsyncCaller):
                 return
             ctx = mp.get_context("fork")
             started = self._started = ctx.RawValue("d", 0.0)
+            before = self._order.predecessors() if self._order is not None else ()
             reader, writer = ctx.Pipe(duplex=False)
             process = ctx.Process(
                 target=_worker.fork_child_main,
@@ -135,7 +141,7 @@ class TemporalAsyncCaller(AsyncCaller):
                     kwargs,
                     self.settings.cpu_priority,
                     self.settings.io_priority,
-                    self._order.predecessors() if self._order is not None else (),
+                    before,
                     started,
                 ),
                 name=f"aiockpt-save-{call_idx}",
@@ -153,6 +159,7 @@ class TemporalAsyncCaller(AsyncCaller):
                     gc.enable()
                 writer.close()
             if self._order is not None:
+                self._waits_for = [os.dup(fd) for fd in before]
                 self._order.forked(process.pid)
             # The child has its own copy of the arguments: do not keep the staged views.
             process._args = ()  # type: ignore[attr-defined]
@@ -163,14 +170,26 @@ class TemporalAsyncCaller(AsyncCaller):
         return [self._call_idx] if self._call_idx is not None and not self._reported else []
 
     def running_since(self, call_idx: int) -> float | None:
-        """When its request began in the child: after the child waited for the children
-        forked before it (None while it still waits: their own deadlines bound that)."""
+        """When its request began in the child, after it waited for the children forked
+        before it; or, if it has not begun, when those had all exited (a child stopped or
+        stuck before starting still gets its deadline). None while it rightly waits:
+        those children's own deadlines bound that."""
         if call_idx != self._call_idx or self.start_time is None:
             return None
         if self._started is None:  # nothing was forked (no function)
             return self.start_time
         began = float(self._started.value)
-        return began if began > 0 else None
+        if began > 0:
+            return began
+        return self._predecessors_done()
+
+    def _predecessors_done(self) -> float | None:
+        if self._free_since is None:
+            waiting = self._waits_for
+            if waiting and len(select.select(waiting, [], [], 0)[0]) < len(waiting):
+                return None
+            self._free_since = time.monotonic()
+        return self._free_since
 
     def _began(self) -> bool:
         """Whether the child got past waiting for the children before it."""
@@ -183,6 +202,8 @@ class TemporalAsyncCaller(AsyncCaller):
             objects: list[Any] = [self._watch.wait_object()]
             if self._conn is not None and self._eof_at is None:
                 objects.append(self._conn)
+            if self._free_since is None:  # their exit arms this child's deadline
+                objects.extend(self._waits_for)
             return objects
 
     def deadline(self) -> float | None:
@@ -237,6 +258,9 @@ class TemporalAsyncCaller(AsyncCaller):
             if self.process.exitcode is not None:
                 self.process.close()
         self._conn, self.process = None, None
+        for fd in self._waits_for:
+            os.close(fd)
+        self._waits_for = []
         live_callers.discard(self)
 
     def kill(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import time
 from multiprocessing.process import BaseProcess
@@ -24,16 +25,33 @@ STOP_GRACE_S = 10.0
 def stop_process(process: BaseProcess, grace: float, sigterm_timeout: float = 0.0) -> None:
     """Wait up to ``grace`` seconds for ``process`` to exit, then send it SIGTERM, give it
     ``sigterm_timeout`` seconds more, then SIGKILL it; reap it either way."""
-    process.join(grace)
+    _wait_exit(process, grace)
     if process.is_alive() and sigterm_timeout > 0:
         process.terminate()
         if process.pid is not None:  # a stopped process (SIGSTOP, a debugger) must wake
             with contextlib.suppress(OSError):  # to act on SIGTERM: it would cost the wait
                 os.kill(process.pid, signal.SIGCONT)
-        process.join(sigterm_timeout)
+        _wait_exit(process, sigterm_timeout)
     if process.is_alive():
         process.kill()
         process.join()
+
+
+def _wait_exit(process: BaseProcess, timeout: float) -> None:
+    """Wait up to ``timeout`` for ``process`` to exit, on a pidfd where there is one:
+    ``join`` waits on a pipe that a grandchild it started may keep open long after."""
+    fd = None
+    if hasattr(os, "pidfd_open") and process.pid is not None and timeout > 0:
+        with contextlib.suppress(OSError):
+            fd = os.pidfd_open(process.pid)
+    if fd is None:
+        process.join(timeout)
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    process.join(0)
 
 
 # Without pidfds, how often a running worker's liveness is checked (waitpid) at the least.
@@ -83,20 +101,19 @@ def outcome_from_reply(reply: Reply, rank: int) -> LocalOutcome:
     if isinstance(reply, Done):
         try:
             result = pickle.loads(reply.payload)
-        except Exception as exc:
-            return LocalOutcome(
-                call_idx,
-                error=WorkerError(
-                    f"checkpoint call {call_idx} on rank {rank} finished in the worker, but its "
-                    f"result could not be unpickled in the caller: {type(exc).__name__}: {exc}. "
-                    "Return plain values (or None) from the checkpoint function",
-                    call_idx=call_idx,
-                    rank=rank,
-                    exc_type=type(exc).__name__,
-                    exc_message=str(exc),
-                ),
-                run_seconds=reply.seconds,
+        except BaseException as exc:  # Ctrl-C or exit raised by the result's own code too:
+            # that call fails, typed; the reply is already consumed, so raising would lose it.
+            error = WorkerError(
+                f"checkpoint call {call_idx} on rank {rank} finished in the worker, but its "
+                f"result could not be unpickled in the caller: {type(exc).__name__}: {exc}. "
+                "Return plain values (or None) from the checkpoint function",
+                call_idx=call_idx,
+                rank=rank,
+                exc_type=type(exc).__name__,
+                exc_message=str(exc),
             )
+            error.__cause__ = exc  # the async queue re-raises a KeyboardInterrupt once drained
+            return LocalOutcome(call_idx, error=error, run_seconds=reply.seconds)
         return LocalOutcome(call_idx, result=result, run_seconds=reply.seconds)
     error = WorkerError(
         f"checkpoint call {call_idx} failed on rank {rank} in the worker process: "

@@ -30,8 +30,6 @@ _VIEWS: dict[int, list[torch.Tensor]] = {}
 _SLOTS: dict[int, dict[tuple[int, int], torch.UntypedStorage]] = {}
 # Per arena: the plan of its current layout and its slot tensors.
 _LAYOUTS: dict[int, tuple[StagingPlan, list[torch.Tensor], list[int], list[int]]] = {}
-# Arenas whose views the running request was given (checked by restore_views after it).
-_USED: set[int] = set()
 _LOCK = threading.Lock()  # the reader thread lays out while a request runs
 # Storages rebuilt while unpickling one request: the same byte range is one storage.
 _STORAGES: dict[tuple[int, int, int], torch.UntypedStorage] = {}
@@ -127,12 +125,15 @@ def lay_out(arena_id: int, plan: StagingPlan) -> None:
 
 
 def restore_views(check: bool = True) -> int:
-    """Worker side, after a request: rebuild the views of its arenas that its function
-    changed (``v.data = ...``, ``requires_grad_()``, an attribute, ``set_``), so that no
+    """Worker side, after a request: rebuild the views that its function changed (``v.data = ...``, ``requires_grad_()``, an attribute, ``set_``), so that no
     request sees what an earlier one did to them. Returns how many were rebuilt.
     ``check=False`` skips the check (a function known to leave its views alone)."""
     rebuilt = 0
-    for arena_id in list(_USED) if check else ():
+    # Every arena, not only those this request was given: a function may have kept views
+    # of another arena from an earlier request (in a global) and changed them now.
+    with _LOCK:
+        arenas = list(_VIEWS) if check else []
+    for arena_id in arenas:
         with _LOCK:
             views, layout = _VIEWS.get(arena_id), _LAYOUTS.get(arena_id)
         if views is None or layout is None:
@@ -159,7 +160,6 @@ def restore_views(check: bool = True) -> int:
                 _VIEWS[arena_id] = fresh
             _views.announce(arena_id, fresh)
             rebuilt += len(changed)
-    _USED.clear()
     return rebuilt
 
 
@@ -188,7 +188,6 @@ def _subplan(plan: StagingPlan, indices: list[int]) -> StagingPlan:
 
 def _rebuild_view(arena_id: int, index: int, how: Dressing | None) -> torch.Tensor:
     view = _VIEWS[arena_id][index]
-    _USED.add(arena_id)
     return view if how is None else dress(view, how)
 
 
