@@ -6,6 +6,7 @@ cyclic containers), for the forked and the persistent worker."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import pickle
 import signal
@@ -395,6 +396,56 @@ def test_a_forked_child_stopped_while_waiting_still_meets_its_deadline(tmp_path:
         with pytest.raises(SaveTimeoutError, match=r"call 1 .* save_timeout=3.0s"):
             queue.maybe_finalize_async_calls(blocking=True)  # A finalized, B timed out
     assert torch.load(path, weights_only=True) == {"tag": "A"}
+
+
+def test_a_fork_that_fails_before_the_child_exists_leaves_no_phantom_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiockpt import StagingError
+    from aiockpt._core._fork import ForkOrder
+
+    real = ForkOrder.predecessors
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    def once(self: ForkOrder) -> tuple[int, ...]:
+        if failures:
+            raise failures.pop()
+        return real(self)
+
+    monkeypatch.setattr(ForkOrder, "predecessors", once)
+    with CheckpointQueue(persistent=False, save_timeout=30.0) as queue:
+        with pytest.raises(StagingError, match="Too many open files"):
+            queue.schedule_async_request(
+                AsyncRequest(torch_save, ({"n": 0, "w": torch.ones(4)}, str(tmp_path / "a")), [])
+            )
+        # The failed call holds no staging copy and no place in line: the next one runs.
+        queue.schedule_async_request(
+            AsyncRequest(torch_save, ({"n": 1, "w": torch.ones(4)}, str(tmp_path / "b")), [])
+        )
+        assert queue.maybe_finalize_async_calls(blocking=True) == [1]
+    assert torch.load(tmp_path / "b", weights_only=True)["n"] == 1
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["fork", "persistent"])
+def test_descriptors_past_1024_do_not_break_ordering_or_close(
+    tmp_path: Path, persistent: bool
+) -> None:
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2048:
+        pytest.skip("needs a descriptor limit of 2048 or more")
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # a busy program
+    try:
+        path = str(tmp_path / "latest.pt")
+        with CheckpointQueue(persistent=persistent, max_staging_copies=3) as queue:
+            for tag in "ABC":
+                state = {"tag": tag, "w": torch.ones(2)}
+                queue.schedule_async_request(AsyncRequest(torch_save, (state, path), []))
+            assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1, 2]
+        assert torch.load(path, weights_only=True)["tag"] == "C"
+    finally:
+        for fd in spare:
+            os.close(fd)
 
 
 def test_forked_saves_to_one_path_land_in_scheduling_order(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import contextlib
 import gc
 import multiprocessing as mp
 import os
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from ._process import (
     DeathWatch,
     crash_outcome,
     outcome_from_reply,
+    readable,
     stop_process,
 )
 
@@ -54,7 +54,7 @@ class ForkOrder:
         children that have exited are closed first."""
         with self._lock:
             if self._live:
-                done, _, _ = select.select(self._live, [], [], 0)
+                done = readable(self._live, 0)
                 for fd in done:
                     os.close(fd)
                 self._live = [fd for fd in self._live if fd not in done]
@@ -121,17 +121,20 @@ class TemporalAsyncCaller(AsyncCaller):
                 raise InvalidRequestError(
                     "a TemporalAsyncCaller runs one request; create a new caller per request"
                 )
-            self._call_idx = call_idx
             self.start_time = time.monotonic()
             if fn is None:
+                self._call_idx = call_idx
                 self._reported = True
                 self._news.append(LocalOutcome(call_idx))
                 return
+            # Nothing is in flight until the child exists: a failure before the fork (out
+            # of descriptors, say) leaves no call that nobody will ever report.
             ctx = mp.get_context("fork")
             started = self._started = ctx.RawValue("d", 0.0)
             before = self._order.predecessors() if self._order is not None else ()
             reader, writer = ctx.Pipe(duplex=False)
-            process = ctx.Process(
+            self._call_idx = call_idx
+            process = ctx.Process(  # (made before the fork: cannot fail afterwards)
                 target=_worker.fork_child_main,
                 args=(
                     writer,
@@ -186,7 +189,7 @@ class TemporalAsyncCaller(AsyncCaller):
     def _predecessors_done(self) -> float | None:
         if self._free_since is None:
             waiting = self._waits_for
-            if waiting and len(select.select(waiting, [], [], 0)[0]) < len(waiting):
+            if waiting and len(readable(waiting, 0)) < len(waiting):
                 return None
             self._free_since = time.monotonic()
         return self._free_since

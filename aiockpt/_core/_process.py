@@ -48,10 +48,20 @@ def _wait_exit(process: BaseProcess, timeout: float) -> None:
         process.join(timeout)
         return
     try:
-        select.select([fd], [], [], timeout)
+        readable([fd], timeout)
     finally:
         os.close(fd)
     process.join(0)
+
+
+def readable(fds: list[int] | tuple[int, ...], timeout: float | None) -> list[int]:
+    """Which of ``fds`` are readable, waiting up to ``timeout`` seconds (None: until one
+    is). ``poll``, not ``select``: descriptors past 1024 are fine."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    wait = None if timeout is None else max(0, int(timeout * 1000))
+    return [fd for fd, _ in poller.poll(wait)]
 
 
 # Without pidfds, how often a running worker's liveness is checked (waitpid) at the least.

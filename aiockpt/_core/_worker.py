@@ -9,7 +9,6 @@ import gc
 import os
 import pickle
 import queue
-import select
 import signal
 import sys
 import threading
@@ -24,6 +23,7 @@ from typing import Any
 from . import _transport
 from ._messages import Done, DropArena, Failed, LayOut, MapArena, Ready, Reply, Run, Started, Stop
 from ._priority import apply_priorities
+from ._process import readable
 
 
 def _failure(call_idx: int, seconds: float, exc: BaseException, prefix: str = "") -> Failed:
@@ -65,9 +65,9 @@ def fork_child_main(
     waiting = list(after)
     while waiting:  # each pidfd is readable once its child has exited
         try:
-            done, _, _ = select.select(waiting, [], [])
-        except (OSError, ValueError):
-            break
+            done = readable(waiting, None)
+        except InterruptedError:
+            continue
         waiting = [fd for fd in waiting if fd not in done]
     if started is not None:
         started.value = time.monotonic()
