@@ -401,3 +401,9 @@ class Interrupting:
 
 def return_interrupting(state: Any) -> Interrupting:
     return Interrupting()
+
+
+def mark_then_wait_then_write(state: Any, gate: str, path: str, marker: str) -> str:
+    """Create ``marker`` (the request started), wait for ``gate``, then save ``state``."""
+    open_gate(marker)
+    return wait_then_write(state, gate, path)

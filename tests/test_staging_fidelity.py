@@ -23,6 +23,7 @@ from ckpt_helpers import (
     keep_then_save,
     make_gate,
     mark_then_save,
+    mark_then_wait_then_write,
     move_then_save,
     open_gate,
     post_hook_then_save,
@@ -564,3 +565,28 @@ def test_a_forked_save_snapshots_shared_memory_the_walk_cannot_reach(tmp_path: P
     saved = torch.load(path, weights_only=False)
     assert torch.equal(saved["holder"].t, torch.zeros(4))
     assert torch.equal(shared, torch.full((4,), 7.0))
+
+
+def test_waiting_on_a_later_forked_save_never_watches_a_descriptor_that_is_always_ready(
+    tmp_path: Path,
+) -> None:
+    from aiockpt._core._process import readable
+
+    gate = make_gate(str(tmp_path), "gate")
+    marker = str(tmp_path / "second-started")
+    with CheckpointQueue(persistent=False, max_staging_copies=2) as queue:
+        queue.schedule_async_request(AsyncRequest(torch_save, ({"n": 0}, str(tmp_path / "a")), []))
+        args = ({"n": 1}, gate, str(tmp_path / "b"))
+        queue.schedule_async_request(AsyncRequest(mark_then_wait_then_write, (*args, marker), []))
+        finalized: list[int] = []
+        try:
+            wait_gate(marker)  # the second child runs: the first has exited
+            for _ in range(3):
+                finalized += queue.maybe_finalize_async_calls(blocking=False)
+                handles = queue._engine.wait_handles()[1:]  # the engine's own pipe aside
+                # A blocking wait over these must sleep, not return at once (a busy loop).
+                assert readable(handles, 0) == []
+        finally:
+            open_gate(gate)
+        finalized += queue.maybe_finalize_async_calls(blocking=True)
+        assert finalized == [0, 1]

@@ -205,8 +205,15 @@ class TemporalAsyncCaller(AsyncCaller):
             objects: list[Any] = [self._watch.wait_object()]
             if self._conn is not None and self._eof_at is None:
                 objects.append(self._conn)
-            if self._free_since is None:  # their exit arms this child's deadline
-                objects.extend(self._waits_for)
+            if self._free_since is None and not self._began():
+                # The children before it: their exit arms this child's deadline. Only
+                # those still running: an exited one is always readable (a busy loop).
+                done = readable(self._waits_for, 0)
+                pending = [fd for fd in self._waits_for if fd not in done]
+                if pending:
+                    objects.extend(pending)
+                else:
+                    self._free_since = time.monotonic()
             return objects
 
     def deadline(self) -> float | None:
