@@ -229,6 +229,9 @@ class TemporalAsyncCaller(AsyncCaller):
             process, conn = self.process, self._conn
             if process is None or self._call_idx is None:
                 return news
+            # Looked at before the pipe is read: a child writes its reply before it exits,
+            # so one seen to have exited has its reply (if any) in the pipe by now.
+            exited = process.exitcode is not None
             if not self._reported and conn is not None and self._eof_at is None:
                 try:
                     while conn.poll():
@@ -240,7 +243,6 @@ class TemporalAsyncCaller(AsyncCaller):
                         break
                 except (EOFError, OSError):
                     self._eof_at = time.monotonic()
-            exited = process.exitcode is not None
             if not self._reported:
                 overdue = (
                     self._eof_at is not None and time.monotonic() >= self._eof_at + EXIT_GRACE_S
@@ -253,7 +255,7 @@ class TemporalAsyncCaller(AsyncCaller):
                     )
                     self._reported = True
                     exited = True
-            if self._reported and exited:
+            if self._reported and (exited or process.exitcode is not None):
                 self._release_process()
             return news
 
