@@ -187,12 +187,18 @@ class TemporalAsyncCaller(AsyncCaller):
         return self._predecessors_done()
 
     def _predecessors_done(self) -> float | None:
-        if self._free_since is None:
-            waiting = self._waits_for
-            if waiting and len(readable(waiting, 0)) < len(waiting):
-                return None
-            self._free_since = time.monotonic()
+        if self._free_since is None and self._pending_predecessors():
+            return None
         return self._free_since
+
+    def _pending_predecessors(self) -> list[int]:
+        """The pidfds of the children before it that still run; once there are none,
+        records when that was first seen (``_free_since``)."""
+        done = readable(self._waits_for, 0) if self._waits_for else []
+        pending = [fd for fd in self._waits_for if fd not in done]
+        if not pending and self._free_since is None:
+            self._free_since = time.monotonic()
+        return pending
 
     def _began(self) -> bool:
         """Whether the child got past waiting for the children before it."""
@@ -208,12 +214,7 @@ class TemporalAsyncCaller(AsyncCaller):
             if self._free_since is None and not self._began():
                 # The children before it: their exit arms this child's deadline. Only
                 # those still running: an exited one is always readable (a busy loop).
-                done = readable(self._waits_for, 0)
-                pending = [fd for fd in self._waits_for if fd not in done]
-                if pending:
-                    objects.extend(pending)
-                else:
-                    self._free_since = time.monotonic()
+                objects.extend(self._pending_predecessors())
             return objects
 
     def deadline(self) -> float | None:

@@ -248,11 +248,12 @@ def _copy_value(obj: Any) -> Any:
         return copy.deepcopy(obj)
 
 
-def _round_trip(obj: Any) -> Any:
+def _round_trip(obj: Any, map_location: str | None = None) -> Any:
+    """``obj`` as a ``torch.save``/``torch.load`` round trip gives it back."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    return torch.load(buf, map_location=map_location, weights_only=False)
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
@@ -284,10 +285,7 @@ def snapshot(t: torch.Tensor) -> torch.Tensor:
             t.stride(),
         )
         return dress(data, copied(dressing(t)))
-    buf = io.BytesIO()
-    torch.save(t, buf)
-    buf.seek(0)
-    out: torch.Tensor = torch.load(buf, map_location="cpu", weights_only=False)
+    out: torch.Tensor = _round_trip(t, map_location="cpu")
     return out
 
 
