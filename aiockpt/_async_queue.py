@@ -27,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -1009,30 +1008,3 @@ def _group(errors: list[CheckpointError]) -> CheckpointErrorGroup:
     calls = ", ".join(str(e.call_idx) for e in errors)
     noun = "checkpoint" if len(errors) == 1 else "checkpoints"
     return CheckpointErrorGroup(f"{len(errors)} {noun} failed (call {calls})", errors)
-
-
-class QueueFacade:
-    """Base of the async helpers built on one :class:`AsyncCheckpointQueue` (``queue``):
-    entering, leaving, ``finalize`` and ``aclose`` are the queue's."""
-
-    queue: AsyncCheckpointQueue
-
-    async def __aenter__(self) -> Self:
-        await self.queue.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.queue.__aexit__(exc_type, exc, tb)
-
-    async def finalize(self) -> list[CheckpointResult]:
-        """Wait for every checkpoint scheduled so far; raise the failures nobody observed."""
-        return await self.queue.finalize()
-
-    async def aclose(self) -> None:
-        """Wait for every checkpoint, then stop the worker. Idempotent."""
-        await self.queue.aclose()

@@ -7,7 +7,8 @@ from typing import Any
 import anyio
 from typing_extensions import Unpack
 
-from ._async_queue import AsyncCheckpointQueue, QueueFacade
+from ._async_queue import AsyncCheckpointQueue
+from ._facade import QueueFacade
 from ._futures import CheckpointFuture
 from ._options import AsyncQueueFacadeKeywords
 from ._request import AsyncRequest

@@ -13,8 +13,9 @@ import anyio
 from typing_extensions import Self, Unpack
 
 from ._aload import in_thread
-from ._async_queue import AsyncCheckpointQueue, QueueFacade
+from ._async_queue import AsyncCheckpointQueue
 from ._exceptions import CheckpointError, QueueClosedError
+from ._facade import QueueFacade
 from ._futures import CheckpointFuture
 from ._loops import run_to_end
 from ._options import AsyncQueueFacadeKeywords, QueueFacadeKeywords
@@ -99,7 +100,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         self._scheduling: anyio.Lock | None = None
 
     async def __aenter__(self) -> Self:
-        await in_thread(self.steps.open)
+        await self._acquire()
         try:
             await self.queue.__aenter__()
         except BaseException:
@@ -124,6 +125,9 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
             await self.queue.aclose()
         finally:
             await self._release()
+
+    async def _acquire(self) -> None:
+        await in_thread(self.steps.open)
 
     async def _release(self) -> None:
         # Unlocking is a filesystem call (slow on a network filesystem): off the loop, and

@@ -170,6 +170,9 @@ class LocalOutcome:
     error: CheckpointError | None = None
     result: Any = None
     run_seconds: float = 0.0
+    #: the result as the worker pickled it, until :func:`~aiockpt._core._process.resolve`
+    #: unpickles it (outside the engine's lock: a result's own code may be slow)
+    payload: bytes | None = None
 
     @property
     def ok(self) -> bool:

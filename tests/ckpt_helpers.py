@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 import time
 from typing import Any
 
@@ -359,6 +360,26 @@ class LoadedWhere:
 
 def return_loaded_where(state: Any) -> LoadedWhere:
     return LoadedWhere()
+
+
+UNPICKLING = threading.Event()  # in the caller: a HeldUntilReleased is being unpickled
+RELEASE = threading.Event()  # lets that unpickle finish
+
+
+def _held_until_released() -> bool:
+    UNPICKLING.set()
+    return RELEASE.wait(10)
+
+
+class HeldUntilReleased:
+    """Unpickles as True once :data:`RELEASE` is set (False if nobody sets it in 10 s)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_held_until_released, ())
+
+
+def return_held_until_released(state: Any) -> HeldUntilReleased:
+    return HeldUntilReleased()
 
 
 def sleep_then_save(state: Any, seconds: float, path: str) -> str:

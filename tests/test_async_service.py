@@ -24,9 +24,13 @@ import pytest
 import torch
 from async_backends import BACKENDS
 from ckpt_helpers import (
+    RELEASE,
+    UNPICKLING,
     open_gate,
     raise_value_error,
+    return_held_until_released,
     return_loaded_where,
+    sleep_then_save,
     wait_then_write,
     write_value,
 )
@@ -258,6 +262,39 @@ async def test_served_queue_is_used_and_closed_from_other_tasks(tmp_path: Path) 
     assert queue.pending() == 0
 
 
+async def test_a_served_manager_holds_its_directory_until_closed(tmp_path: Path) -> None:
+    from aiockpt import AsyncCheckpointManager
+    from aiockpt._exceptions import DirectoryLockedError
+
+    async with anyio.create_task_group() as tg:
+        mgr: AsyncCheckpointManager = await tg.start(AsyncCheckpointManager(tmp_path).serve)
+        assert isinstance(mgr, AsyncCheckpointManager)
+        with pytest.raises(DirectoryLockedError):  # served: the directory is taken
+            await tg.start(AsyncCheckpointManager(tmp_path).serve)
+
+        async def trainer() -> None:
+            await (await mgr.save(1, {"w": torch.ones(3)}))
+            await mgr.aclose()  # from another task: drains, then serve() returns
+
+        tg.start_soon(trainer)
+    assert await mgr.acommitted_steps() == [1]
+    async with AsyncCheckpointManager(tmp_path) as again:  # released by the close
+        restored = await again.restore()
+    assert torch.equal(restored["w"], torch.ones(3))
+
+
+async def test_a_served_facade_reports_itself(tmp_path: Path) -> None:
+    from aiockpt import AsyncTorchCheckpoint
+
+    async with anyio.create_task_group() as tg:
+        ckpt: AsyncTorchCheckpoint = await tg.start(AsyncTorchCheckpoint().serve)
+        assert isinstance(ckpt, AsyncTorchCheckpoint)
+        fut = await ckpt.save({"w": torch.ones(2)}, str(tmp_path / "a.pt"))
+        tg.cancel_scope.cancel()  # the group ends: the served facade drains first
+    assert fut.done() and fut.exception() is None
+    assert torch.equal(torch.load(tmp_path / "a.pt")["w"], torch.ones(2))
+
+
 @pytest.mark.parametrize("anyio_backend", [b for b in BACKENDS if b.id != "trio"])
 async def test_leaving_the_block_in_another_task_drains_then_names_serve(
     tmp_path: Path,
@@ -444,6 +481,25 @@ async def test_a_workers_result_is_unpickled_off_the_loop() -> None:
         result = await fut
     assert isinstance(result.value, int)
     assert result.value != threading.get_ident()
+
+
+async def test_a_slow_result_unpickle_does_not_hold_the_loop(tmp_path: Path) -> None:
+    # While a result's own code runs (in the collecting thread), the loop still schedules
+    # and cancels: the engine's lock is not held across the unpickle. Before, the loop's
+    # cancel waited for the lock, so the unpickle was never released (False).
+    UNPICKLING.clear()
+    RELEASE.clear()
+    async with AsyncCheckpointQueue() as queue:
+        fut = await queue.schedule(AsyncRequest(return_held_until_released, ({},), []))
+        await anyio.to_thread.run_sync(UNPICKLING.wait, 20)
+        assert UNPICKLING.is_set()
+        path = str(tmp_path / "later.pt")
+        later = await queue.schedule(AsyncRequest(sleep_then_save, ({"x": 1}, 0.1, path), []))
+        assert later.cancel() is False  # on the loop: the engine says it runs already
+        RELEASE.set()
+        assert (await fut).value is True
+        assert (await later).value == path
+    assert torch.load(path) == {"x": 1}
 
 
 # -- whole programs ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .._options import WorkerSettings
 from .._ranks import get_rank, is_distributed
 from .._request import AsyncRequest, LocalOutcome
 from .._staging._arena import StagingBuffers
-from ._process import STOP_GRACE_S
+from ._process import STOP_GRACE_S, resolve
 
 live_callers: weakref.WeakSet[AsyncCaller] = weakref.WeakSet()
 
@@ -123,7 +123,7 @@ class AsyncCaller(ABC):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             for outcome in self.collect():
-                self.outcomes[outcome.call_idx] = outcome
+                self.outcomes[outcome.call_idx] = resolve(outcome, self.rank)
             if call_idx in self.outcomes:
                 return self.outcomes[call_idx]
             if call_idx not in self.in_flight():

@@ -43,6 +43,7 @@ from ._callers import AsyncCaller
 from ._calls import Call, CallState, describe_target
 from ._fork import ForkOrder, TemporalAsyncCaller
 from ._persistent import PersistentAsyncCaller
+from ._process import resolve
 
 logger = logging.getLogger("aiockpt")
 
@@ -123,6 +124,7 @@ class CallsEngine:
         self._lock = threading.Lock()  # engine state only; each caller locks its own process
         self._changed = threading.Condition(self._lock)
         self._reading = False  # a thread is blocked on the workers' connections
+        self._unpickling = 0  # threads unpickling results they collected (lock released)
         self._schedule_lock = threading.Lock()  # one schedule at a time, in call order
         # Guards call_idx and _cancelled only: cancel() never waits for a staging copy
         # (which may wait for a buffer, or for the event loop) to finish.
@@ -369,26 +371,56 @@ class CallsEngine:
             _ping(self._news_w)
 
     def _collect_locked(self) -> bool:
-        """Read every worker's news (never blocks); True if any call was reported."""
+        """Read every worker's news (never blocks on a worker); True if any call was
+        reported. Results are unpickled with the lock released (see :meth:`_resolve`)."""
         news = False
+        unread: list[tuple[Call | None, LocalOutcome]] = []
         for caller in list(self._callers):
             for outcome in caller.collect():
                 call = self._running.pop(outcome.call_idx, None)
-                if call is None:
-                    # Its schedule has not registered it yet: keep it for that moment.
-                    self._early[outcome.call_idx] = outcome
-                    continue
-                if call.timed_out:
+                if call is not None and call.timed_out:
                     outcome = self._timeout_outcome(call)
+                elif outcome.payload is not None or call is None:
+                    unread.append((call, outcome))
+                    continue
                 call.reported(outcome)
                 news = True
             if not caller.in_flight() and getattr(caller, "process", None) is None:
                 self._callers.remove(caller)
+        if unread:
+            news = self._resolve(unread) or news
         self._enforce_deadlines()
         if news:
             self._changed.notify_all()
             _ping(self._news_w)
         return news
+
+    def _resolve(self, unread: list[tuple[Call | None, LocalOutcome]]) -> bool:
+        """Unpickle the results in ``unread`` with the lock released (a result's own code
+        may be slow, and the event loop takes this lock), then report them. Meanwhile
+        ``_unpickling`` keeps other threads from collecting, so reports stay in order."""
+        self._unpickling += 1
+        self._lock.release()
+        try:
+            resolved = [(call, resolve(outcome, get_rank())) for call, outcome in unread]
+        finally:
+            self._lock.acquire()
+            self._unpickling -= 1
+            self._changed.notify_all()
+        news = False
+        for call, outcome in resolved:
+            if call is None:  # not registered when it was read: maybe it is by now
+                call = self._running.pop(outcome.call_idx, None)
+            if call is None:  # its schedule has not registered it yet: keep it for then
+                self._early[outcome.call_idx] = outcome
+                continue
+            call.reported(self._timeout_outcome(call) if call.timed_out else outcome)
+            news = True
+        return news
+
+    def _busy(self) -> bool:
+        """Whether another thread is collecting (blocked reading, or unpickling)."""
+        return self._reading or self._unpickling > 0
 
     def _timeout_outcome(self, call: Call, within: str = "") -> LocalOutcome:
         within = within or f"save_timeout={self.options.save_timeout}s"
@@ -445,7 +477,7 @@ class CallsEngine:
         thread is blocked reading: that thread collects and notifies)."""
         with self._lock:
             _drain(self._news_r)
-            if not self._reading:
+            if not self._busy():
                 self._collect_locked()
 
     def wait_handles(self) -> list[int]:
@@ -460,14 +492,14 @@ class CallsEngine:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while True:
-                if not self._reading:
+                if not self._busy():
                     self._collect_locked()
                 if done():
                     return True
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                if self._reading:  # another thread reads: it notifies when news comes
+                if self._busy():  # another thread reads: it notifies when news comes
                     self._changed.wait(left)
                 else:
                     self._read_news(left)
@@ -499,7 +531,7 @@ class CallsEngine:
         the worker reports or dies)."""
         if timeout == 0:
             with self._lock:
-                if not self._reading:
+                if not self._busy():
                     self._collect_locked()
                 return call.local_outcome()
         self.wait_until(lambda: call.local_outcome() is not None, timeout)

@@ -106,25 +106,10 @@ def _describe_exit(exitcode: int | None) -> str:
 
 def outcome_from_reply(reply: Reply, rank: int) -> LocalOutcome:
     """Turn a worker's :class:`Done`/:class:`Failed` reply into a :class:`LocalOutcome`;
-    a result that cannot be unpickled here is that call's failure."""
+    a result stays pickled (``payload``) until :func:`resolve` reads it."""
     call_idx = reply.call_idx
     if isinstance(reply, Done):
-        try:
-            result = pickle.loads(reply.payload)
-        except BaseException as exc:  # Ctrl-C or exit raised by the result's own code too:
-            # that call fails, typed; the reply is already consumed, so raising would lose it.
-            error = WorkerError(
-                f"checkpoint call {call_idx} on rank {rank} finished in the worker, but its "
-                f"result could not be unpickled in the caller: {type(exc).__name__}: {exc}. "
-                "Return plain values (or None) from the checkpoint function",
-                call_idx=call_idx,
-                rank=rank,
-                exc_type=type(exc).__name__,
-                exc_message=str(exc),
-            )
-            error.__cause__ = exc  # the async queue re-raises a KeyboardInterrupt once drained
-            return LocalOutcome(call_idx, error=error, run_seconds=reply.seconds)
-        return LocalOutcome(call_idx, result=result, run_seconds=reply.seconds)
+        return LocalOutcome(call_idx, payload=reply.payload, run_seconds=reply.seconds)
     error = WorkerError(
         f"checkpoint call {call_idx} failed on rank {rank} in the worker process: "
         f"{reply.exc_type}: {reply.exc_message}\n--- worker traceback ---\n"
@@ -136,6 +121,30 @@ def outcome_from_reply(reply: Reply, rank: int) -> LocalOutcome:
         worker_traceback=reply.traceback,
     )
     return LocalOutcome(call_idx, error=error, run_seconds=reply.seconds)
+
+
+def resolve(outcome: LocalOutcome, rank: int) -> LocalOutcome:
+    """``outcome`` with its result unpickled; a result that cannot be unpickled here is
+    that call's failure."""
+    if outcome.payload is None:
+        return outcome
+    call_idx = outcome.call_idx
+    try:
+        result = pickle.loads(outcome.payload)
+    except BaseException as exc:  # Ctrl-C or exit raised by the result's own code too:
+        # that call fails, typed; the reply is already consumed, so raising would lose it.
+        error = WorkerError(
+            f"checkpoint call {call_idx} on rank {rank} finished in the worker, but its "
+            f"result could not be unpickled in the caller: {type(exc).__name__}: {exc}. "
+            "Return plain values (or None) from the checkpoint function",
+            call_idx=call_idx,
+            rank=rank,
+            exc_type=type(exc).__name__,
+            exc_message=str(exc),
+        )
+        error.__cause__ = exc  # the async queue re-raises a KeyboardInterrupt once drained
+        return LocalOutcome(call_idx, error=error, run_seconds=outcome.run_seconds)
+    return LocalOutcome(call_idx, result=result, run_seconds=outcome.run_seconds)
 
 
 START_HINT = (

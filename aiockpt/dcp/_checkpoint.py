@@ -11,9 +11,10 @@ from typing import Any
 import anyio
 from typing_extensions import Unpack
 
-from .._async_queue import AsyncCheckpointQueue, QueueFacade
+from .._async_queue import AsyncCheckpointQueue
 from .._dist import CompletionGroup
 from .._exceptions import CheckpointError, InvalidRequestError
+from .._facade import QueueFacade
 from .._futures import CheckpointFuture
 from .._options import AsyncDCPQueueKeywords, DCPQueueKeywords
 from .._queue import CheckpointQueue
