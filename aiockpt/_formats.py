@@ -60,6 +60,11 @@ class StepFormat(Protocol):
         """Load a committed step: a state dict, or ``state_dict`` filled in place."""
         ...
 
+    def verify(self, directory: str, storage: Any) -> None:
+        """Check every file of a committed step against its recorded size and checksum;
+        :class:`CorruptCheckpointError` (or :class:`CheckpointNotFoundError`) if one fails."""
+        ...
+
 
 # name -> (module, class, commit marker, needs local storage): known without importing the
 # module, so a directory holding steps of another format is recognised as such, and a

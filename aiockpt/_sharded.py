@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from typing import Any
 
+from xxhash import xxh3_64_hexdigest
+
 from ._core._engine import ResultFinalizer
 from ._dist import CompletionGroup
-from ._exceptions import DirectoryLockedError, InvalidRequestError
+from ._exceptions import CorruptCheckpointError, InvalidRequestError
 from ._formats import StepHooks
 from ._ranks import get_rank, get_world_size
 from ._request import AsyncRequest
 from .storage._load import load_path
-from .storage._local import LocalStorage
-from .storage._metadata import METADATA, check_extra, shard_name
+from .storage._local import LocalStorage, verify
+from .storage._metadata import (
+    METADATA,
+    check_extra,
+    safe_join,
+    shard_name,
+    shard_prefix,
+)
 from .storage._protocol import Storage
 from .utils import wrap_for_async
 
@@ -102,8 +111,7 @@ def sharded_request(
 
     Raises :class:`InvalidRequestError` at the call if ``extra`` is not JSON or
     ``directory`` already holds a committed checkpoint (its files are never overwritten:
-    save to a new directory), :class:`DirectoryLockedError` if a live process on this host
-    is writing this rank's file there, :class:`UntrustedEntryError` if ``directory`` is a
+    save to a new directory), :class:`UntrustedEntryError` if ``directory`` is a
     link or a file, :class:`StorageError` if it cannot be created. Makes filesystem calls: run it
     off the event loop."""
     if not isinstance(directory, str | os.PathLike):
@@ -120,15 +128,11 @@ def sharded_request(
             "its files are never overwritten in place. Save to a new directory (or delete "
             "this one first)"
         )
-    name = shard_name(get_rank(), get_world_size())
-    storage.remove_temporaries(path, name)  # left by a killed earlier attempt
-    writers = storage.live_writers(path, name)
-    if writers:
-        raise DirectoryLockedError(
-            f"{name} in {path!r} is being written by {writers[0]}, perhaps a worker of an "
-            "earlier job that outlived it: wait for it to finish or stop it, then save again",
-            holder=writers[0],
-        )
+    # A name of this attempt's own: a writer of an earlier attempt that is still alive (a
+    # stalled worker of a job that was restarted) renames its file to a name no commit
+    # records, so it can never replace what this save commits.
+    name = shard_name(get_rank(), get_world_size(), secrets.token_hex(8))
+    storage.remove_temporaries(path, shard_prefix(get_rank(), get_world_size()))
     return AsyncRequest(
         wrap_for_async(storage.write_file),
         (state_dict, os.path.join(path, name)),
@@ -182,6 +186,20 @@ class TorchFormat:
 
     def uncommit(self, directory: str) -> None:
         """Nothing to do: :meth:`Storage.remove_tree` removes ``metadata.json`` first."""
+
+    def verify(self, directory: str, storage: Storage) -> None:
+        if storage.is_local:
+            verify(directory)
+            return
+        meta = storage.read_metadata(directory)
+        for record in meta["files"]:
+            file = safe_join(directory, record["name"])
+            data = storage.read_bytes(file)
+            if len(data) != record["nbytes"] or xxh3_64_hexdigest(data) != record["xxh3_64"]:
+                raise CorruptCheckpointError(
+                    f"{file!r} does not match the size and checksum its metadata records",
+                    path=file,
+                )
 
     def restore(
         self, directory: str, state_dict: Any, storage: Storage, **load_options: Any

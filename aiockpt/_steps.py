@@ -28,6 +28,7 @@ from typing import Any
 from ._exceptions import (
     CheckpointError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     InvalidRequestError,
     QueueClosedError,
 )
@@ -286,6 +287,14 @@ class StepDirectory:
     def _prune_logged(self, step: int) -> None:
         try:
             self.prune(step)
+        except CorruptCheckpointError as exc:
+            logger.error(
+                "checkpoint %r was committed, but reading it back failed, so no older step "
+                "was deleted: %s. Check the storage (and for another writer of this "
+                "directory); the older steps stay restorable with restore(step)",
+                self.path(step),
+                exc,
+            )
         except Exception:  # the checkpoint stays committed; the next commit tries again
             logger.warning(
                 "checkpoint %r is committed, but cleaning up after it failed",
@@ -339,7 +348,9 @@ class StepDirectory:
     def prune(self, committed_step: int) -> list[int]:
         """After ``committed_step`` is committed (rank 0): delete the committed steps
         beyond the newest ``keep_last`` and leftovers of failed saves of older steps; never
-        ``committed_step`` itself, never a step still being saved. Returns what it deleted."""
+        ``committed_step`` itself, never a step still being saved. A committed step is
+        deleted only after ``committed_step`` was read back whole (its checksums). Returns
+        what it deleted."""
         found = self.scan()
         with self._mutex:
             busy = {committed_step, *self._in_flight}
@@ -347,7 +358,12 @@ class StepDirectory:
         if self.keep_last is not None:
             older = [s for s in found.committed if s < committed_step]
             keep = self.keep_last - (committed_step in found.committed)
-            doomed += older[: max(0, len(older) - keep)]
+            retired = older[: max(0, len(older) - keep)]
+            if retired:
+                # Read back before an older checkpoint goes: raises (keeping them all) if
+                # the new one is not whole any more (its files replaced or damaged).
+                self.format.verify(self.path(committed_step), self.storage)
+            doomed += retired
         for step in sorted(doomed):
             self.delete(step)
         return sorted(doomed)

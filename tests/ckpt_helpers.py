@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import threading
 import time
@@ -90,6 +91,39 @@ def open_gate(path: str) -> None:
 
 
 from aiockpt import LocalStorage  # noqa: E402
+
+_ATTEMPT = re.compile(r"\.[0-9a-f]{16}(\.pt|\.distcp)$")
+
+
+def plain(name: str) -> str:
+    """A data file's name without its save attempt's token (``shard-00000-of-00001.pt``,
+    ``__0_0.distcp``); the token's shape is checked, other names are returned as they are."""
+    return _ATTEMPT.sub(r"\1", name)
+
+
+def listing(directory: Any) -> list[str]:
+    """The sorted names in ``directory``, data files without their attempt's token."""
+    return sorted(plain(name) for name in os.listdir(directory))
+
+
+def data_file(directory: Any, name: str) -> Any:
+    """The one file in ``directory`` whose name without its attempt's token is ``name``."""
+    from pathlib import Path
+
+    [found] = [p for p in Path(directory).iterdir() if plain(p.name) == name]
+    return found
+
+
+def fix_attempts(module: Any) -> str:
+    """Make every later save attempt planned in ``module`` (``aiockpt._sharded`` or
+    ``aiockpt.dcp._plan``) use one known token, to plant a fault under its name."""
+    import types
+
+    token = "0" * 16
+    module.secrets = types.SimpleNamespace(token_hex=lambda nbytes: token[: 2 * nbytes])
+    return token
+
+
 from aiockpt.storage._atomic import write_atomic  # noqa: E402
 from aiockpt.storage._local import save_file  # noqa: E402
 

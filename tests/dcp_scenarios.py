@@ -262,10 +262,15 @@ def worker_killed(rank: int, world: int, tmp: str) -> dict[str, Any]:
 def rank_fails(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """The last rank cannot write its data file (a directory holds its name): every rank's
     finalize raises, no ``.metadata``; then a save elsewhere still commits."""
+    from ckpt_helpers import fix_attempts
+
+    from aiockpt.dcp import _plan
+
     mesh = _mesh(world)
     bad = os.path.join(tmp, "bad")
-    if rank == world - 1:
-        os.makedirs(os.path.join(bad, f"__{rank}_0.distcp"))
+    if rank == world - 1:  # a directory holds the name of this rank's data file
+        token = fix_attempts(_plan)
+        os.makedirs(os.path.join(bad, f"__{rank}_0.{token}.distcp"))
     dist.barrier()
     ckpt = DCPCheckpoint()
     ckpt.async_save(dtensor_state(mesh, 1), bad)

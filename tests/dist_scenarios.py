@@ -58,9 +58,14 @@ def slow_rank(rank: int, world: int, tmp: str) -> dict[str, Any]:
 def failing_rank(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """The last rank cannot write its shard: every rank's future fails, naming it, and no
     metadata is written."""
+    from ckpt_helpers import fix_attempts
+
+    import aiockpt._sharded
+
     ckdir = os.path.join(tmp, "ckpt")
-    if rank == world - 1:
-        os.makedirs(os.path.join(ckdir, f"shard-{rank:05d}-of-{world:05d}.pt"))
+    if rank == world - 1:  # a directory holds the name of this rank's file
+        token = fix_attempts(aiockpt._sharded)
+        os.makedirs(os.path.join(ckdir, f"shard-{rank:05d}-of-{world:05d}.{token}.pt"))
     dist.barrier()
 
     async def main() -> dict[str, Any]:

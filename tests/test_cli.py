@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from ckpt_helpers import data_file
 
 from aiockpt import CheckpointManager
 from aiockpt._cli._bench import parse_size
@@ -168,13 +169,13 @@ def test_verify_and_ls(tmp_path: Path) -> None:
     step = tmp_path / "ck" / "step-000000000200"
     ok = cli("verify", str(step))
     assert ok.returncode == 0 and "1 file(s) match their checksums" in ok.stdout
-    shard = step / "shard-00000-of-00001.pt"
+    shard = data_file(step, "shard-00000-of-00001.pt")
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF
     shard.write_bytes(bytes(data))
     bad = cli("verify", str(step))
     assert bad.returncode == 1
-    assert "FAILED" in bad.stderr and "shard-00000-of-00001.pt" in bad.stderr
+    assert "FAILED" in bad.stderr and shard.name in bad.stderr
     missing = cli("verify", str(tmp_path / "ck" / "step-000000000300"))
     assert missing.returncode == 1 and "no committed checkpoint" in missing.stderr
 

@@ -14,6 +14,7 @@ import anyio
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from ckpt_helpers import data_file, listing
 from dcp_scenarios import global_tensors
 from dist_harness import run_ranks, values
 from test_dcp import assert_values, plain_state
@@ -65,7 +66,7 @@ def test_blocking_manager_saves_retains_and_restores_in_place(
         assert mgr.steps.format.cache.reuses == 2
     assert _steps(tmp_path) == ["step-000000000020", "step-000000000030"]
     step_dir = tmp_path / "step-000000000030"
-    assert {".metadata", ".metadata.checksums", "__0_0.distcp"} <= set(os.listdir(step_dir))
+    assert {".metadata", ".metadata.checksums", "__0_0.distcp"} <= set(listing(step_dir))
     assert not (step_dir / "metadata.json").exists()
     sidecar = json.loads((step_dir / ".metadata.checksums").read_text())
     assert sidecar["extra"] == {"lr": 0.3, "step": 30}
@@ -74,7 +75,7 @@ def test_blocking_manager_saves_retains_and_restores_in_place(
     dcp.load(plain, checkpoint_id=str(step_dir))
     _assert_step(plain, 30)
     checked = aiockpt.dcp.verify_dcp(str(step_dir))
-    assert checked == [str(step_dir / ".metadata"), str(step_dir / "__0_0.distcp")]
+    assert checked == [str(step_dir / ".metadata"), str(data_file(step_dir, "__0_0.distcp"))]
 
 
 def test_cli_lists_dcp_steps(tmp_path: Path) -> None:
@@ -204,7 +205,7 @@ def test_two_ranks_manager_steps_load_resharded_in_one_process(tmp_path: Path, m
     ckpts = tmp_path / "ckpts"
     assert _steps(ckpts) == ["step-000000000002", "step-000000000003"]
     step3 = ckpts / "step-000000000003"
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(os.listdir(step3))
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(listing(step3))
     for loader in ("dcp", "aiockpt"):
         state = plain_state()
         if loader == "dcp":

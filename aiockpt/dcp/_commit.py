@@ -23,7 +23,7 @@ from .._ranks import get_rank, get_world_size
 from .._request import AsyncRequest
 from ..storage._atomic import remove_temporaries, write_atomic
 from ..utils import wrap_for_async
-from ._plan import PlannedSave, SavePlanCache, plan_save
+from ._plan import DATA_SUFFIX, PlannedSave, SavePlanCache, plan_save
 from ._write import write_rank_files
 
 METADATA = ".metadata"
@@ -63,9 +63,11 @@ def commit_dcp(
         "extra": extra,
     }
     encoded = json.dumps(sidecar, indent=1, sort_keys=True).encode()
-    write_atomic(os.path.join(directory, CHECKSUMS), lambda f: f.write(encoded))
+    # Neither file replaces one that exists: a committing rank of an earlier attempt that
+    # is still alive gets an error here instead of overwriting a commit.
+    write_atomic(os.path.join(directory, CHECKSUMS), lambda f: f.write(encoded), replace=False)
     path = os.path.join(directory, METADATA)
-    write_atomic(path, lambda f: f.write(data))
+    write_atomic(path, lambda f: f.write(data), replace=False)
     return path
 
 
@@ -152,11 +154,17 @@ def checked_directory(checkpoint_id: Any) -> str:
 
 def _prepare_directory(directory: str) -> None:
     # The previous checkpoint in this directory stops being one before any of its files is
-    # replaced: each rank drops the marker before its own worker renames anything.
+    # deleted: each rank drops the marker, then its own data files (earlier saves wrote
+    # names of their own), before its worker writes anything.
     for name in (METADATA, CHECKSUMS):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
-    remove_temporaries(directory, f"__{get_rank()}_")  # left by an interrupted attempt
+    mine = f"__{get_rank()}_"
+    for name in os.listdir(directory):
+        if name.startswith(mine) and name.endswith(DATA_SUFFIX):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                os.unlink(os.path.join(directory, name))
+    remove_temporaries(directory, mine)  # left by an interrupted attempt
 
 
 class _Raise:

@@ -14,7 +14,7 @@ from .._request import AsyncRequest
 from ..storage._files import open_dir, opened
 from ._commit import METADATA as MARKER
 from ._commit import dcp_save_request
-from ._load import load
+from ._load import load, verify_dcp
 from ._plan import SavePlanCache
 
 
@@ -66,6 +66,9 @@ class DCPFormat:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(MARKER, dir_fd=dfd)
             os.fsync(dfd)
+
+    def verify(self, directory: str, storage: Any) -> None:
+        verify_dcp(directory)
 
     def restore(self, directory: str, state_dict: Any, storage: Any, **load_options: Any) -> Any:
         if not isinstance(state_dict, dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +194,9 @@ def _resolve(
     plan: SavePlan, planner: SavePlanner, thread_count: int
 ) -> tuple[list[FileBucket], int]:
     prefix = plan.storage_data.prefix if isinstance(plan.storage_data, _StoragePrefix) else ""
+    # Names of this save attempt's own (the plan may be reused): a writer of an earlier
+    # attempt still alive renames its file to a name this commit does not record.
+    attempt = secrets.token_hex(8)
     buckets: list[FileBucket] = []
     nbytes = 0
     for i, group in enumerate(_split(plan.items, thread_count)):
@@ -208,5 +212,5 @@ def _resolve(
                 payload = data.detach()
                 nbytes += payload.numel() * payload.element_size()
             entries.append((item, payload))
-        buckets.append((f"{prefix}{i}{DATA_SUFFIX}", entries))
+        buckets.append((f"{prefix}{i}.{attempt}{DATA_SUFFIX}", entries))
     return buckets, nbytes

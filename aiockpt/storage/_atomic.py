@@ -4,6 +4,7 @@ rename, fsync of the directory; and the clean-up of temporaries that killed writ
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .._exceptions import StorageError
 from ._checksum import HashingWriter
 from ._files import fsync_dir, opened
 
@@ -50,22 +52,6 @@ def _writer_state(token: str) -> tuple[str, int]:
     return ("dead" if zombie else "alive"), pid
 
 
-def live_writers(directory: str, prefix: str) -> list[int]:
-    """Pids of processes on this host that are writing a file named ``prefix`` in
-    ``directory`` right now (they hold a temporary file of it)."""
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    pids = []
-    for name in names:
-        if name.startswith("." + prefix) and TMP_MARKER in name:
-            state, pid = _writer_state(name.rsplit(TMP_MARKER, 1)[1])
-            if state == "alive":
-                pids.append(pid)
-    return sorted(pids)
-
-
 def remove_temporaries(directory: str, prefix: str = "") -> list[str]:
     """Delete temporary files that writers on this host left in ``directory`` when they
     were killed (names starting with ``.`` + ``prefix``, writer no longer running);
@@ -96,15 +82,40 @@ def _mode_of(path: str) -> int | None:
     return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
 
 
+def _publish(tmp: str, path: str) -> None:
+    """Give the finished file ``tmp`` the name ``path`` only if nothing has it yet: a hard
+    link is created atomically or not at all (a filesystem without hard links falls back
+    to a check, then a rename)."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise StorageError(
+            f"{path!r} exists already: another writer committed it first; it is never replaced",
+            path=path,
+        ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise StorageError(
+                f"{path!r} exists already: another writer committed it first; it is never replaced",
+                path=path,
+            ) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def write_atomic(
-    path: str, write: Callable[[Any], object], *, trailer: bool = False
+    path: str, write: Callable[[Any], object], *, trailer: bool = False, replace: bool = True
 ) -> dict[str, Any]:
     """Call ``write(file)`` on a new temporary file, fsync it, rename it to ``path`` (keeping
     the permission bits of the file it replaces) and fsync the directory.
 
     Returns ``{"name", "nbytes", "xxh3_64"}`` of the whole file. ``trailer=True`` appends the
-    checksum trailer of a zip archive. On any failure the temporary file is removed and
-    ``path`` is left as it was.
+    checksum trailer of a zip archive. ``replace=False`` (a commit marker) never replaces
+    an existing ``path``: :class:`StorageError` if there is one. On any failure the
+    temporary file is removed and ``path`` is left as it was.
     """
     tmp = temp_path(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -120,7 +131,10 @@ def write_atomic(
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -19,7 +19,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 import torch.utils.serialization
 
 from .._exceptions import CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from ._atomic import live_writers, remove_temporaries, write_atomic
+from ._atomic import remove_temporaries, write_atomic
 from ._checksum import read_trailer
 from ._fastsave import save as fast_save
 from ._files import entry_kind, fsync_dir, hash_prefix, open_dir, open_file, opened
@@ -72,7 +71,8 @@ def save_file(state_dict: Any, path: str, **torch_save_kwargs: Any) -> dict[str,
 
 
 def write_metadata(directory: str, files: list[dict[str, Any]], extra: dict[str, Any]) -> str:
-    """Commit a sharded checkpoint: write ``metadata.json`` (atomically) listing ``files``."""
+    """Commit a sharded checkpoint: write ``metadata.json`` (atomically) listing ``files``;
+    :class:`StorageError` if the directory was committed meanwhile (never replaced)."""
     meta = {
         "format": "aiockpt",
         "version": FORMAT_VERSION,
@@ -83,7 +83,7 @@ def write_metadata(directory: str, files: list[dict[str, Any]], extra: dict[str,
     }
     data = json.dumps(meta, indent=1, sort_keys=True, allow_nan=False).encode()
     path = os.path.join(directory, METADATA)
-    write_atomic(path, lambda f: f.write(data))
+    write_atomic(path, lambda f: f.write(data), replace=False)
     return path
 
 
@@ -262,12 +262,6 @@ class LocalStorage:
         """See :meth:`Storage.remove_temporaries`; a temporary name says which host and
         process wrote it, so a live writer's file is never touched."""
         return remove_temporaries(directory, prefix)
-
-    def live_writers(self, directory: str, prefix: str) -> list[str]:
-        """See :meth:`Storage.live_writers`: processes on this host that hold a temporary
-        file of ``prefix`` (writers on other hosts are not seen)."""
-        host = socket.gethostname()
-        return [f"pid {pid} on host {host}" for pid in live_writers(directory, prefix)]
 
     def lock(self, directory: str) -> DirectoryLock:
         """An exclusive ``flock`` on ``directory/.aiockpt.lock``; see

@@ -17,14 +17,31 @@ MAX_METADATA_BYTES = 64 * 2**20  # a million ranks' records fit; a hostile huge 
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
 
 
-def shard_name(rank: int, world_size: int) -> str:
-    """File name of ``rank``'s part of a sharded checkpoint."""
-    return f"shard-{rank:05d}-of-{world_size:05d}.pt"
+_ATTEMPT = re.compile(r"^[0-9a-f]{8,32}$")
 
 
-def expected_names(world_size: int) -> list[str]:
-    """The shard file names of a checkpoint written by ``world_size`` ranks, by rank."""
-    return [shard_name(rank, world_size) for rank in range(world_size)]
+def shard_prefix(rank: int, world_size: int) -> str:
+    """What every file name of ``rank``'s part of a sharded checkpoint starts with."""
+    return f"shard-{rank:05d}-of-{world_size:05d}"
+
+
+def shard_name(rank: int, world_size: int, attempt: str | None = None) -> str:
+    """File name of ``rank``'s part of a sharded checkpoint, written by the save attempt
+    ``attempt`` (a hex token): each attempt writes a name of its own, so a writer of an
+    earlier attempt that is still alive can never replace a committed file."""
+    if attempt is None:
+        return f"{shard_prefix(rank, world_size)}.pt"
+    return f"{shard_prefix(rank, world_size)}.{attempt}.pt"
+
+
+def is_shard_name(name: str, rank: int, world_size: int) -> bool:
+    """Whether ``name`` is a file name of ``rank``'s part (of any attempt)."""
+    prefix = shard_prefix(rank, world_size)
+    if name == f"{prefix}.pt":
+        return True
+    head, _, rest = name.partition(".")
+    attempt, dot, ext = rest.partition(".")
+    return head == prefix and bool(_ATTEMPT.match(attempt)) and dot == "." and ext == "pt"
 
 
 def check_extra(extra: Any) -> dict[str, Any]:
@@ -88,7 +105,7 @@ def check_metadata(meta: Any, directory: str, path: str) -> dict[str, Any]:
     names = [record.get("name") for record in files]
     for name in names:
         safe_join(directory, name)
-    if names != expected_names(world_size):
+    if not all(is_shard_name(n, rank, world_size) for rank, n in enumerate(names)):
         raise bad(
             f"its file records {names!r} are not the {world_size} shards of a world size "
             f"{world_size} checkpoint, one per rank in rank order (missing, duplicated, "

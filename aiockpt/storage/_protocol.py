@@ -70,7 +70,9 @@ class Storage(Protocol):
     def commit(self, directory: str, files: list[dict[str, Any]], extra: dict[str, Any]) -> None:
         """Commit the checkpoint in ``directory``: write its metadata (``files``, the
         records :meth:`write_file` returned on every rank, and ``extra``, JSON), last
-        and atomically. Once this returns the checkpoint must survive a crash."""
+        and atomically, and only if it has none yet: a commit never replaces another (raise
+        :class:`StorageError` then). Once this returns the checkpoint must survive a
+        crash."""
         ...
 
     def read_metadata(self, directory: str) -> dict[str, Any]:
@@ -97,12 +99,6 @@ class Storage(Protocol):
     def remove_temporaries(self, directory: str, prefix: str) -> list[str]:
         """Remove the temporary files left in ``directory`` by killed writers of names
         starting with ``prefix``; never a live writer's. Returns the names removed."""
-        ...
-
-    def live_writers(self, directory: str, prefix: str) -> list[str]:
-        """Describe the processes writing a file named ``prefix`` in ``directory`` right
-        now (a save must not race with them); an empty list if none, or if this storage
-        cannot tell."""
         ...
 
     def lock(self, directory: str) -> WriterLock:
