@@ -403,7 +403,7 @@ def test_dcp_save_request_on_a_plain_queue(tmp_path: Path) -> None:
 
 def test_metadata_naming_a_file_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
     """A well-formed .metadata whose storage points at ../secret: nothing is read there."""
-    from aiockpt.dcp._load import unpickle_metadata
+    from aiockpt.dcp._meta import unpickle_metadata
 
     ckpt = tmp_path / "ckpt"
     _save_one_process(ckpt)

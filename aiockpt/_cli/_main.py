@@ -23,7 +23,7 @@ def _read_listing(path: str) -> dict[str, Any]:
     """What ``ls`` shows of a checkpoint: its metadata.json, or a DCP checkpoint's checksum
     sidecar (both record files, extra, created and world size)."""
     from ..dcp import CHECKSUMS
-    from ..dcp._load import read_checksums
+    from ..dcp._meta import read_checksums
     from ..storage._metadata import read_metadata
 
     try:

@@ -14,15 +14,15 @@ from ._checkpoint import DCPCheckpoint as DCPCheckpoint
 from ._commit import CHECKSUMS as CHECKSUMS
 from ._commit import CommitDCP as CommitDCP
 from ._commit import dcp_save_request as dcp_save_request
-from ._load import CheckedFileSystemReader as CheckedFileSystemReader
 from ._load import SafeLoadPlanner as SafeLoadPlanner
 from ._load import load as load
-from ._load import read_dcp_metadata as read_dcp_metadata
 from ._load import verify_dcp as verify_dcp
+from ._meta import read_dcp_metadata as read_dcp_metadata
 from ._nvrx import FileSystemWriterAsync as FileSystemWriterAsync
 from ._nvrx import save_state_dict_async_finalize as save_state_dict_async_finalize
 from ._nvrx import save_state_dict_async_plan as save_state_dict_async_plan
 from ._plan import SavePlanCache as SavePlanCache
+from ._reader import CheckedFileSystemReader as CheckedFileSystemReader
 
 __all__ = [
     "CHECKSUMS",

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from torch.distributed.checkpoint.metadata import Metadata
 
 from ._commit import METADATA
-from ._load import CheckedFileSystemReader
+from ._reader import CheckedFileSystemReader
 
 
 class CachedMetadataFileSystemReader(CheckedFileSystemReader):

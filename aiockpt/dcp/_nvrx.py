@@ -33,7 +33,7 @@ from .._exceptions import CorruptCheckpointError
 from ..storage._atomic import write_atomic
 from ..utils import wrap_for_async
 from ._commit import CHECKSUMS, METADATA, checked_directory, commit_dcp
-from ._load import MetadataUnpickler
+from ._meta import MetadataUnpickler
 from ._plan import FileBucket, PlannedSave, SavePlanCache, plan_save
 from ._write import write_rank_files
 
