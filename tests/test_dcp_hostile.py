@@ -1,8 +1,10 @@
-"""DCP checkpoints written, or tampered with, by someone else: damaged metadata is a typed
-error saying so, from the loader and the command line alike."""
+"""DCP checkpoints written, or tampered with, by someone else: every data file is read
+through the descriptor that was checked (never followed through a link, never a FIFO,
+never past its end), and damaged metadata is a typed error saying so."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -12,12 +14,15 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from test_dcp import _rewrite_checksums, _save_one_process, plain_state
+from test_dcp import _rewrite_checksums, _save_one_process, assert_values, plain_state
 
 import aiockpt.dcp
+import aiockpt.storage._local
 from aiockpt import CorruptCheckpointError
+from aiockpt._exceptions import UntrustedEntryError
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA = "__0_0.distcp"
 
 
 def _plain(path: Path, offset: float = 0) -> Path:
@@ -61,6 +66,80 @@ def _assert_bad_row(out: subprocess.CompletedProcess[str], name: str, *needles: 
     assert "BAD: " in row
     for needle in needles:
         assert needle in row, row
+
+
+# -- reading a checkpoint without a sidecar ----------------------------------------------
+
+
+def test_a_plain_dcp_data_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    ckpt = _plain(tmp_path / "ckpt")
+    outside = _plain(tmp_path / "outside", offset=100)
+    (ckpt / DATA).unlink()
+    (ckpt / DATA).symlink_to(outside / DATA)  # a well-formed file, elsewhere
+    with pytest.raises(UntrustedEntryError, match=r"__0_0\.distcp' is a symlink") as info:
+        _load_plain(ckpt)
+    assert info.value.path == str(ckpt / DATA)
+
+
+@pytest.mark.timeout(60)  # opening a FIFO for reading blocks until a writer comes
+def test_a_plain_dcp_data_file_that_is_a_fifo_fails_at_once(tmp_path: Path) -> None:
+    ckpt = _plain(tmp_path / "ckpt")
+    (ckpt / DATA).unlink()
+    os.mkfifo(ckpt / DATA)
+    with pytest.raises(UntrustedEntryError, match=r"__0_0\.distcp' is a FIFO, not a regular"):
+        _load_plain(ckpt)
+
+
+def test_a_plain_dcp_data_file_shorter_than_its_metadata_says_is_corrupt(
+    tmp_path: Path,
+) -> None:
+    ckpt = _plain(tmp_path / "ckpt")
+    size = (ckpt / DATA).stat().st_size
+    os.truncate(ckpt / DATA, size // 2)
+    with pytest.raises(CorruptCheckpointError, match=rf"has {size // 2} bytes, \.metadata") as info:
+        _load_plain(ckpt)
+    assert "truncated" in str(info.value)
+    assert info.value.path == str(ckpt / DATA)
+
+
+def test_a_plain_dcp_checkpoint_still_loads(tmp_path: Path) -> None:
+    state = _load_plain(_plain(tmp_path / "ckpt", offset=5))
+    assert torch.equal(state["w"], torch.arange(64.0) + 5) and state["n"] == 3
+
+
+# -- the bytes checked are the bytes read --------------------------------------------------
+
+
+@pytest.mark.parametrize("swap", ["symlink", "rename"])
+def test_a_data_file_swapped_after_its_check_is_not_what_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    """Between the checksum check and the read, the data file is replaced by another
+    checkpoint's (a link to it, or a copy renamed over it): the load still reads the bytes
+    it checked."""
+    ckpt, other = tmp_path / "ckpt", tmp_path / "other"
+    _save_one_process(ckpt, 0)
+    _save_one_process(other, 1)  # same layout, other values
+    real_hash = aiockpt.storage._local.hash_prefix
+    swapped: list[str] = []
+
+    def hash_then_swap(fd: int, nbytes: int, path: str) -> str:
+        digest = real_hash(fd, nbytes, path)
+        if not swapped:
+            staged = ckpt / "staged"
+            if swap == "symlink":
+                staged.symlink_to(other / DATA)
+            else:
+                staged.write_bytes((other / DATA).read_bytes())
+            os.replace(staged, ckpt / DATA)
+            swapped.append(path)
+        return digest
+
+    monkeypatch.setattr(aiockpt.storage._local, "hash_prefix", hash_then_swap)
+    state = plain_state()
+    aiockpt.dcp.load(state, ckpt)
+    assert swapped == [str(ckpt / DATA)]
+    assert_values(state, 0)
 
 
 # -- damaged metadata is a typed error -----------------------------------------------------

@@ -1,6 +1,6 @@
 """Loading DCP checkpoints safely, in place, at any world size: the reader
-(:mod:`._reader`) reads the metadata through :mod:`._meta`'s checks and checks each data
-file before its bytes are used; object items are loaded with ``weights_only=True``; DCP's
+(:mod:`._reader`) reads the metadata through :mod:`._meta`'s checks and every data file
+through one checked descriptor; object items are loaded with ``weights_only=True``; DCP's
 failures become aiockpt's typed errors."""
 
 from __future__ import annotations
