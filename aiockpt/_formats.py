@@ -39,6 +39,7 @@ class StepFormat(Protocol):
     name: str
     marker: str  # its commit marker, a file in the step directory
     needs_local_storage: bool  # writes through the filesystem, not a Storage's methods
+    unchecked_load: str  # how to read a damaged step anyway: a template of {path!r}
 
     def save_request(
         self,
@@ -66,13 +67,15 @@ class StepFormat(Protocol):
         ...
 
 
-# name -> (module, class, commit marker, needs local storage): known without importing the
-# module, so a directory holding steps of another format is recognised as such, and a
-# manager made on an event loop imports nothing there (torch.distributed.checkpoint's
-# import reads hundreds of files).
-_REGISTRY: dict[str, tuple[str, str, str, bool]] = {
-    "torch": ("aiockpt._sharded", "TorchFormat", "metadata.json", False),
-    "dcp": ("aiockpt.dcp._format", "DCPFormat", ".metadata", True),
+# name -> (module, class, commit marker, needs local storage, companions): known without
+# importing the module, so a directory holding steps of another format is recognised as
+# such, and a manager made on an event loop imports nothing there
+# (torch.distributed.checkpoint's import reads hundreds of files). The companions are the
+# files a step is committed with beside its marker (the DCP format's checksum sidecar: DCP
+# itself needs only .metadata, so a step that lost it would still load, unchecked).
+_REGISTRY: dict[str, tuple[str, str, str, bool, tuple[str, ...]]] = {
+    "torch": ("aiockpt._sharded", "TorchFormat", "metadata.json", False, ()),
+    "dcp": ("aiockpt.dcp._format", "DCPFormat", ".metadata", True, (".metadata.checksums",)),
 }
 FORMATS = tuple(_REGISTRY)
 
@@ -80,6 +83,12 @@ FORMATS = tuple(_REGISTRY)
 def markers() -> dict[str, str]:
     """Every format's commit marker, by format name."""
     return {name: entry[2] for name, entry in _REGISTRY.items()}
+
+
+def companions(name: str) -> tuple[str, ...]:
+    """The files every step of format ``name`` is committed with beside its marker: a step
+    with the marker and without one of them is damaged, not committed."""
+    return _REGISTRY[name][4]
 
 
 def needs_local_storage(name: str) -> bool:
@@ -92,6 +101,6 @@ def step_format(name: str, options: dict[str, Any]) -> StepFormat:
     cache) for ``name``, configured with ``options``."""
     if name not in _REGISTRY:
         raise InvalidRequestError(f"format must be one of {FORMATS}, not {name!r}")
-    module, cls, _, _ = _REGISTRY[name]
+    module, cls = _REGISTRY[name][:2]
     made: StepFormat = getattr(importlib.import_module(module), cls)(**options)
     return made

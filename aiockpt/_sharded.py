@@ -157,6 +157,7 @@ class TorchFormat:
     name = "torch"
     marker = METADATA
     needs_local_storage = False
+    unchecked_load = "aiockpt.load({path!r}, verify=False)"
 
     def __init__(self, **options: Any) -> None:
         if options:

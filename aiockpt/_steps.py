@@ -11,6 +11,10 @@ The rules, enforced here for both managers:
   so a crash mid-way never leaves a committed step with missing files.
 - Only real directories count as steps: a link, a file or a FIFO named ``step-*`` is
   never followed, listed as a step or deleted through.
+- A step is committed when its format's commit marker and the files committed with it (the
+  DCP format's checksum sidecar) are there. A step with the marker but without one of those
+  is damaged: not committed, never restored, left alone by retention (someone removed a
+  file: it is for them to look at) and deleted only by a rollback below it.
 - One process writes the directory: rank 0 holds ``.aiockpt.lock`` while the manager is
   open.
 """
@@ -32,7 +36,15 @@ from ._exceptions import (
     InvalidRequestError,
     QueueClosedError,
 )
-from ._formats import FORMATS, StepFormat, StepHooks, markers, needs_local_storage, step_format
+from ._formats import (
+    FORMATS,
+    StepFormat,
+    StepHooks,
+    companions,
+    markers,
+    needs_local_storage,
+    step_format,
+)
 from ._ranks import get_rank, is_distributed
 from ._request import AsyncRequest
 from .storage._files import entry_kind, open_dir, opened
@@ -79,9 +91,34 @@ class Listing:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (name, what it is)
     foreign: list[int] = field(default_factory=list)  # committed in another format
     foreign_formats: set[str] = field(default_factory=set)  # which formats those are
+    damaged: list[tuple[int, str]] = field(default_factory=list)  # (step, what is missing)
 
 
-def _scan_local(directory: str, marker: str) -> Listing:
+def _kind_in(name: str, dir_fd: int) -> str | None:
+    """What ``name`` in ``dir_fd`` is (never following it); None if it is not there."""
+    try:
+        return entry_kind(name, dir_fd)
+    except FileNotFoundError:
+        return None
+
+
+def _damage(marker: str, kinds: dict[str, str | None]) -> str | None:
+    """What a step with ``marker`` lacks of the files committed with it (their kinds, by
+    name), None if nothing."""
+    wrong = [
+        f"no {name}" if kind is None else f"its {name} is {kind}"
+        for name, kind in kinds.items()
+        if kind != "a regular file"
+    ]
+    if not wrong:
+        return None
+    return (
+        f"it has {marker} but {' and '.join(wrong)}, which every step is committed with: "
+        "the file was removed or replaced, or the step was not written by aiockpt"
+    )
+
+
+def _scan_local(directory: str, marker: str, required: tuple[str, ...] = ()) -> Listing:
     others = {name: m for name, m in markers().items() if m != marker}
     found = Listing()
     try:
@@ -99,12 +136,10 @@ def _scan_local(directory: str, marker: str) -> Listing:
                     found.refused.append((name, what))
                     continue
                 with opened(open_dir(os.path.join(directory, name), dir_fd=dfd, name=name)) as s:
-                    try:
-                        kind: str | None = entry_kind(marker, s)
-                    except FileNotFoundError:
-                        kind = None
+                    kind = _kind_in(marker, s)
                     inside = os.listdir(s) if kind is None else []
                     foreign = {name for name, m in others.items() if m in inside}
+                    damage = _damage(marker, {c: _kind_in(c, s) for c in required})
             except (FileNotFoundError, CheckpointError):
                 continue  # removed or replaced while we looked
             if foreign:  # never taken for a failed save (and deleted) by this format
@@ -114,25 +149,36 @@ def _scan_local(directory: str, marker: str) -> Listing:
                 found.partial.append(step)
             elif kind != "a regular file":
                 found.refused.append((name, f"a directory whose {marker} is {kind}"))
+            elif damage is not None:
+                found.damaged.append((step, damage))
             else:
                 found.committed.append(step)
     found.committed.sort()
     found.partial.sort()
     found.foreign.sort()
+    found.damaged.sort()
     return found
 
 
-def _scan(directory: str, storage: Storage, marker: str) -> Listing:
+def _scan(directory: str, storage: Storage, marker: str, required: tuple[str, ...]) -> Listing:
     if storage.is_local:
-        return _scan_local(directory, marker)
+        return _scan_local(directory, marker, required)
     found = Listing()
     for name in storage.list_dir(directory):
         step = parse_step_name(name)
-        if step is not None:
-            inside = storage.list_dir(os.path.join(directory, name))
-            (found.committed if marker in inside else found.partial).append(step)
+        if step is None:
+            continue
+        inside = storage.list_dir(os.path.join(directory, name))
+        damage = _damage(marker, {c: "a regular file" if c in inside else None for c in required})
+        if marker not in inside:
+            found.partial.append(step)
+        elif damage is not None:
+            found.damaged.append((step, damage))
+        else:
+            found.committed.append(step)
     found.committed.sort()
     found.partial.sort()
+    found.damaged.sort()
     return found
 
 
@@ -176,6 +222,7 @@ class StepDirectory:
                 "custom storage is supported with format='torch' only"
             )
         self.marker = markers()[format]
+        self.required = companions(format)  # committed with the marker
         self.lock = self.storage.lock(self.directory)
         self._mutex = threading.Lock()
         self._in_flight: set[int] = set()  # scheduled, outcome not yet known here
@@ -229,19 +276,32 @@ class StepDirectory:
     # -- reading -----------------------------------------------------------------------
 
     def scan(self) -> Listing:
-        return _scan(self.directory, self.storage, self.marker)
+        return _scan(self.directory, self.storage, self.marker, self.required)
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, step_name(step))
 
     def restore_path(self, step: Any) -> str:
-        """The committed step directory to load (the newest if ``step`` is None)."""
-        committed = self.scan().committed
+        """The committed step directory to load (the newest if ``step`` is None).
+        Raises :class:`CorruptCheckpointError` for a damaged step (see the module doc),
+        :class:`CheckpointNotFoundError` for any other step that is not committed."""
+        found = self.scan()
+        committed, damaged = found.committed, dict(found.damaged)
         if step is None:
             if not committed:
                 raise CheckpointNotFoundError(f"no committed checkpoint in {self.directory!r}")
+            for newer in [s for s in damaged if s > committed[-1]]:
+                logger.warning(
+                    "restoring step %d of %r, not step %d: %s",
+                    committed[-1],
+                    self.directory,
+                    newer,
+                    damaged[newer],
+                )
             return self.path(committed[-1])
         step = check_step(step)
+        if step in damaged:
+            raise self._damaged(step, damaged[step], committed)
         if step not in committed:
             shown = committed if len(committed) <= 10 else ["...", *committed[-10:]]
             raise CheckpointNotFoundError(
@@ -249,6 +309,17 @@ class StepDirectory:
                 f"(committed: {shown})"
             )
         return self.path(step)
+
+    def _damaged(self, step: int, damage: str, committed: list[int]) -> CorruptCheckpointError:
+        path = self.path(step)
+        shown = committed if len(committed) <= 10 else ["...", *committed[-10:]]
+        return CorruptCheckpointError(
+            f"step {step} in {self.directory!r} is not a committed checkpoint: {damage}. Its "
+            f"files cannot be checked, so it is not restored: restore another step "
+            f"(committed: {shown}), or delete {path!r}. If you trust its files, "
+            f"{self.format.unchecked_load.format(path=path)} reads it unchecked",
+            path=path,
+        )
 
     # -- saving ------------------------------------------------------------------------
 
@@ -398,7 +469,8 @@ class StepDirectory:
                 f"step (committed: {found.committed or 'none'}). {advice}; or pass "
                 f"force=True to delete every step above {to_step} anyway"
             )
-        doomed = sorted({s for s in found.committed + found.partial if s > to_step})
+        steps = found.committed + found.partial + [s for s, _ in found.damaged]
+        doomed = sorted({s for s in steps if s > to_step})
         if get_rank() == 0:
             for step in reversed(doomed):
                 self.delete(step)

@@ -371,3 +371,64 @@ def test_a_save_cancelled_while_waiting_for_room_still_runs_and_settles(
             assert await mgr.rollback(1) == [2]
 
     anyio.run(main, backend=backend)
+
+
+def test_a_step_whose_sidecar_was_removed_is_not_committed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Step 2 has its .metadata and data but lost its checksum sidecar, and its data file was
+    replaced (by step 1's: same layout, other values): nothing can tell. The manager does not
+    count it, restores the newest step it can check, and says what is wrong with step 2."""
+    with CheckpointManager(tmp_path, format="dcp", persistent=False) as mgr:
+        for step in (1, 2):
+            mgr.save(step, _state(step))
+            mgr.poll(blocking=True)
+    two = tmp_path / "step-000000000002"
+    (two / ".metadata.checksums").unlink()
+    (two / "__0_0.distcp").write_bytes(
+        (tmp_path / "step-000000000001" / "__0_0.distcp").read_bytes()
+    )
+
+    def assert_refused(err: aiockpt.CorruptCheckpointError) -> None:
+        assert err.path == str(two)
+        for needle in (
+            "step 2 in",
+            "is not a committed checkpoint",
+            "has .metadata but no .metadata.checksums",
+            "committed: [1]",
+            f"aiockpt.dcp.load(state_dict, {str(two)!r})",
+        ):
+            assert needle in str(err), str(err)
+
+    with CheckpointManager(tmp_path, keep_last=1, format="dcp", persistent=False) as mgr:
+        assert mgr.committed_steps() == [1] and mgr.latest_step() == 1
+        found = mgr.steps.scan()
+        assert [step for step, _ in found.damaged] == [2] and found.partial == []
+        with pytest.raises(aiockpt.CorruptCheckpointError) as info:
+            mgr.restore(2, state_dict=_zeroed())
+        assert_refused(info.value)
+        with caplog.at_level("WARNING", logger="aiockpt"):
+            _assert_step(mgr.restore(state_dict=_zeroed()), 1)
+        assert "step 2" in caplog.text and ".metadata.checksums" in caplog.text
+    listing = subprocess.run(
+        [sys.executable, "-m", "aiockpt", "ls", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    (row,) = [line for line in listing.stdout.splitlines() if line.startswith(two.name)]
+    assert "BAD: " in row and "without .metadata.checksums" in row
+
+    async def restore_async() -> None:
+        async with AsyncCheckpointManager(tmp_path, keep_last=1, format="dcp") as mgr:
+            assert await mgr.acommitted_steps() == [1]
+            with pytest.raises(aiockpt.CorruptCheckpointError) as info:
+                await mgr.restore(2, state_dict=_zeroed())
+            assert_refused(info.value)
+            # Retention leaves it for you to look at; a rollback below it deletes it.
+            await (await mgr.save(3, _state(3)))
+            assert _steps(tmp_path) == ["step-000000000002", "step-000000000003"]
+            assert await mgr.rollback(1, force=True) == [2, 3]
+
+    anyio.run(restore_async)
+    assert _steps(tmp_path) == []

@@ -34,7 +34,10 @@ def _read_listing(path: str) -> dict[str, Any]:
         raise CheckpointError(".metadata is not a regular file: not a checkpoint")
     sidecar = read_checksums(path)
     if sidecar is None:
-        raise CheckpointError(f"a DCP checkpoint without {CHECKSUMS} (not written by aiockpt)")
+        raise CheckpointError(
+            f"a DCP checkpoint without {CHECKSUMS} (removed, or not written by aiockpt): "
+            "it cannot be checked, and a manager does not count it as committed"
+        )
     return sidecar
 
 
