@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from ckpt_helpers import data_file
 from test_dcp import _rewrite_checksums, _save_one_process, assert_values, plain_state
 
 import aiockpt.dcp
@@ -120,6 +121,7 @@ def test_a_data_file_swapped_after_its_check_is_not_what_is_read(
     ckpt, other = tmp_path / "ckpt", tmp_path / "other"
     _save_one_process(ckpt, 0)
     _save_one_process(other, 1)  # same layout, other values
+    mine, theirs = data_file(ckpt, DATA), data_file(other, DATA)
     real_hash = aiockpt.storage._local.hash_prefix
     swapped: list[str] = []
 
@@ -128,17 +130,17 @@ def test_a_data_file_swapped_after_its_check_is_not_what_is_read(
         if not swapped:
             staged = ckpt / "staged"
             if swap == "symlink":
-                staged.symlink_to(other / DATA)
+                staged.symlink_to(theirs)
             else:
-                staged.write_bytes((other / DATA).read_bytes())
-            os.replace(staged, ckpt / DATA)
+                staged.write_bytes(theirs.read_bytes())
+            os.replace(staged, mine)
             swapped.append(path)
         return digest
 
     monkeypatch.setattr(aiockpt.storage._local, "hash_prefix", hash_then_swap)
     state = plain_state()
     aiockpt.dcp.load(state, ckpt)
-    assert swapped == [str(ckpt / DATA)]
+    assert swapped == [str(mine)]
     assert_values(state, 0)
 
 

@@ -385,8 +385,8 @@ def test_a_step_whose_sidecar_was_removed_is_not_committed(
             mgr.poll(blocking=True)
     two = tmp_path / "step-000000000002"
     (two / ".metadata.checksums").unlink()
-    (two / "__0_0.distcp").write_bytes(
-        (tmp_path / "step-000000000001" / "__0_0.distcp").read_bytes()
+    data_file(two, "__0_0.distcp").write_bytes(
+        data_file(tmp_path / "step-000000000001", "__0_0.distcp").read_bytes()
     )
 
     def assert_refused(err: aiockpt.CorruptCheckpointError) -> None:
