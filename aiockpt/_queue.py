@@ -289,9 +289,8 @@ class CheckpointQueue:
         warm, CheckpointQueue._warm_caller = CheckpointQueue._warm_caller, None
         if warm is not None:
             warm.close(abort=abort)
-        if abort:
-            if not self._engine.closed:
-                self._engine.abort()
+        if abort:  # also while a close() runs in another thread: that close then ends
+            self._engine.abort()
             return
         engine = self._engine
         if engine.closed:

@@ -147,6 +147,26 @@ class TinyDiskStorage(LocalStorage):
             signal.signal(signal.SIGXFSZ, previous_handler)
 
 
+class HalvingStorage(LocalStorage):
+    """Stores floating-point tensors as float16, changing them in place before it writes
+    (a backend of the user's that compresses)."""
+
+    def write_file(self, state_dict: Any, path: str) -> dict[str, Any]:
+        for value in state_dict.values():
+            if value.is_floating_point():
+                value.data = value.data.half()
+        return super().write_file(state_dict, path)
+
+
+class TrimmingStorage(LocalStorage):
+    """Keeps the first half of each 1-D tensor, resizing it in place before it writes."""
+
+    def write_file(self, state_dict: Any, path: str) -> dict[str, Any]:
+        for value in state_dict.values():
+            value.resize_(value.numel() // 2)
+        return super().write_file(state_dict, path)
+
+
 class StallingStorage(LocalStorage):
     """Writes half of the file, records the worker's pid, then blocks on a FIFO: a test
     kills the worker there, mid-write."""
@@ -182,15 +202,6 @@ def crash_leaving_grandchild(state: Any, gate: str, pid_path: str) -> None:
         finally:
             os._exit(0)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def reply_then_linger(state: Any, gate: str) -> str:
-    """Return at once, but keep the process from exiting until ``gate`` opens (a
-    non-daemon thread is joined at exit)."""
-    import threading
-
-    threading.Thread(target=wait_gate, args=(gate,), daemon=False).start()
-    return "replied"
 
 
 def _refuse_to_load() -> None:
@@ -414,6 +425,14 @@ class HeldUntilReleased:
 
 def return_held_until_released(state: Any) -> HeldUntilReleased:
     return HeldUntilReleased()
+
+
+def save_then_linger(state: Any, seconds: float, path: str) -> str:
+    """Save, then return, leaving a non-daemon thread (an uploader that was not joined)
+    that keeps running for ``seconds``."""
+    torch.save(state, path)
+    threading.Thread(target=time.sleep, args=(seconds,), daemon=False).start()
+    return path
 
 
 def sleep_then_save(state: Any, seconds: float, path: str) -> str:

@@ -28,7 +28,6 @@ from ckpt_helpers import (
     open_gate,
     raise_value_error,
     read_pid,
-    reply_then_linger,
     return_unloadable,
     wait_then_write,
     write_value,
@@ -170,22 +169,6 @@ def test_a_waiter_is_woken_when_another_thread_reads_its_reply(tmp_path: Path) -
         assert woke.wait(30), "the waiting thread slept through a reply another thread read"
         thread.join(5)
         assert queue.maybe_finalize_async_calls(blocking=False) == [0]
-
-
-def test_a_non_blocking_poll_does_not_wait_for_the_child_to_exit(tmp_path: Path) -> None:
-    gate = make_gate(str(tmp_path), "gate")
-    try:
-        with CheckpointQueue(persistent=False) as queue:
-            queue.schedule_async_request(AsyncRequest(reply_then_linger, ({}, gate), []))
-            call = queue._engine.active[0]
-            assert call.caller.process is not None
-            child = call.caller.process.pid
-            queue._engine.wait_local(call, None)  # replied; the child lingers on the gate
-            assert queue.maybe_finalize_async_calls(blocking=False) == [0]
-            assert psutil.pid_exists(child) and psutil.Process(child).status() != "zombie"
-            open_gate(gate)
-    finally:
-        open_gate(gate)
 
 
 @BOTH

@@ -590,3 +590,67 @@ def test_waiting_on_a_later_forked_save_never_watches_a_descriptor_that_is_alway
             open_gate(gate)
         finalized += queue.maybe_finalize_async_calls(blocking=True)
         assert finalized == [0, 1]
+
+
+def test_a_stale_relayout_never_undoes_a_newer_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In the persistent worker, after a request moved a storage (share_memory_), the main
+    # thread lays the arena out again from the plan it read, while the reader thread may
+    # already have installed the next request's plan: that newer plan must stay. Here the
+    # reader's lay-out is run exactly inside the window (as the first view building of the
+    # stale re-layout). Before, every later save wrote bytes through the stale views.
+    from aiockpt._core import _transport
+    from aiockpt._staging import _arena
+    from aiockpt._staging._scan import StagingPlan
+
+    arena = 987_654
+    fd = os.memfd_create("aiockpt-test-arena")
+    os.ftruncate(fd, 4096)
+    _transport.map_arena(arena, fd, 4096)
+    try:
+        old = StagingPlan(((0, 64),), ((0, torch.float32, (16,), (1,), 0),), 64)
+        new = StagingPlan(((0, 48),), ((0, torch.int64, (2, 3), (3, 1), 0),), 48)
+        _transport.lay_out(arena, old)
+        _transport._VIEWS[arena][0].share_memory_()  # a request moved its storage
+        real = _arena.build_views
+        raced: list[bool] = []
+
+        def reader_lays_out_first(slots: list[torch.Tensor], plan: Any) -> list[torch.Tensor]:
+            if not raced:
+                raced.append(True)
+                _transport.lay_out(arena, new)  # the reader thread, in the window
+            return real(slots, plan)
+
+        monkeypatch.setattr(_transport, "build_views", reader_lays_out_first)
+        _transport.restore_views()
+        assert raced == [True]
+        [view] = _transport._VIEWS[arena]
+        assert (view.dtype, tuple(view.shape), view.stride()) == (torch.int64, (2, 3), (3, 1))
+        assert _transport._LAYOUTS[arena][0] is new
+    finally:
+        _transport.unmap_arena(arena)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["fork", "persistent"])
+def test_a_storage_that_changes_its_tensors_before_writing_saves_what_it_changed(
+    tmp_path: Path, persistent: bool
+) -> None:
+    # A user's storage changes the staged tensors in place, then writes with the stock
+    # writer: the file holds the changed tensors, as under fork. Before, the persistent
+    # worker pickled them as they had been staged (float32, 8 elements).
+    from ckpt_helpers import HalvingStorage, TrimmingStorage
+
+    from aiockpt import CheckpointManager
+
+    for storage, dtype, numel in (
+        (HalvingStorage(), torch.float16, 8),
+        (TrimmingStorage(), torch.float32, 4),
+    ):
+        directory = tmp_path / type(storage).__name__
+        with CheckpointManager(directory, storage=storage, persistent=persistent) as mgr:
+            for step in (1, 2):  # the second save reuses the worker's registered views
+                mgr.save(step, {"w": torch.arange(8, dtype=torch.float32) + step})
+                mgr.poll(blocking=True)
+            for step in (1, 2):
+                w = mgr.restore(step)["w"]
+                assert (w.dtype, w.numel()) == (dtype, numel)
+                assert torch.equal(w, (torch.arange(numel, dtype=torch.float32) + step).to(dtype))

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,151 @@ def test_the_forkserver_starts_importing_torch_when_the_checkpoint_is_made(
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "RUNNING True" in done.stdout
+
+
+def _workers() -> list[psutil.Process]:
+    """This process's live descendants but multiprocessing's forkserver and resource
+    tracker (they outlive queues: they serve the whole process)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            line = " ".join(proc.cmdline())
+            if proc.status() != psutil.STATUS_ZOMBIE and not (
+                "forkserver" in line or "resource_tracker" in line
+            ):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["fork", "persistent"])
+def test_an_abort_drops_a_save_waiting_for_a_staging_buffer(
+    tmp_path: Path, persistent: bool
+) -> None:
+    # B waits for the only staging buffer, which A's worker holds; an abort then drops
+    # both. Before, B was staged into a fresh buffer after the abort and written, by a
+    # worker nobody stopped.
+    import threading
+
+    from aiockpt import AsyncRequest, CheckpointQueue, QueueClosedError
+
+    gate = make_gate(str(tmp_path), "gate")
+    queue = CheckpointQueue(persistent=persistent, max_staging_copies=1)
+    state = {"w": torch.ones(1024)}
+    queue.schedule_async_request(
+        AsyncRequest(wait_then_write, (state, gate, str(tmp_path / "a.pt")), [])
+    )
+    raised: list[BaseException] = []
+
+    def schedule_b() -> None:
+        try:
+            queue.schedule_async_request(
+                AsyncRequest(write_value, (state, str(tmp_path / "b.pt")), [])
+            )
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=schedule_b)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while queue._engine.call_idx < 1:  # B has its index: it waits for the buffer now
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    queue.close(abort=True)
+    thread.join(60)
+    assert not thread.is_alive()
+    [error] = raised
+    assert isinstance(error, QueueClosedError)
+    assert "aborted while call 1 was being scheduled" in str(error)
+    open(gate, "w").close()
+    queue.close()
+    assert [" ".join(p.cmdline()) for p in _workers()] == []
+    assert not (tmp_path / "b.pt").exists() and not (tmp_path / "a.pt").exists()
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["fork", "persistent"])
+def test_an_abort_ends_a_close_that_waits_in_another_thread(
+    tmp_path: Path, persistent: bool
+) -> None:
+    # close() waits (no save deadline) for a save that never ends; an abort from another
+    # thread stops the worker and that close returns. Before, the abort did nothing once
+    # a close had begun.
+    import threading
+
+    from aiockpt import AsyncRequest, CheckpointQueue
+
+    gate = make_gate(str(tmp_path), "gate")  # never opened
+    queue = CheckpointQueue(persistent=persistent, save_timeout=None)
+    queue.schedule_async_request(
+        AsyncRequest(wait_then_write, ({"w": torch.ones(4)}, gate, str(tmp_path / "a.pt")), [])
+    )
+    closer = threading.Thread(target=queue.close)
+    closer.start()
+    deadline = time.monotonic() + 60
+    while not queue._engine.closed:  # the close has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    queue.close(abort=True)
+    closer.join(60)
+    assert not closer.is_alive()
+    assert queue.get_num_unfinalized_calls() == 0
+    assert not (tmp_path / "a.pt").exists()
+
+
+def test_a_forked_save_that_leaves_a_thread_running_does_not_hold_the_next(
+    tmp_path: Path,
+) -> None:
+    # A's function returns but leaves a non-daemon thread running for a minute; B waits
+    # for A's process to exit. A forked child now exits once it has replied. Before, B
+    # waited the whole minute, with no deadline.
+    from ckpt_helpers import save_then_linger
+
+    from aiockpt import AsyncRequest, CheckpointQueue
+
+    with CheckpointQueue(persistent=False, save_timeout=30) as queue:
+        queue.schedule_async_request(
+            AsyncRequest(save_then_linger, ({"a": 1}, 60.0, str(tmp_path / "a.pt")), [])
+        )
+        queue.schedule_async_request(
+            AsyncRequest(write_value, ({"b": 2}, str(tmp_path / "b.pt")), [])
+        )
+        started = time.monotonic()
+        assert queue.maybe_finalize_async_calls(blocking=True) == [0, 1]
+        assert time.monotonic() - started < 30  # not the lingering thread's minute
+    assert torch.load(tmp_path / "a.pt") == {"a": 1}
+    assert _workers() == []
+
+
+def test_a_forked_save_killed_at_a_close_before_it_began_says_so(tmp_path: Path) -> None:
+    # A outlives the close's deadline; B waits for A and never begins. Both are killed at
+    # the deadline: B's error says it did not start. Before, it said it "did not finish".
+    from ckpt_helpers import sleep_then_save
+
+    from aiockpt import AsyncRequest, CheckpointQueue, SaveTimeoutError
+
+    queue = CheckpointQueue(persistent=False, save_timeout=2.0, max_staging_copies=2)
+    a, b = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    queue.schedule_async_request(AsyncRequest(sleep_then_save, ({"a": 1}, 60.0, a), []))
+    queue.schedule_async_request(AsyncRequest(sleep_then_save, ({"b": 2}, 0.1, b), []))
+    caller = queue._engine._running[0].caller
+    deadline = time.monotonic() + 60
+    while caller.running_since(0) is None:  # A has begun; B waits for it
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    errors = []
+    engine = queue._engine
+    engine.refuse_new()  # close()'s own steps, keeping every error (close raises the first)
+    try:
+        while engine.active:
+            try:
+                queue.maybe_finalize_async_calls(blocking=True)
+            except SaveTimeoutError as err:
+                errors.append(err)
+    finally:
+        engine.stop_workers()
+    assert [e.call_idx for e in errors] == [0, 1]
+    assert "did not finish within save_timeout=2.0s" in str(errors[0])
+    assert "did not start within save_timeout=2.0s of closing the queue" in str(errors[1])
+    assert "waiting for an earlier save" in str(errors[1])
+    assert not os.path.exists(b)

@@ -74,7 +74,7 @@ class Call:
     error: CheckpointError | None = None
     error_raised: bool = False  # its error already reached the user (at schedule)
     timed_out: bool = False  # its worker was killed for passing the save deadline
-    timed_out_unstarted: bool = False  # its deadline ran from the close (never started)
+    timed_out_unstarted: bool = False  # killed (deadline or close) before its worker began it
     leased: bool = True
 
     def _move(self, allowed: tuple[CallState, ...], to: CallState) -> None:

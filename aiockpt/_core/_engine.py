@@ -69,6 +69,11 @@ class Settled:
     settled_at: float
 
 
+# How long an abort waits for a schedule in progress to see it (copying tensors, or in a
+# user's preload_fn): past it, the abort goes on and that schedule fails on its own.
+_ABORT_SCHEDULE_WAIT_S = 5.0
+
+
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
     os.set_blocking(r, False)
@@ -119,6 +124,7 @@ class CallsEngine:
         self._callers: list[AsyncCaller] = []  # callers that may still have news
         self.call_idx = -1
         self.closed = False
+        self.aborted = False
         self._cancelled: set[int] = set()
         self._closing_since: float | None = None  # when refuse_new was first called
         self._lock = threading.Lock()  # engine state only; each caller locks its own process
@@ -242,6 +248,7 @@ class CallsEngine:
                     staged = self._stage(call, request, ready_event)
                     if before_start is not None:
                         before_start()
+                    self._check_not_aborted(call_idx)
                     caller = self._caller()
                     caller.run(call_idx, request.async_fn, staged.args, staged.kwargs, self.buffers)
             except BaseException as exc:
@@ -255,6 +262,15 @@ class CallsEngine:
                 _ping(self._wake_w)  # under the lock: the pipes close under it too
                 _ping(self._news_w)
             return call
+
+    def _check_not_aborted(self, call_idx: int) -> None:
+        if self.aborted:
+            raise QueueClosedError(
+                f"the checkpoint queue was aborted while call {call_idx} was being scheduled; "
+                "it was dropped and nothing was written",
+                call_idx=call_idx,
+                rank=get_rank(),
+            )
 
     def refuse_new(self) -> None:
         """Refuse every later ``schedule`` (a close is starting); waits for a schedule in
@@ -278,7 +294,6 @@ class CallsEngine:
         the close began, so that a close never waits more than ``save_timeout``."""
         since: float | None = call.caller.running_since(call.call_idx)
         if since is None and self._closing_since is not None:
-            call.timed_out_unstarted = True
             return self._closing_since
         return since
 
@@ -329,8 +344,10 @@ class CallsEngine:
         try:
             plan = self.buffers.plan(args, kwargs)
             if not self.buffers.has_free(plan.nbytes):
-                # Every staging copy is still read by a worker: wait for one to report.
-                self.wait_until(lambda: self.buffers.has_free(plan.nbytes), None)
+                # Every staging copy is still read by a worker: wait for one to report
+                # (or for an abort, which drops this request too).
+                self.wait_until(lambda: self.aborted or self.buffers.has_free(plan.nbytes), None)
+            self._check_not_aborted(call_idx)
             if ready_event is not None:
                 import torch
 
@@ -424,7 +441,7 @@ class CallsEngine:
 
     def _timeout_outcome(self, call: Call, within: str = "") -> LocalOutcome:
         within = within or f"save_timeout={self.options.save_timeout}s"
-        if call.timed_out_unstarted and call.caller.running_since(call.call_idx) is None:
+        if call.timed_out_unstarted:
             what = (
                 f"did not start within {within} of closing the queue: its worker was still "
                 "starting (importing), or waiting for an earlier save, and was killed; the "
@@ -454,6 +471,9 @@ class CallsEngine:
             since = self._since(call)
             if not call.timed_out and since is not None and now >= since + limit:
                 call.timed_out = True
+                # Looked at now: once its worker is killed, a forked child waiting for
+                # an earlier one may look as if it had begun.
+                call.timed_out_unstarted = call.caller.running_since(call.call_idx) is None
                 call.caller.kill()
 
     def _next_deadline_locked(self) -> float | None:
@@ -638,6 +658,8 @@ class CallsEngine:
             timeout = self.options.save_timeout
         self.wait_until(lambda: not self._running, timeout)
         killed = self.running()
+        for call in killed:  # before their workers are stopped (see _enforce_deadlines)
+            call.timed_out_unstarted = call.caller.running_since(call.call_idx) is None
         with self._lock:
             callers = list(self._callers)
             if self._persistent_caller is not None and self._persistent_caller not in callers:
@@ -662,7 +684,17 @@ class CallsEngine:
         drop every request not finalized yet: none of them is finalized, raised or reported
         later. Returns the dropped call indices. The engine is closed afterwards."""
         with self._lock:
-            self.closed = True
+            if self.aborted:
+                return []
+            self.closed = self.aborted = True
+            self._changed.notify_all()
+            if self._wake_w >= 0:
+                _ping(self._wake_w)  # a schedule waiting for a staging buffer gives up
+        # A schedule in progress drops its request on seeing the abort (it may be copying
+        # tensors, or in a user's preload_fn: waited for a little only).
+        if self._schedule_lock.acquire(timeout=_ABORT_SCHEDULE_WAIT_S):
+            self._schedule_lock.release()
+        with self._lock:
             dropped = [call.call_idx for call in self.active]
             callers = list(self._callers)
             if self._persistent_caller is not None and self._persistent_caller not in callers:

@@ -102,8 +102,10 @@ def unmap_arena(arena_id: int) -> None:
     _views.withdraw(arena_id)
 
 
-def lay_out(arena_id: int, plan: StagingPlan) -> None:
-    """Worker side: build the views of ``plan`` over a mapped arena."""
+def lay_out(arena_id: int, plan: StagingPlan, *, replacing: Any = None) -> None:
+    """Worker side: build the views of ``plan`` over a mapped arena. With ``replacing``
+    (the layout the caller read), only if that is still the arena's layout: the reader
+    thread may have laid out a newer plan meanwhile, which must not be undone."""
     mm = _MAPPED[arena_id]
     slots = [
         torch.frombuffer(mm, dtype=torch.uint8, count=size, offset=offset)
@@ -111,6 +113,8 @@ def lay_out(arena_id: int, plan: StagingPlan) -> None:
     ]
     views = build_views(slots, plan)
     with _LOCK:
+        if replacing is not None and _LAYOUTS.get(arena_id) is not replacing:
+            return
         _VIEWS[arena_id] = views
         _LAYOUTS[arena_id] = (
             plan,
@@ -142,7 +146,7 @@ def restore_views(check: bool = True) -> int:
         if [slot.data_ptr() for slot in slots] != bases:
             # A storage was moved (share_memory_(), pickling by torch.multiprocessing):
             # the slots no longer map the arena. Lay the whole arena out again.
-            lay_out(arena_id, plan)
+            lay_out(arena_id, plan, replacing=layout)
             rebuilt += len(views)
             continue
         changed = [

@@ -20,6 +20,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 from typing import Any
 
+from ..storage._fastsave import trusting_views
+from ..utils import _GcDisabled
 from . import _transport
 from ._messages import Done, DropArena, Failed, LayOut, MapArena, Ready, Reply, Run, Started, Stop
 from ._priority import apply_priorities
@@ -77,6 +79,12 @@ def fork_child_main(
     with contextlib.suppress(OSError):  # the parent is gone; nobody is left to tell
         conn.send(reply)
     conn.close()
+    # Done: exit now. Threads the function left running (not joined) are not waited for:
+    # the next save waits for this process to exit, and its deadline is not theirs.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 _EOF = object()  # the caller's end closed, or reading from it failed
@@ -143,11 +151,22 @@ def _run_payload(call_idx: int, payload: bytes) -> tuple[Reply, Any]:
         fn, args, kwargs = _transport.loads(payload)
     except BaseException as exc:
         return _failure(call_idx, 0.0, exc, "could not unpickle the request in the worker: "), None
-    return run_request(call_idx, fn, args, kwargs), fn
+    # The views' pickling is known in advance only while nothing but aiockpt's own code
+    # touches them: a user's function may change them before it saves them.
+    with trusting_views(_ours(fn)):
+        return run_request(call_idx, fn, args, kwargs), fn
 
 
 def _ours(fn: Any) -> bool:
-    """Whether ``fn`` is one of aiockpt's own writers (a plain function of the package,
-    not a wrapper around a user's function)."""
+    """Whether ``fn`` is one of aiockpt's own writers: a plain function of the package, or
+    a method of one of its own objects (not of a subclass), as :func:`wrap_for_async`
+    wraps it or not; never a user's function or override."""
+    if isinstance(fn, _GcDisabled):
+        fn = fn.fn
+    if isinstance(fn, types.MethodType):
+        owner = type(fn.__self__)
+        if not (owner.__module__ or "").startswith("aiockpt."):
+            return False
+        fn = fn.__func__
     module = getattr(fn, "__module__", None) or ""
     return isinstance(fn, types.FunctionType) and module.startswith("aiockpt.")
