@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -75,19 +76,21 @@ class _State(enum.IntEnum):
     """The queue's life, in order; closing moves forward one state at a time and can be
     resumed from any of them (an interrupted close is completed by the next one)::
 
-        NEW ──► OPEN ──► DRAINING ──► STOPPING ──► CLOSED
-         └──────────────────────────────────────────►┘  (closed before it was opened)
+        NEW ──► OPENING ──► OPEN ──► DRAINING ──► STOPPING ──► CLOSED
+         └─────────────────────────────────────────────────────►┘  (closed before opened)
 
+    OPENING: the worker is being started; ``aclose()`` waits for it, then closes.
     DRAINING: refuses new work, waits (up to the timeout) for the requests in flight.
     STOPPING: the tasks are cancelled and the worker is stopped (killed first if it must
     be: see ``_must_kill``). CLOSED: the worker is stopped.
     """
 
     NEW = 0
-    OPEN = 1
-    DRAINING = 2
-    STOPPING = 3
-    CLOSED = 4
+    OPENING = 1
+    OPEN = 2
+    DRAINING = 3
+    STOPPING = 4
+    CLOSED = 5
 
 
 class AsyncCheckpointQueue(AsyncContextManagerMixin):
@@ -291,6 +294,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         tg.start_soon(self._run_task, 0, "stager", self._stager)
         tg.start_soon(self._run_task, 1, "poller", self._poller)
         self._state = _State.OPEN
+        self._opened.set()
 
     async def _after_close(self) -> None:
         """What the close owes the caller once it is done: a cancellation that came
@@ -327,6 +331,15 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             raise
 
     async def _open(self) -> None:
+        self._state = _State.OPENING
+        self._opened = anyio.Event()  # set once OPEN, or CLOSED by a failed open
+        try:
+            await self._open_steps()
+        except BaseException:
+            self._opened.set()
+            raise
+
+    async def _open_steps(self) -> None:
         self._thread = threading.get_ident()
         self._token = anyio.lowlevel.current_token()
         if isinstance(self._token.native_token, asyncio.AbstractEventLoop):
@@ -360,6 +373,19 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             self._state = _State.CLOSED
             raise
 
+    # anyio marks it final; the one addition: a block that aclose() already left (an
+    # `async with` whose body closed the queue) has nothing left to do when it ends.
+    async def __aexit__(  # type: ignore[misc]
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        if getattr(self, "_left_by_aclose", False):
+            self._left_by_aclose = False
+            return None
+        return await super().__aexit__(exc_type, exc, tb)
+
     def _make_engine(self) -> None:
         self._engine = engine = CallsEngine(self.options)
         engine.warm_up()  # the worker imports torch now, not at the first save
@@ -372,13 +398,20 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
             self._state = _State.CLOSED
             return
         self._check_thread()
+        if self._state is _State.OPENING:  # another task opens it: close it once open
+            with anyio.CancelScope(shield=True):
+                await self._opened.wait()
+            if self._is_closed():  # the open failed, and said so there
+                return
         if (
             getattr(self, "_AsyncContextManagerMixin__cm", None) is not None
             and getattr(self, "_entered_task", None) == anyio.get_current_task().id
         ):
             # Entered with __aenter__() and closed here, in the same task: leave the block
-            # (its task group belongs to this task), which closes the queue.
-            await self.__aexit__(None, None, None)
+            # (its task group belongs to this task), which closes the queue; the block's
+            # own exit then has nothing left to do.
+            self._left_by_aclose = True
+            await super().__aexit__(None, None, None)
             return
         try:
             await self._shutdown()
@@ -568,7 +601,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._check_thread()
         if self._broken is not None:
             raise QueueBrokenError(self._broken.message) from self._broken.__cause__
-        if self._state is _State.NEW:
+        if self._state in (_State.NEW, _State.OPENING):
             raise QueueMisuseError(_NOT_OPEN)
         if self._state is not _State.OPEN:
             raise QueueClosedError("the queue is closed")
@@ -673,7 +706,7 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         has settled. Cancelled, it loses nothing: a later ``finalize()`` or the exit
         reports what it would have."""
         self._check_thread()
-        if self._state is _State.NEW:
+        if self._state in (_State.NEW, _State.OPENING):
             raise QueueMisuseError(_NOT_OPEN)
         if self._state is not _State.OPEN:
             raise QueueClosedError("the queue is closed")

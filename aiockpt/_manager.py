@@ -14,7 +14,7 @@ from typing_extensions import Self, Unpack
 
 from ._aload import in_thread
 from ._async_queue import AsyncCheckpointQueue
-from ._exceptions import CheckpointError, QueueClosedError
+from ._exceptions import CheckpointError, QueueClosedError, QueueMisuseError
 from ._facade import QueueFacade
 from ._futures import CheckpointFuture
 from ._loops import run_to_end
@@ -98,6 +98,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         self.steps = _step_directory(directory, keep_last, storage, format, planner, thread_count)
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
         self._scheduling: anyio.Lock | None = None
+        self._holding = False  # the directory is (being) opened by this manager
 
     async def __aenter__(self) -> Self:
         await self._acquire()
@@ -127,13 +128,28 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
             await self._release()
 
     async def _acquire(self) -> None:
-        await in_thread(self.steps.open)
+        if self._holding:  # open already (or opening): its lock is not this call's
+            raise QueueMisuseError(
+                f"the manager of {self.steps.directory!r} is open already: open it once, "
+                "with `async with` or `tg.start(manager.serve)`"
+            )
+        self._holding = True
+        try:
+            # To its end even if cancelled (the thread takes the lock): then released.
+            await run_to_end(self.steps.open)
+            await anyio.lowlevel.checkpoint()  # a cancellation that came meanwhile
+        except BaseException:
+            await self._release()
+            raise
 
     async def _release(self) -> None:
+        if not self._holding:
+            return
         # Unlocking is a filesystem call (slow on a network filesystem): off the loop, and
         # never skipped by a cancellation.
         with anyio.CancelScope(shield=True):
-            await in_thread(self.steps.close)
+            await run_to_end(self.steps.close)
+        self._holding = False
 
     @areleasing
     async def save(

@@ -295,6 +295,116 @@ async def test_a_served_facade_reports_itself(tmp_path: Path) -> None:
     assert torch.equal(torch.load(tmp_path / "a.pt")["w"], torch.ones(2))
 
 
+async def test_a_manager_opened_twice_keeps_its_directory(tmp_path: Path) -> None:
+    # A second serve() of a served manager, or `async with` on it, is refused without
+    # touching the lock the running manager holds. Before, the refusal released it.
+    from aiockpt import AsyncCheckpointManager, QueueMisuseError
+    from aiockpt._exceptions import DirectoryLockedError
+
+    async with anyio.create_task_group() as tg:
+        mgr: AsyncCheckpointManager = await tg.start(AsyncCheckpointManager(tmp_path).serve)
+        with pytest.raises(QueueMisuseError, match="is open already"):
+            await tg.start(mgr.serve)
+        with pytest.raises(QueueMisuseError, match="is open already"):
+            async with mgr:
+                pass
+        with pytest.raises(DirectoryLockedError):  # still held by the first
+            async with AsyncCheckpointManager(tmp_path):
+                pass
+        await (await mgr.save(1, {"w": torch.ones(2)}))
+        await mgr.aclose()
+    assert await mgr.acommitted_steps() == [1]
+
+
+@pytest.mark.parametrize("anyio_backend", [b for b in BACKENDS if b.id != "trio"])
+async def test_a_timeout_while_a_manager_takes_its_lock_releases_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asyncio's own cancellation (a timeout) while the lock is taken in a thread: the
+    # thread finishes, and the lock is released. Before, it stayed held.
+    from aiockpt import AsyncCheckpointManager
+    from aiockpt._steps import StepDirectory
+
+    taking, go, taken = threading.Event(), threading.Event(), threading.Event()
+    real_open = StepDirectory.open
+
+    def slow_open(self: StepDirectory) -> None:
+        taking.set()
+        go.wait(30)  # a slow network filesystem
+        real_open(self)
+        taken.set()
+
+    monkeypatch.setattr(StepDirectory, "open", slow_open)
+
+    async def enter() -> None:
+        async with AsyncCheckpointManager(tmp_path):
+            pass
+
+    task = asyncio.create_task(enter())
+    await anyio.to_thread.run_sync(taking.wait, 30)
+    task.cancel()
+    await asyncio.sleep(0)  # the cancellation reaches the task while the thread works
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await anyio.to_thread.run_sync(taken.wait, 30)  # the thread did take the lock
+    monkeypatch.undo()
+    async with AsyncCheckpointManager(tmp_path) as again:  # the lock is free
+        assert await again.acommitted_steps() == []
+
+
+@pytest.mark.parametrize("kind", ["queue", "facade", "manager"])
+async def test_aclose_inside_the_block_leaves_it_quietly(tmp_path: Path, kind: str) -> None:
+    # aclose() is idempotent, also when the block it is called in ends afterwards.
+    # Before, leaving the block raised "has not been entered yet".
+    from aiockpt import AsyncCheckpointManager, AsyncTorchCheckpoint
+
+    made: Any = {
+        "queue": AsyncCheckpointQueue,
+        "facade": AsyncTorchCheckpoint,
+        "manager": lambda: AsyncCheckpointManager(tmp_path),
+    }[kind]()
+    async with made as opened:
+        await opened.aclose()
+        await opened.aclose()
+    queue = made if kind == "queue" else made.queue
+    assert queue._state.name == "CLOSED" and queue.failures() == []
+
+
+async def test_aclose_while_serve_is_opening_closes_once_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # aclose() from another task while serve() starts the worker: it waits for the open,
+    # then closes, and serve() returns. Before, aclose returned at once and the queue
+    # opened anyway, serving forever.
+    making, go = threading.Event(), threading.Event()
+    real = AsyncCheckpointQueue._make_engine
+
+    def slow_make_engine(self: AsyncCheckpointQueue) -> None:
+        making.set()
+        go.wait(30)
+        real(self)
+
+    monkeypatch.setattr(AsyncCheckpointQueue, "_make_engine", slow_make_engine)
+    queue = AsyncCheckpointQueue()
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(queue.serve)
+            await anyio.to_thread.run_sync(making.wait, 30)
+            closed = anyio.Event()
+
+            async def close() -> None:
+                await queue.aclose()
+                closed.set()
+
+            tg.start_soon(close)
+            await anyio.wait_all_tasks_blocked()
+            assert not closed.is_set()  # it waits for the open
+            go.set()
+    assert closed.is_set() and queue._state.name == "CLOSED"
+    assert queue.engine.closed
+
+
 @pytest.mark.parametrize("anyio_backend", [b for b in BACKENDS if b.id != "trio"])
 async def test_leaving_the_block_in_another_task_drains_then_names_serve(
     tmp_path: Path,
@@ -500,6 +610,23 @@ async def test_a_slow_result_unpickle_does_not_hold_the_loop(tmp_path: Path) -> 
         assert (await fut).value is True
         assert (await later).value == path
     assert torch.load(path) == {"x": 1}
+
+
+async def test_settling_a_call_on_the_loop_never_unpickles_the_next_calls_result() -> None:
+    # Call 0's result is unpickled (slowly) in the collecting thread while call 1's reply
+    # arrives; the loop then settles call 0. Before, that settling read call 1's reply,
+    # and ran its result's code, on the loop.
+    UNPICKLING.clear()
+    RELEASE.clear()
+    async with AsyncCheckpointQueue() as queue:
+        first = await queue.schedule(AsyncRequest(return_held_until_released, ({},), []))
+        await anyio.to_thread.run_sync(UNPICKLING.wait, 20)
+        second = await queue.schedule(AsyncRequest(return_loaded_where, ({},), []))
+        conn = queue.engine._persistent_caller._conn
+        assert await anyio.to_thread.run_sync(conn.poll, 30)  # call 1's reply is there
+        RELEASE.set()
+        assert (await first).value is True
+        assert (await second).value != threading.get_ident()
 
 
 # -- whole programs ------------------------------------------------------------------------

@@ -511,6 +511,10 @@ class CallsEngine:
         """Block until ``done()`` (checked under the engine's lock) or ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
+            # Looked at before collecting: a caller whose answer is known (the event loop
+            # settling a call) must not read, and unpickle, other calls' replies.
+            if done():
+                return True
             while True:
                 if not self._busy():
                     self._collect_locked()
@@ -551,7 +555,7 @@ class CallsEngine:
         the worker reports or dies)."""
         if timeout == 0:
             with self._lock:
-                if not self._busy():
+                if call.local_outcome() is None and not self._busy():
                     self._collect_locked()
                 return call.local_outcome()
         self.wait_until(lambda: call.local_outcome() is not None, timeout)
