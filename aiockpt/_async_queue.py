@@ -59,14 +59,17 @@ from ._ranks import is_distributed
 from ._request import AsyncRequest
 from ._staging._arena import ready_event
 from ._staging._tree import iter_tensors, path_of
-from ._tracebacks import areleasing, drop_locals
+from ._tracebacks import areleasing, detached, drop_locals
 
 logger = logging.getLogger("aiockpt")
 
 
 # request, its future, needs_global, the CUDA event its copy waits for (None without
 # CUDA), and the check that no tensor changed since scheduling (lazy staging only)
-_Staging = tuple[AsyncRequest, CheckpointFuture, bool, Any, "Callable[[], None] | None"]
+# What the stager receives: the future, whether it settles across ranks, the CUDA event.
+# The request itself (and its change check) waits in ``_to_stage`` by call index, so that
+# a request withdrawn before its turn lets go of the caller's tensors at once.
+_Staging = tuple[CheckpointFuture, bool, Any]
 _FAILURES_KEPT = 1000  # failures() lists the latest ones
 _LOOP_CHECK_WAIT_S = 5.0  # how long a lazy copy's check waits for the event loop
 _NOT_OPEN = "the queue is not open: use `async with AsyncCheckpointQueue() as queue:`"
@@ -152,6 +155,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         self._task_scopes: list[anyio.CancelScope] = []
         self._tasks_left = 0
         self._queued_for_staging = 0  # sent to the stager, not yet staged (or skipped)
+        # Requests (and their change checks) waiting for the stager, by call index.
+        self._to_stage: dict[int, tuple[AsyncRequest, Callable[[], None] | None]] = {}
         self._finalizing: int | None = None  # the call whose finalize steps are running
         self._given_up: list[int] = []  # calls whose worker did not answer by the timeout
         self._reported_never_closed = False
@@ -562,7 +567,9 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         failed, whether or not someone observed them; readable after the queue has closed
         (say, when a cancel scope swallowed the exception that carried them). Their
         tracebacks print, but the frames' local variables are dropped, so that no state
-        dict stays referenced through them."""
+        dict stays referenced through them. They are copies of the errors the futures
+        raise (same class, message, attributes and traceback), kept apart so that raising
+        those again never ties a caller's frame to this list."""
         return list(self._failures)
 
     def _take_unreported(self) -> list[CheckpointError]:
@@ -670,7 +677,8 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
         # Staged lazily, the tensors may be changed before the copy is done: remember their
         # versions now, and refuse a snapshot that would mix old and new values.
         unchanged = None if wait_for_staging else _unchanged_since_now(request, fut.call_idx)
-        self._stage_send.send_nowait((request, fut, needs_global, ready_event(), unchanged))
+        self._to_stage[fut.call_idx] = (request, unchanged)
+        self._stage_send.send_nowait((fut, needs_global, ready_event()))
         if stager_idle or wait_for_staging:
             # The copy starts now, before the caller's next synchronous step. Behind
             # another request's staging it could not start anyway: a lazy caller goes on.
@@ -806,16 +814,12 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
                 item = None  # the caller's state dict is not held until the next save
                 self._queued_for_staging -= 1
 
-    async def _stage_one(
-        self,
-        request: AsyncRequest,
-        fut: CheckpointFuture,
-        glob: bool,
-        event: Any,
-        unchanged: Callable[[], None] | None,
-    ) -> None:
-        if fut.done():  # cancelled, or failed, before its turn came
+    async def _stage_one(self, fut: CheckpointFuture, glob: bool, event: Any) -> None:
+        waiting = self._to_stage.pop(fut.call_idx, None)
+        if fut.done() or waiting is None:  # cancelled, or failed, before its turn came
             return
+        request, unchanged = waiting
+        del waiting
         try:
             call = await self._in_thread(self._stage, request, fut, glob, event, unchanged)
         except CheckpointError as err:
@@ -961,9 +965,11 @@ class AsyncCheckpointQueue(AsyncContextManagerMixin):
     ) -> None:
         if self._futures.pop(fut.call_idx, None) is not None and self._room is not None:
             self._room.release()
+        self._to_stage.pop(fut.call_idx, None)  # not staged yet: its tensors are let go of
         if error is not None and not fut.done():
             drop_locals(error)  # a traceback's frames would hold the caller's tensors
-            self._failures.append(error)
+            # A copy: raising the error again (fut.result()) adds the raiser's frames.
+            self._failures.append(detached(error))
         fut.set_outcome(result, error)
 
     def _forget(self, fut: CheckpointFuture) -> None:

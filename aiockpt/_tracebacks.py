@@ -10,6 +10,7 @@ finished frames have no local variables.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
@@ -18,6 +19,7 @@ from ._exceptions import CheckpointError
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_E = TypeVar("_E", bound=BaseException)
 
 
 def drop_locals(error: BaseException) -> None:
@@ -38,6 +40,26 @@ def drop_locals(error: BaseException) -> None:
                 tb.tb_frame.clear()
             tb = tb.tb_next
         todo += [exc.__cause__, exc.__context__]
+
+
+def detached(error: _E) -> _E:
+    """A copy of ``error`` to keep: the same class, message, attributes, cause, notes and
+    traceback as now. Raising the original again (``fut.result()`` does) prepends the
+    raiser's frames, with their local variables, to the original's traceback; never to
+    the copy's. An error that cannot be copied is kept as it is."""
+    try:
+        kept = copy.copy(error)
+    except Exception:
+        return error
+    if kept is error or type(kept) is not type(error):
+        return error
+    kept.__traceback__ = error.__traceback__
+    kept.__cause__, kept.__context__ = error.__cause__, error.__context__
+    kept.__suppress_context__ = error.__suppress_context__
+    notes = getattr(error, "__notes__", None)
+    if notes is not None:
+        kept.__notes__ = list(notes)
+    return kept
 
 
 def releasing(fn: Callable[_P, _T]) -> Callable[_P, _T]:

@@ -180,7 +180,9 @@ async def test_on_scheduled_raising_withdraws_that_request_only(tmp_path: Path) 
     with pytest.raises(CheckpointCancelledError, match="its on_scheduled callback raised"):
         withdrawn.result()
     assert not (tmp_path / "a").exists() and (tmp_path / "b").exists()
-    assert queue.failures() == [withdrawn.exception()]
+    [kept] = queue.failures()
+    error = withdrawn.exception()
+    assert (type(kept), str(kept), kept.call_idx) == (type(error), str(error), error.call_idx)
 
 
 async def test_system_exit_in_a_done_callback_is_raised_at_close_and_kills_no_save(
@@ -591,6 +593,51 @@ async def test_a_workers_result_is_unpickled_off_the_loop() -> None:
         result = await fut
     assert isinstance(result.value, int)
     assert result.value != threading.get_ident()
+
+
+async def test_a_kept_failure_never_holds_the_frame_that_awaited_it() -> None:
+    # The future raises its error into the caller's frame; the queue keeps the failure
+    # (failures()). Before, that kept error's traceback grew the caller's frame, and its
+    # state dict stayed alive with it.
+    refs: list[weakref.ref[torch.Tensor]] = []
+
+    async def step(queue: AsyncCheckpointQueue) -> None:
+        state = {"w": torch.zeros(1 << 16)}
+        refs.append(weakref.ref(state["w"]))
+        fut = await queue.schedule(AsyncRequest(raise_value_error, (state, "disk on fire"), []))
+        with pytest.raises(WorkerError, match="disk on fire"):
+            await fut
+
+    async with AsyncCheckpointQueue() as queue:
+        await step(queue)
+        gc.collect()
+        assert [ref() for ref in refs] == [None]
+        [failure] = queue.failures()
+        assert isinstance(failure, WorkerError) and "disk on fire" in str(failure)
+
+
+async def test_a_withdrawn_save_lets_go_of_its_tensors_at_once(tmp_path: Path, gate: str) -> None:
+    # A lazily scheduled save waits behind others for the stager; it is cancelled and
+    # awaited. Before, its state dict stayed held until the stager reached it (here: until
+    # the saves ahead of it finished).
+    async with AsyncCheckpointQueue() as queue:
+        first = await queue.schedule(_gated(tmp_path, gate, "a.pt"))
+        second = await queue.schedule(_gated(tmp_path, gate, "b.pt"), wait_for_staging=False)
+        state = {"c": torch.ones(1 << 16)}
+        ref = weakref.ref(state["c"])
+        third = await queue.schedule(
+            AsyncRequest(write_value, (state, str(tmp_path / "c")), []), wait_for_staging=False
+        )
+        assert third.cancel() is True
+        with pytest.raises(CheckpointCancelledError, match="withdrawn"):
+            await third
+        del state, third
+        gc.collect()
+        assert ref() is None  # while the saves ahead still wait on the gate
+        open_gate(gate)
+        await first
+        await second
+    assert not (tmp_path / "c").exists()
 
 
 async def test_a_slow_result_unpickle_does_not_hold_the_loop(tmp_path: Path) -> None:
