@@ -194,6 +194,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         # Once this rank starts building the request it schedules it, even if cancelled
         # meanwhile (the cancellation is delivered right after): the other ranks schedule
         # theirs, and every rank's calls must be numbered alike.
+        refused: QueueClosedError | None = None
         with anyio.CancelScope(shield=True):
             try:
                 # To its end even under asyncio's Task.cancel() (which passes shields):
@@ -203,11 +204,18 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
                 fut = await self.queue.schedule(
                     request, wait_for_staging=False, needs_global=True, on_scheduled=track
                 )
-            except BaseException:
+            except BaseException as exc:
                 if not scheduled:  # refused: it will not run
                     for number in reserved:
                         self.steps.settled(number)
-                raise
+                if not isinstance(exc, QueueClosedError):
+                    raise
+                refused = exc
+        if refused is not None:
+            # The cancellation that reached this save may be what closed the queue (a
+            # served manager's task group): then it is what the caller gets.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            raise refused
         if wait_for_staging:
             await fut.staged
         return fut

@@ -35,6 +35,7 @@ from ckpt_helpers import (
     write_value,
 )
 
+import aiockpt.dcp
 from aiockpt import (
     AsyncCheckpointManager,
     AsyncCheckpointQueue,
@@ -43,6 +44,7 @@ from aiockpt import (
     CheckpointCancelledError,
     CheckpointFuture,
     FinalizeError,
+    InvalidRequestError,
     WorkerError,
 )
 from aiockpt.dcp import AsyncDCPCheckpoint
@@ -638,6 +640,72 @@ async def test_a_withdrawn_save_lets_go_of_its_tensors_at_once(tmp_path: Path, g
         await first
         await second
     assert not (tmp_path / "c").exists()
+
+
+async def test_a_dcp_save_cancelled_while_staging_still_guards_its_directory(
+    tmp_path: Path, gate: str
+) -> None:
+    # The first save into `step` is cancelled while it waits to be staged; it still runs
+    # (as documented), so a second save into `step` is refused until it is done. Before,
+    # the cancelled save was not tracked and the second was accepted.
+    target = str(tmp_path / "step")
+    async with AsyncDCPCheckpoint() as ckpt:
+        await ckpt.queue.schedule(_gated(tmp_path, gate, "a.pt"))  # holds a buffer
+        await ckpt.save({"h": torch.ones(1 << 16)}, str(tmp_path / "other"), wait_for_staging=False)
+        with anyio.move_on_after(0.5) as scope:  # staging waits for the gate: always cut
+            await ckpt.save({"w": torch.full((1 << 16,), 1.0)}, target)
+        assert scope.cancelled_caught
+        with pytest.raises(InvalidRequestError, match="is still in flight"):
+            await ckpt.save({"w": torch.full((1 << 16,), 2.0)}, target)
+        open_gate(gate)
+        await ckpt.finalize()
+    loaded = {"w": torch.zeros(1 << 16)}
+    aiockpt.dcp.load(loaded, target)
+    assert torch.equal(loaded["w"], torch.full((1 << 16,), 1.0))
+
+
+def _open_when_closing(queue: AsyncCheckpointQueue, go: threading.Event) -> None:
+    deadline = time.monotonic() + 60
+    while queue._state.name in ("OPENING", "OPEN") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    go.set()
+
+
+async def test_cancelling_a_served_managers_group_as_a_save_begins_cancels_that_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cancellation that closes a served manager reaches a save() building its request;
+    # the queue refuses it once closing: the save raises the cancellation, and the group
+    # ends quietly. Before, the save raised QueueClosedError out of the task group.
+    from aiockpt import AsyncCheckpointManager
+    from aiockpt._steps import StepDirectory
+
+    building, go = threading.Event(), threading.Event()
+    real_request = StepDirectory.request
+
+    def slow_request(self: StepDirectory, *args: Any) -> Any:
+        building.set()
+        go.wait(30)
+        return real_request(self, *args)
+
+    monkeypatch.setattr(StepDirectory, "request", slow_request)
+    outcome: list[str] = []
+    async with anyio.create_task_group() as tg:
+        mgr: AsyncCheckpointManager = await tg.start(AsyncCheckpointManager(tmp_path).serve)
+
+        async def saver() -> None:
+            try:
+                await mgr.save(1, {"w": torch.ones(4)})
+            except anyio.get_cancelled_exc_class():
+                outcome.append("cancelled")
+                raise
+
+        tg.start_soon(saver)
+        await anyio.to_thread.run_sync(building.wait, 30)
+        threading.Thread(target=_open_when_closing, args=(mgr.queue, go)).start()
+        tg.cancel_scope.cancel()
+    assert outcome == ["cancelled"]
+    assert await mgr.acommitted_steps() == []
 
 
 async def test_a_slow_result_unpickle_does_not_hold_the_loop(tmp_path: Path) -> None:

@@ -212,11 +212,14 @@ class AsyncDCPCheckpoint(_DCPOptions, QueueFacade):
                 lambda fut: not fut.done(),
                 self.queue.completion,
             )
-            fut = await self.queue.schedule(
-                request, wait_for_staging=wait_for_staging, needs_global=True
+            # Tracked as soon as it exists: a save cancelled while it stages still runs,
+            # and a second save into its directory must still be refused meanwhile.
+            return await self.queue.schedule(
+                request,
+                wait_for_staging=wait_for_staging,
+                needs_global=True,
+                on_scheduled=lambda fut: self._writing.__setitem__(real, fut),
             )
-        self._writing[real] = fut
-        return fut
 
 
 class DCPAsyncCheckpoint(DCPCheckpoint):
