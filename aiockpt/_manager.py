@@ -38,13 +38,14 @@ def _step_directory(
     format: str,
     planner: Any,
     thread_count: int,
+    lock: bool,
 ) -> StepDirectory:
     format_options: dict[str, Any] = {}
     if planner is not None:
         format_options["planner"] = planner
     if thread_count != 1:
         format_options["thread_count"] = thread_count
-    return StepDirectory(directory, keep_last, storage, format, format_options)
+    return StepDirectory(directory, keep_last, storage, format, format_options, lock=lock)
 
 
 class _Steps:
@@ -73,7 +74,10 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
     Each step is a directory committed by its metadata; older steps beyond ``keep_last``
     are deleted only after a newer one is committed. Saves must go forward (see
     :meth:`rollback`). Entering takes the directory's lock (:class:`DirectoryLockedError`
-    if another manager holds it). Queue options pass through.
+    if another manager holds it); ``lock=False`` skips it, for a filesystem without
+    ``flock`` (NFS without lockd, Lustre without ``-o flock``): then nothing stops two
+    jobs from writing the same directory, so make sure only one does. Queue options pass
+    through.
 
     ``format="torch"`` (the default) writes a ``torch.save`` file per rank, read back by
     :meth:`restore` at the same world size. ``format="dcp"`` writes each step in the
@@ -93,9 +97,12 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         planner: Any = None,
         thread_count: int = 1,
         persistent: bool = True,
+        lock: bool = True,
         **queue_options: Unpack[AsyncQueueFacadeKeywords],
     ) -> None:
-        self.steps = _step_directory(directory, keep_last, storage, format, planner, thread_count)
+        self.steps = _step_directory(
+            directory, keep_last, storage, format, planner, thread_count, lock
+        )
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
         self._scheduling: anyio.Lock | None = None
         self._holding = False  # the directory is (being) opened by this manager
@@ -264,9 +271,12 @@ class CheckpointManager(_Steps):
         planner: Any = None,
         thread_count: int = 1,
         persistent: bool = True,
+        lock: bool = True,
         **queue_options: Unpack[QueueFacadeKeywords],
     ) -> None:
-        self.steps = _step_directory(directory, keep_last, storage, format, planner, thread_count)
+        self.steps = _step_directory(
+            directory, keep_last, storage, format, planner, thread_count, lock
+        )
         self.steps.open()
         try:
             self.queue = CheckpointQueue(persistent, **queue_options)

@@ -50,7 +50,7 @@ from ._request import AsyncRequest
 from .storage._files import entry_kind, open_dir, opened
 from .storage._local import LocalStorage
 from .storage._metadata import check_extra
-from .storage._protocol import Storage
+from .storage._protocol import Storage, WriterLock
 
 logger = logging.getLogger("aiockpt")
 
@@ -182,6 +182,16 @@ def _scan(directory: str, storage: Storage, marker: str, required: tuple[str, ..
     return found
 
 
+class _NoLock:
+    """``lock=False``: the directory is not locked (a filesystem without ``flock``)."""
+
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
 class StepDirectory:
     """The steps in ``directory`` and the bookkeeping of one manager's saves into it.
 
@@ -199,6 +209,8 @@ class StepDirectory:
         storage: Storage | None,
         format: str = "torch",
         format_options: dict[str, Any] | None = None,
+        *,
+        lock: bool = True,
     ) -> None:
         if format not in FORMATS:
             raise InvalidRequestError(f"format must be one of {FORMATS}, not {format!r}")
@@ -223,7 +235,7 @@ class StepDirectory:
             )
         self.marker = markers()[format]
         self.required = companions(format)  # committed with the marker
-        self.lock = self.storage.lock(self.directory)
+        self.lock: WriterLock = self.storage.lock(self.directory) if lock else _NoLock()
         self._mutex = threading.Lock()
         self._in_flight: set[int] = set()  # scheduled, outcome not yet known here
         self._newest = -1  # newest committed step known (-1: none)

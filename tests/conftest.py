@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import pytest
 import torch
+
+# A suite started in the background by a shell (`cmd &`) inherits SIGINT ignored, and so
+# would every program it starts: the Ctrl-C tests need it delivered, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _workers() -> list[psutil.Process]:

@@ -247,8 +247,14 @@ def test_a_filesystem_without_locks_is_a_typed_error_saying_what_to_do(
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with pytest.raises(StorageError, match=r"does not support file locks .* mount it with"):
+    with pytest.raises(StorageError, match=r"does not support file locks .* pass lock=False"):
         CheckpointManager(tmp_path / "ckpts")
+    # lock=False, the documented way out: saves and restores without flock.
+    with CheckpointManager(tmp_path / "ckpts", lock=False, persistent=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2)})
+        mgr.poll(blocking=True)
+        assert mgr.committed_steps() == [1]
+        assert torch.equal(mgr.restore()["w"], torch.ones(2))
 
 
 def test_a_manager_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:

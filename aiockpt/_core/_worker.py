@@ -20,8 +20,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 from typing import Any
 
-from ..storage._fastsave import trusting_views
-from ..utils import _GcDisabled
+from .._staging import _views
 from . import _transport
 from ._messages import Done, DropArena, Failed, LayOut, MapArena, Ready, Reply, Run, Started, Stop
 from ._priority import apply_priorities
@@ -153,7 +152,7 @@ def _run_payload(call_idx: int, payload: bytes) -> tuple[Reply, Any]:
         return _failure(call_idx, 0.0, exc, "could not unpickle the request in the worker: "), None
     # The views' pickling is known in advance only while nothing but aiockpt's own code
     # touches them: a user's function may change them before it saves them.
-    with trusting_views(_ours(fn)):
+    with _views.trusting(_ours(fn)):
         return run_request(call_idx, fn, args, kwargs), fn
 
 
@@ -161,8 +160,8 @@ def _ours(fn: Any) -> bool:
     """Whether ``fn`` is one of aiockpt's own writers: a plain function of the package, or
     a method of one of its own objects (not of a subclass), as :func:`wrap_for_async`
     wraps it or not; never a user's function or override."""
-    if isinstance(fn, _GcDisabled):
-        fn = fn.fn
+    while type(fn).__module__.startswith("aiockpt.") and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__  # wrap_for_async's wrapper
     if isinstance(fn, types.MethodType):
         owner = type(fn.__self__)
         if not (owner.__module__ or "").startswith("aiockpt."):

@@ -4,7 +4,8 @@ the file format subscribes, and neither imports the other."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -13,6 +14,24 @@ OnForget = Callable[[int], None]
 
 _current: dict[int, list[torch.Tensor]] = {}
 _listeners: list[tuple[OnViews, OnForget]] = []
+_trusted = [True]  # whether the views are as announced (see trusting)
+
+
+@contextlib.contextmanager
+def trusting(trusted: bool) -> Iterator[None]:
+    """Within: what was prepared for the announced views may be used only if ``trusted``
+    (the running request is aiockpt's own writer, which never changes the views it is
+    given; a user's function may, before it saves them)."""
+    before, _trusted[0] = _trusted[0], trusted
+    try:
+        yield
+    finally:
+        _trusted[0] = before
+
+
+def trusted() -> bool:
+    """Whether the announced views may be taken to be as they were announced."""
+    return _trusted[0]
 
 
 def subscribe(on_views: OnViews, on_forget: OnForget) -> None:

@@ -17,14 +17,12 @@ dtypes) make :func:`save` hand the whole object to ``torch.save`` instead.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import io
 import pickle
 import sys
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -118,22 +116,8 @@ def forget_views(group: int) -> None:
 _views.subscribe(register_views, forget_views)
 
 
-_TRUSTED = [True]  # whether the registered views are as registered (see trusting_views)
-
-
-@contextlib.contextmanager
-def trusting_views(trusted: bool) -> Iterator[None]:
-    """Within: use the registered views' reductions only if ``trusted`` (the running
-    request is aiockpt's own writer, which never changes the views it is given)."""
-    before, _TRUSTED[0] = _TRUSTED[0], trusted
-    try:
-        yield
-    finally:
-        _TRUSTED[0] = before
-
-
 def _known(obj: torch.Tensor) -> tuple[Any, ...] | None:
-    if not _TRUSTED[0]:
+    if not _views.trusted():
         return None
     key = id(obj)
     # The worker's reader thread registers the views of new arenas while this runs.

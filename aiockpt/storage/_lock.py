@@ -81,8 +81,9 @@ class DirectoryLock:
                 raise StorageError(
                     f"the filesystem of {self.directory!r} does not support file locks "
                     f"(flock: {exc.strerror or exc}; NFS without lockd, Lustre without "
-                    "-o flock): mount it with locking, or put checkpoints on a filesystem "
-                    "that has it",
+                    "-o flock): mount it with locking, put checkpoints on a filesystem "
+                    "that has it, or pass lock=False to the manager (then nothing stops two "
+                    "jobs from writing this directory: make sure only one does)",
                     path=self.path,
                 ) from exc
             raise StorageError(
