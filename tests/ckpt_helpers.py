@@ -427,6 +427,17 @@ def return_held_until_released(state: Any) -> HeldUntilReleased:
     return HeldUntilReleased()
 
 
+REPORTS: Any = None  # a multiprocessing queue a test sets, read in the test process
+
+
+def save_and_report(state: Any, path: str) -> str:
+    """Save, then report through :data:`REPORTS` (200 kB: more than a pipe holds at once,
+    so a feeder thread is still writing it when the function returns)."""
+    torch.save(state, path)
+    REPORTS.put(("saved", path, b"x" * 200_000))
+    return path
+
+
 def save_then_linger(state: Any, seconds: float, path: str) -> str:
     """Save, then return, leaving a non-daemon thread (an uploader that was not joined)
     that keeps running for ``seconds``."""

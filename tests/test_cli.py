@@ -237,3 +237,13 @@ def test_an_unreadable_step_is_one_bad_row_and_a_typed_error(
     with pytest.raises(StorageError, match=r"cannot open .*Permission denied"):
         load(tmp_path / "step-000000000001")
     assert torch.equal(load(tmp_path / "step-000000000002")["w"], torch.full((2,), 2.0))
+
+
+def test_verify_of_a_path_that_cannot_be_looked_at_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for name in ("plain/", "loop", "a" * 300):
+        out = cli("verify", str(tmp_path / name))
+        assert out.returncode == 1, out
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+        assert out.stderr.startswith("FAILED: ")

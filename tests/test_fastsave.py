@@ -137,6 +137,7 @@ def test_small_state_matches_torch_save_for_every_feature(tmp_path: Path) -> Non
     assert tied["embed.weight"].untyped_storage()._cdata == tied["window"].untyped_storage()._cdata
 
 
+@pytest.mark.timeout(300)  # ~45 s alone (the comparison with torch.save is per tensor)
 def test_hundred_thousand_tensors_round_trip(tmp_path: Path) -> None:
     state = many_tensors(100_000)
     path = str(tmp_path / "ckpt.pt")

@@ -432,3 +432,50 @@ def test_a_step_whose_sidecar_was_removed_is_not_committed(
 
     anyio.run(restore_async)
     assert _steps(tmp_path) == []
+
+
+def test_a_step_holding_a_marker_is_never_replaced_by_a_save(tmp_path: Path) -> None:
+    # A damaged step (its sidecar gone) and a step another manager committed (lock=False)
+    # both hold .metadata: a save of that step is refused, and their files stay. Before,
+    # the save deleted them and wrote its own.
+    with CheckpointManager(tmp_path / "a", format="dcp", persistent=False) as mgr:
+        for step in (1, 2):
+            mgr.save(step, _state(step))
+            mgr.poll(blocking=True)
+    two = tmp_path / "a" / "step-000000000002"
+    (two / ".metadata.checksums").unlink()
+    before = sorted(os.listdir(two))
+    with CheckpointManager(tmp_path / "a", format="dcp", persistent=False) as mgr:
+        assert mgr.committed_steps() == [1]
+        with pytest.raises(InvalidRequestError, match=r"already holds a checkpoint's \.metadata"):
+            mgr.save(2, _state(20))
+        assert sorted(os.listdir(two)) == before
+
+    first = CheckpointManager(tmp_path / "b", format="dcp", persistent=False, lock=False)
+    second = CheckpointManager(tmp_path / "b", format="dcp", persistent=False, lock=False)
+    try:
+        first.save(1, _state(1))
+        first.poll(blocking=True)
+        with pytest.raises(InvalidRequestError, match="never replaced by a save"):
+            second.save(1, _state(10))
+        _assert_step(first.restore(state_dict=_zeroed()), 1)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_sidecar_with_a_bad_world_size_or_extra_is_corrupt(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, format="dcp", persistent=False) as mgr:
+        mgr.save(1, _state(1))
+        mgr.poll(blocking=True)
+    step = tmp_path / "step-000000000001"
+    sidecar = json.loads((step / ".metadata.checksums").read_text())
+    for edit, message in (
+        (("world_size", -7), "records a world size of -7"),
+        (("extra", [1]), "is not an object"),
+    ):
+        bad = dict(sidecar)
+        bad[edit[0]] = edit[1]
+        (step / ".metadata.checksums").write_text(json.dumps(bad))
+        with pytest.raises(aiockpt.CorruptCheckpointError, match=message):
+            aiockpt.dcp.verify_dcp(str(step))

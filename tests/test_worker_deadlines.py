@@ -371,3 +371,29 @@ def test_a_forked_save_killed_at_a_close_before_it_began_says_so(tmp_path: Path)
     assert "did not start within save_timeout=2.0s of closing the queue" in str(errors[1])
     assert "waiting for an earlier save" in str(errors[1])
     assert not os.path.exists(b)
+
+
+def test_what_a_forked_save_sends_through_a_multiprocessing_queue_arrives(
+    tmp_path: Path,
+) -> None:
+    # The child exits at once after its reply, but flushes what multiprocessing flushes
+    # at a child's exit. Before, a Queue's message was cut off (lost, or half-written so
+    # that the reader hung).
+    import multiprocessing
+
+    import ckpt_helpers
+
+    from aiockpt import AsyncRequest, CheckpointQueue
+
+    ckpt_helpers.REPORTS = multiprocessing.get_context("fork").Queue()
+    try:
+        with CheckpointQueue(persistent=False) as queue:
+            for i in range(3):
+                path = str(tmp_path / f"{i}.pt")
+                request = AsyncRequest(ckpt_helpers.save_and_report, ({"i": i}, path), [])
+                queue.schedule_async_request(request)
+                queue.maybe_finalize_async_calls(blocking=True)
+                assert ckpt_helpers.REPORTS.get(timeout=30) == ("saved", path, b"x" * 200_000)
+    finally:
+        ckpt_helpers.REPORTS.close()
+        ckpt_helpers.REPORTS = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import multiprocessing.util
 import os
 import pickle
 import queue
@@ -79,7 +80,11 @@ def fork_child_main(
         conn.send(reply)
     conn.close()
     # Done: exit now. Threads the function left running (not joined) are not waited for:
-    # the next save waits for this process to exit, and its deadline is not theirs.
+    # the next save waits for this process to exit, and its deadline is not theirs. What
+    # multiprocessing flushes at a child's exit is flushed (a Queue's buffered messages),
+    # and the standard streams.
+    with contextlib.suppress(Exception):
+        multiprocessing.util._run_finalizers()  # type: ignore[attr-defined]
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

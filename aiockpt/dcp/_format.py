@@ -44,6 +44,15 @@ class DCPFormat:
         the save; the plan is reused while the structure holds."""
         # A real directory of its own (never a link to elsewhere), as in the torch format.
         storage.makedirs(directory)
+        if os.path.lexists(os.path.join(directory, MARKER)):
+            # Committed (by another writer meanwhile), or damaged: its files are never
+            # replaced by a save; deleting it is a rollback's to do.
+            raise InvalidRequestError(
+                f"{directory!r} already holds a checkpoint's {MARKER} (committed by another "
+                "writer, or damaged: see `aiockpt ls`); its files are never replaced by a "
+                "save. Roll back below this step (rollback(s, force=True) if no committed "
+                "step is below it), or save a later step"
+            )
         return dcp_save_request(
             state_dict,
             directory,

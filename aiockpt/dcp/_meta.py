@@ -194,8 +194,13 @@ def read_checksums(directory: str) -> dict[str, Any] | None:
     for record in [sidecar["metadata"], *sidecar["files"]]:
         _check_sidecar_record(record, path)
         safe_join(directory, record["name"])
-    if not isinstance(sidecar.get("world_size"), int) or isinstance(sidecar["world_size"], bool):
+    world_size = sidecar.get("world_size")
+    if not isinstance(world_size, int) or isinstance(world_size, bool):
         raise CorruptCheckpointError(f"{path!r} records no world size", path=path)
+    if world_size < 1:
+        raise CorruptCheckpointError(f"{path!r} records a world size of {world_size}", path=path)
+    if not isinstance(sidecar.get("extra", {}), dict):
+        raise CorruptCheckpointError(f'{path!r}: its "extra" is not an object', path=path)
     return sidecar
 
 

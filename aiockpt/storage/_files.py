@@ -122,9 +122,14 @@ def open_file(
             mode = os.stat(path).st_mode
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{path!r} does not exist") from None
+        except OSError as exc:  # a loop of links, a name too long, not a directory
+            raise _unreadable(path, exc) from exc
         if not stat.S_ISREG(mode):
             raise _refuse(path, mode, "a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _unreadable(path, exc) from exc
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
