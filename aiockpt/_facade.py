@@ -33,7 +33,12 @@ class QueueFacade:
     queue: AsyncCheckpointQueue
 
     async def __aenter__(self) -> Self:
-        await self.queue.__aenter__()
+        await self._acquire()
+        try:
+            await self.queue.__aenter__()
+        except BaseException:
+            await self._release()
+            raise
         return self
 
     async def __aexit__(
@@ -42,7 +47,10 @@ class QueueFacade:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.queue.__aexit__(exc_type, exc, tb)
+        try:
+            await self.queue.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._release()
 
     async def serve(self, *, task_status: TaskStatus[Self] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run this as a service in a task group the caller owns, as
@@ -70,5 +78,9 @@ class QueueFacade:
         return await self.queue.finalize()
 
     async def aclose(self) -> None:
-        """Wait for every checkpoint, then stop the worker. Idempotent."""
-        await self.queue.aclose()
+        """Wait for every checkpoint, then stop the worker (and give back what the facade
+        took: a manager's directory). Idempotent."""
+        try:
+            await self.queue.aclose()
+        finally:
+            await self._release()

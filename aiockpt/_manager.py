@@ -6,11 +6,10 @@ the ``torch.distributed.checkpoint`` format. The rules live in ``_steps``."""
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any
 
 import anyio
-from typing_extensions import Self, Unpack
+from typing_extensions import Unpack
 
 from ._aload import in_thread
 from ._async_queue import AsyncCheckpointQueue
@@ -106,33 +105,6 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
         self._scheduling: anyio.Lock | None = None
         self._holding = False  # the directory is (being) opened by this manager
-
-    async def __aenter__(self) -> Self:
-        await self._acquire()
-        try:
-            await self.queue.__aenter__()
-        except BaseException:
-            await self._release()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await self.queue.__aexit__(exc_type, exc, tb)
-        finally:
-            await self._release()
-
-    async def aclose(self) -> None:
-        """Wait for every checkpoint, stop the worker, release the directory. Idempotent."""
-        try:
-            await self.queue.aclose()
-        finally:
-            await self._release()
 
     async def _acquire(self) -> None:
         if self._holding:  # open already (or opening): its lock is not this call's

@@ -187,7 +187,8 @@ def run_trial(trial: Trial, work: Path, numel: int, timeout: float) -> None:
     _kill(proc.pid)
     os.set_blocking(proc.stdout.fileno(), True)
     rest, err = proc.communicate(timeout=60)
-    for line in (buffer + rest).decode().split("\n"):
+    # Whole lines only: the kill may cut the last one short ("COMMITTED 18" of 186).
+    for line in (buffer + rest).decode().split("\n")[:-1]:
         if line.startswith("COMMITTED"):
             trial.reported = int(line.split()[1])
     if proc.returncode != -signal.SIGKILL and not trial.problem:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from ckpt_helpers import data_file
 from test_dcp import _rewrite_checksums, _save_one_process, assert_values, plain_state
+from test_hostile_dirs import cli
 
 import aiockpt.dcp
 import aiockpt.storage._local
 from aiockpt import CorruptCheckpointError
 from aiockpt._exceptions import UntrustedEntryError
 
-ROOT = Path(__file__).resolve().parent.parent
 DATA = "__0_0.distcp"
 
 
@@ -37,16 +36,6 @@ def _load_plain(path: Path) -> dict[str, Any]:
     state = {"w": torch.zeros(64), "n": 0}
     aiockpt.dcp.load(state, path)
     return state
-
-
-def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aiockpt", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
 
 
 def _assert_one_line_failure(out: subprocess.CompletedProcess[str], *needles: str) -> None:
