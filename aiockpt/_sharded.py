@@ -17,6 +17,7 @@ from ._exceptions import CorruptCheckpointError, InvalidRequestError
 from ._formats import StepHooks
 from ._ranks import get_rank, get_world_size
 from ._request import AsyncRequest
+from .storage._files import local_path
 from .storage._load import load_path
 from .storage._local import LocalStorage, verify
 from .storage._metadata import (
@@ -116,7 +117,7 @@ def sharded_request(
     off the event loop."""
     if not isinstance(directory, str | os.PathLike):
         raise InvalidRequestError(f"directory must be a path, not {type(directory).__name__}")
-    path = os.fspath(directory)
+    path = local_path(os.fspath(directory))
     if not isinstance(path, str):
         raise InvalidRequestError(f"directory must be a str path, not {path!r}")
     extra = check_extra(extra)

@@ -47,7 +47,7 @@ from ._formats import (
 )
 from ._ranks import get_rank, is_distributed
 from ._request import AsyncRequest
-from .storage._files import entry_kind, open_dir, opened
+from .storage._files import entry_kind, local_path, open_dir, opened
 from .storage._local import LocalStorage
 from .storage._metadata import check_extra
 from .storage._protocol import Storage, WriterLock
@@ -220,7 +220,7 @@ class StepDirectory:
             or keep_last < 1
         ):
             raise InvalidRequestError("keep_last must be an int of at least 1 (or None: keep all)")
-        self.directory = os.fspath(directory)
+        self.directory = local_path(os.fspath(directory))
         self.keep_last = None if keep_last is None else int(keep_last)
         self.storage = storage if storage is not None else LocalStorage()
         self._format_name, self._format_options = format, dict(format_options or {})

@@ -15,6 +15,7 @@ from ._queue import CheckpointQueue
 from ._request import AsyncRequest
 from ._sharded import sharded_request
 from ._tracebacks import releasing
+from .storage._files import local_path
 from .storage._local import save_file
 from .utils import wrap_for_async
 
@@ -41,6 +42,7 @@ def checked_path(f: Any) -> str:
     path = os.fspath(f)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
+    local_path(path)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InvalidRequestError(

@@ -331,3 +331,39 @@ def test_a_manager_directory_you_name_may_be_a_link_to_a_directory(tmp_path: Pat
     (tmp_path / "to-a-file").symlink_to(tmp_path / "file")
     with pytest.raises(UntrustedEntryError, match="is a symlink, not a directory"):
         CheckpointManager(tmp_path / "to-a-file")
+
+
+def test_a_url_is_never_taken_for_a_relative_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CheckpointManager("s3://bucket/run") used to create ./s3:/bucket/run and report
+    # success: every entry point that takes a path refuses a URL, saying what to do.
+    import aiockpt.dcp
+    from aiockpt import AsyncCheckpointManager, InvalidRequestError, TorchCheckpoint, load, verify
+
+    monkeypatch.chdir(tmp_path)
+    url = "s3://bucket/run"
+    message = r"is a URL: aiockpt reads and writes local or mounted filesystem paths only"
+    with pytest.raises(InvalidRequestError, match=message):
+        CheckpointManager(url)
+    with pytest.raises(InvalidRequestError, match=message):
+        AsyncCheckpointManager("gs://bucket/run")
+    with pytest.raises(InvalidRequestError, match=message):
+        load(url + "/step-000000000001")
+    with pytest.raises(InvalidRequestError, match=message):
+        verify(url)
+    with pytest.raises(InvalidRequestError, match=message):
+        aiockpt.dcp.load({"w": torch.zeros(2)}, url)
+    ckpt = TorchCheckpoint(persistent=False)
+    try:
+        with pytest.raises(InvalidRequestError, match=message):
+            ckpt.async_save({"w": torch.ones(2)}, "file:///tmp/x.pt")
+        with pytest.raises(InvalidRequestError, match=message):
+            ckpt.async_save_sharded({"w": torch.ones(2)}, url)
+    finally:
+        ckpt.close()
+    assert os.listdir(tmp_path) == []  # no directory named "s3:" (or "gs:", "file:")
+    for command in ("ls", "verify"):
+        out = cli(command, url)
+        assert out.returncode in (1, 2) and "is a URL" in out.stderr
+        assert "Traceback" not in out.stderr

@@ -63,8 +63,14 @@ def _ls_row(directory: str, name: str) -> str:
 
 def _ls(directory: str) -> int:
     from .._steps import parse_step_name
+    from ..storage._files import local_path
     from ..storage._metadata import METADATA
 
+    try:
+        local_path(directory)
+    except CheckpointError as exc:
+        print(f"aiockpt ls: {exc}", file=sys.stderr)
+        return 2
     if any(os.path.isfile(os.path.join(directory, m)) for m in (METADATA, ".metadata")):
         names = [os.path.basename(os.path.normpath(directory))]
         directory = os.path.dirname(os.path.normpath(directory)) or "."

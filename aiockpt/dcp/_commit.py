@@ -22,6 +22,7 @@ from .._exceptions import InvalidRequestError, StorageError
 from .._ranks import get_rank, get_world_size
 from .._request import AsyncRequest
 from ..storage._atomic import remove_temporaries, write_atomic
+from ..storage._files import local_path
 from ..utils import wrap_for_async
 from ._plan import DATA_SUFFIX, PlannedSave, SavePlanCache, plan_save
 from ._write import write_rank_files
@@ -148,7 +149,7 @@ def checked_directory(checkpoint_id: Any) -> str:
     path = os.fspath(checkpoint_id)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(local_path(path), exist_ok=True)
     return path
 
 

@@ -26,6 +26,7 @@ from .._exceptions import (
     InvalidRequestError,
     UnsafeCheckpointError,
 )
+from ..storage._files import local_path
 from ..storage._metadata import safe_join
 from ._commit import METADATA
 from ._meta import read_checksums, read_dcp_metadata
@@ -108,7 +109,7 @@ def load(
     :class:`UnsafeCheckpointError`, :class:`CorruptCheckpointError` or
     :class:`CheckpointNotFoundError`.
     """
-    directory = os.fspath(checkpoint_id)
+    directory = local_path(os.fspath(checkpoint_id))
     reader = CheckedFileSystemReader(directory, require_checksums)
     reader.read_metadata()  # typed errors here, on this rank, before any collective
     no_dist = not (dist.is_available() and dist.is_initialized())

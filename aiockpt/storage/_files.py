@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,11 +21,27 @@ import xxhash
 from .._exceptions import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    InvalidRequestError,
     StorageError,
     UntrustedEntryError,
 )
 
 CHUNK = 8 * 2**20  # hashing reads this much at a time: memory stays flat for any file size
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(path: str) -> str:
+    """``path`` if it names a place on the local (or mounted) filesystem;
+    :class:`InvalidRequestError` for a URL (``s3://bucket/run``), which would otherwise
+    be taken for a relative path and create a directory named ``s3:`` here."""
+    if _URL.match(path):
+        raise InvalidRequestError(
+            f"{path!r} is a URL: aiockpt reads and writes local or mounted filesystem "
+            "paths only. Mount the store (or sync a local directory to it) and pass a path"
+        )
+    return path
 
 
 def _kind(mode: int) -> str:

@@ -25,7 +25,7 @@ from .._exceptions import (
 )
 from .._ranks import get_rank, get_world_size
 from ._checksum import read_trailer
-from ._files import hash_prefix, open_dir, open_file, opened
+from ._files import hash_prefix, local_path, open_dir, open_file, opened
 from ._local import check_record, open_record
 from ._metadata import read_metadata, safe_join
 from ._protocol import Storage
@@ -175,6 +175,7 @@ def load_path(
     directory found by listing a directory that others may write to)."""
     opts = {"weights_only": weights_only, "map_location": map_location}
     if storage is None or storage.is_local:
+        local_path(path)
         return _load_local(path, rank, verify, nofollow, **opts)
     # Another backend: its bytes, checked against the metadata, unpickled from memory.
     meta = storage.read_metadata(path)

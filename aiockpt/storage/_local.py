@@ -30,7 +30,15 @@ from .._exceptions import CheckpointNotFoundError, CorruptCheckpointError, Stora
 from ._atomic import remove_temporaries, write_atomic
 from ._checksum import read_trailer
 from ._fastsave import save as fast_save
-from ._files import entry_kind, fsync_dir, hash_prefix, open_dir, open_file, opened
+from ._files import (
+    entry_kind,
+    fsync_dir,
+    hash_prefix,
+    local_path,
+    open_dir,
+    open_file,
+    opened,
+)
 from ._lock import DirectoryLock
 from ._metadata import FORMAT_VERSION, METADATA, read_metadata, safe_join
 
@@ -137,7 +145,7 @@ def verify(path: str) -> list[str]:
     against its metadata, or the single file ``path`` against its trailer. Returns the
     files checked. Raises :class:`CorruptCheckpointError` naming the first bad file,
     :class:`CheckpointNotFoundError` if there is no (committed) checkpoint."""
-    path = os.fspath(path)
+    path = local_path(os.fspath(path))
     if not os.path.isdir(path):
         verify_file(path)
         return [path]
