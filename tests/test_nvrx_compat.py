@@ -621,3 +621,33 @@ def test_cached_metadata_reader_shares_metadata_until_the_checkpoint_changes(
     dcp.load(out, storage_reader=CachedMetadataFileSystemReader(tmp_path), no_dist=True)
     assert torch.equal(out["w"], torch.ones(2)) and torch.equal(out["v"], torch.zeros(1))
     CachedMetadataFileSystemReader.clear_metadata_cache()
+
+
+def test_a_reader_served_from_the_metadata_cache_still_checks_the_data(tmp_path: Path) -> None:
+    # The second reader gets the metadata from the cache: it must still check each data
+    # file against the checksum sidecar. Before, a cache hit loaded a damaged file as is.
+    import torch.distributed.checkpoint as dcp
+    from ckpt_helpers import data_file
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from aiockpt import CorruptCheckpointError
+    from aiockpt.compat.nvrx.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+    from aiockpt.dcp import DCPCheckpoint
+
+    CachedMetadataFileSystemReader.clear_metadata_cache()
+    ckpt = DCPCheckpoint(persistent=False)
+    ckpt.async_save({"w": torch.arange(1024.0)}, tmp_path)
+    ckpt.finalize_async_save(blocking=True, terminate=True)
+    out = {"w": torch.zeros(1024)}
+    dcp.load(out, storage_reader=CachedMetadataFileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(out["w"], torch.arange(1024.0))
+    shard = data_file(tmp_path, "__0_0.distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointException) as info:  # DCP wraps the reader's error
+        dcp.load(out, storage_reader=CachedMetadataFileSystemReader(tmp_path), no_dist=True)
+    assert "is corrupt" in str(info.value) and CorruptCheckpointError.__name__ in str(info.value)
+    CachedMetadataFileSystemReader.clear_metadata_cache()

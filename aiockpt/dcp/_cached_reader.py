@@ -18,7 +18,9 @@ class CachedMetadataFileSystemReader(CheckedFileSystemReader):
     ``.metadata`` file's identity too, so a checkpoint saved again at the same path is
     read afresh. ``cache_metadata=False`` reads it every time."""
 
-    _metadata_cache: ClassVar[dict[tuple[Any, ...], Metadata]] = {}
+    # Per checkpoint: its metadata, and the checksum records its data files are checked
+    # against (None: no sidecar), so a reader served from the cache checks them too.
+    _metadata_cache: ClassVar[dict[tuple[Any, ...], tuple[Metadata, Any]]] = {}
 
     def __init__(self, path: str | os.PathLike[str], cache_metadata: bool = True) -> None:
         super().__init__(os.fspath(path))
@@ -38,8 +40,9 @@ class CachedMetadataFileSystemReader(CheckedFileSystemReader):
             return super().read_metadata(*args, **kwargs)
         cache = CachedMetadataFileSystemReader._metadata_cache
         if key not in cache:
-            cache[key] = super().read_metadata(*args, **kwargs)
-        return cache[key]
+            cache[key] = (super().read_metadata(*args, **kwargs), self.records)
+        meta, self.records = cache[key]
+        return meta
 
     @classmethod
     def clear_metadata_cache(cls) -> None:
