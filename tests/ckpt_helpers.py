@@ -492,3 +492,23 @@ def mark_then_wait_then_write(state: Any, gate: str, path: str, marker: str) -> 
     """Create ``marker`` (the request started), wait for ``gate``, then save ``state``."""
     open_gate(marker)
     return wait_then_write(state, gate, path)
+
+
+def live_workers() -> list[Any]:
+    """This process's live descendants (psutil processes) but multiprocessing's
+    forkserver and resource tracker, which serve the whole session: what a test must not
+    leave behind."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            if "resource_tracker" in cmd or "forkserver" in cmd:
+                continue
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            continue
+        found.append(child)
+    return found

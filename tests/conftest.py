@@ -7,30 +7,14 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
 import pytest
 import torch
+from ckpt_helpers import live_workers as _workers
 
 # A suite started in the background by a shell (`cmd &`) inherits SIGINT ignored, and so
 # would every program it starts: the Ctrl-C tests need it delivered, as in a terminal.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _workers() -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        # multiprocessing's own helpers live for the whole session; they are not ours.
-        if "resource_tracker" in cmd or "forkserver" in cmd:
-            continue
-        if child.status() == psutil.STATUS_ZOMBIE:
-            continue
-        found.append(child)
-    return found
 
 
 @pytest.fixture

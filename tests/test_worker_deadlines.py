@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from ckpt_helpers import live_workers as _workers
 from ckpt_helpers import make_gate, wait_then_write, write_value
 
 import aiockpt._core._persistent as persistent_module
@@ -223,22 +224,6 @@ def test_the_forkserver_starts_importing_torch_when_the_checkpoint_is_made(
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "RUNNING True" in done.stdout
-
-
-def _workers() -> list[psutil.Process]:
-    """This process's live descendants but multiprocessing's forkserver and resource
-    tracker (they outlive queues: they serve the whole process)."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            line = " ".join(proc.cmdline())
-            if proc.status() != psutil.STATUS_ZOMBIE and not (
-                "forkserver" in line or "resource_tracker" in line
-            ):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["fork", "persistent"])
