@@ -496,15 +496,15 @@ def mark_then_wait_then_write(state: Any, gate: str, path: str, marker: str) -> 
 
 def live_workers() -> list[Any]:
     """This process's live descendants (psutil processes) but multiprocessing's
-    forkserver and resource tracker, which serve the whole session: what a test must not
-    leave behind."""
+    forkserver and resource tracker, which serve the whole session, and the S3 server a
+    test module keeps for its tests (s3_server.py): what a test must not leave behind."""
     import psutil
 
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
             cmd = " ".join(child.cmdline())
-            if "resource_tracker" in cmd or "forkserver" in cmd:
+            if "resource_tracker" in cmd or "forkserver" in cmd or "moto.server" in cmd:
                 continue
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue

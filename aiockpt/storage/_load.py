@@ -29,6 +29,7 @@ from ._files import hash_prefix, local_path, open_dir, open_file, opened
 from ._local import check_record, open_record
 from ._metadata import read_metadata, safe_join
 from ._protocol import Storage
+from ._urls import is_url, object_storage
 
 # torch.save with _use_new_zipfile_serialization=False: a pickle (protocol 2) of its magic
 # number 0x1950a86a20f9469cfc6c.
@@ -147,11 +148,16 @@ def load(
     weights_only: bool = True,
     map_location: Any = "cpu",
     storage: Storage | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """Load a checkpoint file, or this rank's shard of a checkpoint directory, checked
     first; the public :func:`aiockpt.load` documents the arguments and errors."""
+    path = os.fspath(path)
+    if storage is None and is_url(path):
+        storage = object_storage(path, storage_options)
+        path = path.rstrip("/")
     return load_path(
-        os.fspath(path),
+        path,
         rank,
         verify,
         storage,

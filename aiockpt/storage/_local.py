@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,7 +38,7 @@ from ._files import (
     opened,
 )
 from ._lock import DirectoryLock
-from ._metadata import FORMAT_VERSION, METADATA, read_metadata, safe_join
+from ._metadata import METADATA, metadata_bytes, read_metadata, safe_join
 
 
 @contextlib.contextmanager
@@ -81,15 +79,7 @@ def save_file(state_dict: Any, path: str, **torch_save_kwargs: Any) -> dict[str,
 def write_metadata(directory: str, files: list[dict[str, Any]], extra: dict[str, Any]) -> str:
     """Commit a sharded checkpoint: write ``metadata.json`` (atomically) listing ``files``;
     :class:`StorageError` if the directory was committed meanwhile (never replaced)."""
-    meta = {
-        "format": "aiockpt",
-        "version": FORMAT_VERSION,
-        "created": time.time(),
-        "world_size": len(files),
-        "files": files,
-        "extra": extra,
-    }
-    data = json.dumps(meta, indent=1, sort_keys=True, allow_nan=False).encode()
+    data = metadata_bytes(files, extra)
     path = os.path.join(directory, METADATA)
     write_atomic(path, lambda f: f.write(data), replace=False)
     return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from typing import Any
 
 from .._exceptions import CheckpointNotFoundError, CorruptCheckpointError, InvalidRequestError
@@ -155,8 +156,32 @@ def read_metadata(directory: str, *, dir_fd: int | None = None) -> dict[str, Any
         ) from None
     with opened(fd):
         data = read_at_most(fd, MAX_METADATA_BYTES, path)
+    return parse_metadata(data, directory, path)
+
+
+def parse_metadata(data: bytes, directory: str, path: str) -> dict[str, Any]:
+    """The checked metadata of ``directory`` from the bytes of its ``metadata.json``
+    (``path``); :class:`CorruptCheckpointError` if they are not."""
+    if len(data) > MAX_METADATA_BYTES:
+        raise CorruptCheckpointError(
+            f"{path!r} is not valid metadata: over {MAX_METADATA_BYTES} bytes", path=path
+        )
     try:
         meta = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{path!r} is not valid metadata: {exc}", path=path) from exc
     return check_metadata(meta, directory, path)
+
+
+def metadata_bytes(files: list[dict[str, Any]], extra: dict[str, Any]) -> bytes:
+    """The content of the ``metadata.json`` that commits a checkpoint of ``files`` (each
+    rank's record, in rank order) with ``extra``."""
+    meta = {
+        "format": "aiockpt",
+        "version": FORMAT_VERSION,
+        "created": time.time(),
+        "world_size": len(files),
+        "files": files,
+        "extra": extra,
+    }
+    return json.dumps(meta, indent=1, sort_keys=True, allow_nan=False).encode()
