@@ -47,6 +47,7 @@ def load(
     weights_only: bool = True,
     map_location: Any = "cpu",
     storage: Storage | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """Load a checkpoint file, or this rank's shard of a checkpoint directory.
 
@@ -72,7 +73,11 @@ def load(
         verify: check sizes and checksums before unpickling.
         weights_only: unpickle only tensors and plain containers (``torch.load``'s).
         map_location: ``torch.load``'s.
-        storage: the :class:`Storage` the checkpoint lives in (default: local files).
+        storage: the :class:`Storage` the checkpoint lives in (default: local files, or
+            an :class:`~aiockpt.storage.ObjectStorage` for a URL such as
+            ``s3://bucket/run/step-000000001000``).
+        storage_options: for a URL, the object store's options (endpoint, credentials...;
+            see :class:`~aiockpt.storage.ObjectStorage`); the environment's otherwise.
 
     Returns:
         The loaded object, as ``torch.load`` returns it.
@@ -98,6 +103,7 @@ def load(
         weights_only=weights_only,
         map_location=map_location,
         storage=storage,
+        storage_options=storage_options,
     )
 
 
@@ -109,6 +115,7 @@ async def aload(
     weights_only: bool = True,
     map_location: Any = "cpu",
     storage: Storage | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """:func:`aiockpt.load` in a worker thread, so the event loop keeps running (asyncio,
     uvloop or trio); the same code path, the same arguments, and it raises what
@@ -127,6 +134,7 @@ async def aload(
             weights_only=weights_only,
             map_location=map_location,
             storage=storage,
+            storage_options=storage_options,
         )
     )
 

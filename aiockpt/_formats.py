@@ -61,6 +61,11 @@ class StepFormat(Protocol):
         """Load a committed step: a state dict, or ``state_dict`` filled in place."""
         ...
 
+    def step_files(self, directory: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """The records (name, size, checksum) of the data files of the committed local
+        step ``directory``, and its commit files in publishing order (the marker last)."""
+        ...
+
     def verify(self, directory: str, storage: Any) -> None:
         """Check every file of a committed step against its recorded size and checksum;
         :class:`CorruptCheckpointError` (or :class:`CheckpointNotFoundError`) if one fails."""

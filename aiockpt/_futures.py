@@ -119,6 +119,9 @@ class CheckpointFuture:
     ) -> None:
         self.call_idx = call_idx
         self.staged = _StagedPoint(self)
+        #: A two-tier manager's save, on rank 0: ``await fut.uploaded`` resolves once the
+        #: step is committed in the remote store too (or raises why not). None otherwise.
+        self.uploaded: Any = None
         self._canceller = canceller
         self._token = current_token()  # the owning loop
         self._owner = threading.get_ident() if self._token is not None else None

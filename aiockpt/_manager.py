@@ -13,21 +13,135 @@ from typing_extensions import Unpack
 
 from ._aload import in_thread
 from ._async_queue import AsyncCheckpointQueue
-from ._exceptions import CheckpointError, QueueClosedError, QueueMisuseError
+from ._exceptions import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidRequestError,
+    QueueClosedError,
+    QueueMisuseError,
+    StorageError,
+)
 from ._facade import QueueFacade
 from ._futures import CheckpointFuture
 from ._loops import run_to_end
 from ._options import AsyncQueueFacadeKeywords, QueueFacadeKeywords
 from ._queue import CheckpointQueue
+from ._ranks import get_rank, is_distributed
 from ._request import AsyncRequest
 from ._steps import StepDirectory
 from ._tracebacks import areleasing, releasing
+from ._uploads import RemoteTier, UploadPoint
 from .storage._protocol import Storage
 
 
-def _restore(steps: StepDirectory, step: Any, state_dict: Any, **load_options: Any) -> Any:
-    path = steps.restore_path(step)
+def _restore(
+    steps: StepDirectory, tier: RemoteTier | None, step: Any, state_dict: Any, **load_options: Any
+) -> Any:
+    path = steps.restore_path(step) if tier is None else _tiered_path(tier, step)
     return steps.format.restore(path, state_dict, steps.storage, **load_options)
+
+
+_ERRORS: dict[str, type[CheckpointError]] = {
+    "CheckpointNotFoundError": CheckpointNotFoundError,
+    "CorruptCheckpointError": CorruptCheckpointError,
+    "InvalidRequestError": InvalidRequestError,
+}
+
+
+def _tiered_path(tier: RemoteTier, step: Any) -> str:
+    """Rank 0 picks the step (downloading it if needed); every rank loads that one."""
+    if not is_distributed():
+        return tier.restore_path(step)
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if get_rank() == 0:
+        try:
+            box = [("ok", tier.restore_path(step))]
+        except CheckpointError as exc:
+            box = [(type(exc).__name__, str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind != "ok":
+        raise _ERRORS.get(kind, StorageError)(f"rank 0: {value}")
+    return str(value)
+
+
+def _tiers(
+    directory: Any,
+    keep_last: Any,
+    local: Any,
+    remote: Any,
+    keep_local: Any,
+    keep_remote: Any,
+    storage: Any,
+) -> tuple[Any, Any]:
+    """The local directory and its retention: ``directory``/``keep_last``, or
+    ``local``/``keep_local`` with a ``remote`` tier."""
+    if remote is None:
+        if local is not None or keep_local is not None or keep_remote is not None:
+            raise InvalidRequestError(
+                "local=, keep_local= and keep_remote= make two tiers: pass remote= (a URL) too"
+            )
+        if directory is None:
+            raise InvalidRequestError("pass the checkpoint directory (a path or a URL)")
+        return directory, keep_last
+    if directory is not None or keep_last is not None or local is None:
+        raise InvalidRequestError(
+            "two tiers are local=PATH and remote=URL (with keep_local= and keep_remote=), "
+            "not a directory or keep_last="
+        )
+    if storage is not None:
+        raise InvalidRequestError("storage= cannot be combined with local=/remote= tiers")
+    return local, keep_local
+
+
+class _Tiered:
+    """The remote tier's part of both managers."""
+
+    steps: StepDirectory
+    tier: RemoteTier | None
+
+    def _make_tier(self, remote: Any, keep_remote: Any, storage_options: Any, lock: bool) -> None:
+        self.tier = None
+        if remote is None:
+            return
+        self.tier = RemoteTier(remote, keep_remote, self.steps, storage_options, lock=lock)
+        self.steps.protected = self.tier.protected
+        self.steps.on_durable = self.tier.committed
+
+    def _open_all(self) -> None:
+        self.steps.open()
+        if self.tier is None:
+            return
+        try:
+            self.steps.raise_floor(self.tier.open())
+        except BaseException:
+            self.steps.close()
+            raise
+
+    def _close_all(self) -> None:
+        try:
+            if self.tier is not None:
+                self.tier.close()  # finishes the queued uploads first
+        finally:
+            self.steps.close()
+
+    def _track(self, step: int) -> UploadPoint | None:
+        if self.tier is None or get_rank() != 0:
+            return None
+        return self.tier.point(step)
+
+    def _settled(self, step: int) -> None:
+        self.steps.settled(step)
+        if self.tier is not None and get_rank() == 0:
+            self.tier.settled_locally(step)
+
+    def uploads(self) -> dict[int, str]:
+        """Each step's upload to the remote tier (rank 0), by step: ``"pending"``,
+        ``"uploading"``, ``"uploaded"`` or ``"failed"``; empty without a remote tier."""
+        return {} if self.tier is None else self.tier.states()
 
 
 def _step_directory(
@@ -38,13 +152,29 @@ def _step_directory(
     planner: Any,
     thread_count: int,
     lock: bool,
+    storage_options: dict[str, Any] | None,
+    persistent: bool,
 ) -> StepDirectory:
     format_options: dict[str, Any] = {}
     if planner is not None:
         format_options["planner"] = planner
     if thread_count != 1:
         format_options["thread_count"] = thread_count
-    return StepDirectory(directory, keep_last, storage, format, format_options, lock=lock)
+    steps = StepDirectory(
+        directory,
+        keep_last,
+        storage,
+        format,
+        format_options,
+        lock=lock,
+        storage_options=storage_options,
+    )
+    if not persistent and not getattr(steps.storage, "fork_safe", True):
+        raise InvalidRequestError(
+            f"{type(steps.storage).__name__} cannot write from a forked worker (its client "
+            "does not survive fork): use persistent=True (the default)"
+        )
+    return steps
 
 
 class _Steps:
@@ -62,7 +192,7 @@ class _Steps:
         return self.steps.scan().committed
 
 
-class AsyncCheckpointManager(_Steps, QueueFacade):
+class AsyncCheckpointManager(_Steps, _Tiered, QueueFacade):
     """Numbered checkpoints in ``directory``, for async training loops::
 
         async with AsyncCheckpointManager("ckpts", keep_last=3) as mgr:
@@ -88,10 +218,15 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
 
     def __init__(
         self,
-        directory: Any,
+        directory: Any = None,
         keep_last: int | None = None,
         *,
+        local: Any = None,
+        remote: str | None = None,
+        keep_local: int | None = None,
+        keep_remote: int | None = None,
         storage: Storage | None = None,
+        storage_options: dict[str, Any] | None = None,
         format: str = "torch",
         planner: Any = None,
         thread_count: int = 1,
@@ -99,9 +234,19 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         lock: bool = True,
         **queue_options: Unpack[AsyncQueueFacadeKeywords],
     ) -> None:
+        where, keep = _tiers(directory, keep_last, local, remote, keep_local, keep_remote, storage)
         self.steps = _step_directory(
-            directory, keep_last, storage, format, planner, thread_count, lock
+            where,
+            keep,
+            storage,
+            format,
+            planner,
+            thread_count,
+            lock,
+            storage_options if remote is None else None,
+            persistent,
         )
+        self._make_tier(remote, keep_remote, storage_options, lock)
         self.queue = AsyncCheckpointQueue(persistent, **queue_options)
         self._scheduling: anyio.Lock | None = None
         self._holding = False  # the directory is (being) opened by this manager
@@ -115,7 +260,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         self._holding = True
         try:
             # To its end even if cancelled (the thread takes the lock): then released.
-            await run_to_end(self.steps.open)
+            await run_to_end(self._open_all)
             await anyio.lowlevel.checkpoint()  # a cancellation that came meanwhile
         except BaseException:
             await self._release()
@@ -127,7 +272,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         # Unlocking is a filesystem call (slow on a network filesystem): off the loop, and
         # never skipped by a cancellation.
         with anyio.CancelScope(shield=True):
-            await run_to_end(self.steps.close)
+            await run_to_end(self._close_all)
         self._holding = False
 
     @areleasing
@@ -168,7 +313,8 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         def track(fut: CheckpointFuture) -> None:
             # Committed or failed, the step stops blocking others once its save settles.
             scheduled.append(fut)
-            fut.add_done_callback(lambda _: self.steps.settled(number))
+            fut.uploaded = self._track(number)
+            fut.add_done_callback(lambda _: self._settled(number))
 
         # Once this rank starts building the request it schedules it, even if cancelled
         # meanwhile (the cancellation is delivered right after): the other ranks schedule
@@ -186,7 +332,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
             except BaseException as exc:
                 if not scheduled:  # refused: it will not run
                     for number in reserved:
-                        self.steps.settled(number)
+                        self._settled(number)
                 if not isinstance(exc, QueueClosedError):
                     raise
                 refused = exc
@@ -207,7 +353,19 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         ``format="dcp"``: loads into ``state_dict`` in place, resharding, and returns it
         (collective; options are :func:`aiockpt.dcp.load`'s). Raises
         :class:`CheckpointNotFoundError` if there is no such committed step."""
-        return await in_thread(lambda: _restore(self.steps, step, state_dict, **load_options))
+        return await in_thread(
+            lambda: _restore(self.steps, self.tier, step, state_dict, **load_options)
+        )
+
+    async def wait_uploaded(self, step: int | None = None) -> None:
+        """Wait until ``step`` (by default every step saved so far) is committed in the
+        remote tier (rank 0); raises the :class:`CheckpointError` of a failed upload."""
+        if self.tier is None:
+            raise InvalidRequestError("this manager has no remote tier (remote=...)")
+        tier = self.tier
+        points = [tier.point(s) for s in ([step] if step is not None else tier.states())]
+        for point in points:
+            await point
 
     async def alatest_step(self) -> int | None:
         """:meth:`latest_step` without blocking the event loop."""
@@ -226,7 +384,7 @@ class AsyncCheckpointManager(_Steps, QueueFacade):
         return await in_thread(lambda: self.steps.rollback(to_step, force))
 
 
-class CheckpointManager(_Steps):
+class CheckpointManager(_Steps, _Tiered):
     """The blocking twin of :class:`AsyncCheckpointManager`, for plain training loops:
     call ``poll()`` every step (it never blocks) and ``close()`` at the end. Creating it
     takes the directory's lock (:class:`DirectoryLockedError` if another manager holds it).
@@ -235,10 +393,15 @@ class CheckpointManager(_Steps):
 
     def __init__(
         self,
-        directory: Any,
+        directory: Any = None,
         keep_last: int | None = None,
         *,
+        local: Any = None,
+        remote: str | None = None,
+        keep_local: int | None = None,
+        keep_remote: int | None = None,
         storage: Storage | None = None,
+        storage_options: dict[str, Any] | None = None,
         format: str = "torch",
         planner: Any = None,
         thread_count: int = 1,
@@ -246,14 +409,24 @@ class CheckpointManager(_Steps):
         lock: bool = True,
         **queue_options: Unpack[QueueFacadeKeywords],
     ) -> None:
+        where, keep = _tiers(directory, keep_last, local, remote, keep_local, keep_remote, storage)
         self.steps = _step_directory(
-            directory, keep_last, storage, format, planner, thread_count, lock
+            where,
+            keep,
+            storage,
+            format,
+            planner,
+            thread_count,
+            lock,
+            storage_options if remote is None else None,
+            persistent,
         )
-        self.steps.open()
+        self._make_tier(remote, keep_remote, storage_options, lock)
+        self._open_all()
         try:
             self.queue = CheckpointQueue(persistent, **queue_options)
         except BaseException:
-            self.steps.close()
+            self._close_all()
             raise
         self._step_of: dict[int, int] = {}  # call index -> step, until it is settled
         self._closed = False
@@ -269,16 +442,17 @@ class CheckpointManager(_Steps):
         try:
             idx = self.queue.schedule_async_request(request, needs_global=True)
         except CheckpointError:
-            self.steps.settled(number)  # refused or staging failed: it will not run
+            self._settled(number)  # refused or staging failed: it will not run
             raise
         self._step_of[idx] = number
+        self._track(number)
         return idx
 
     def _settle(self, idxs: list[int]) -> None:
         for idx in idxs:
             number = self._step_of.pop(idx, None)
             if number is not None:
-                self.steps.settled(number)
+                self._settled(number)
 
     def poll(self, blocking: bool = False) -> list[int]:
         """Commit the checkpoints that are done; return their call indices (FIFO)."""
@@ -296,7 +470,16 @@ class CheckpointManager(_Steps):
     ) -> Any:
         """Load (and verify) ``step``, by default the newest committed (see
         :meth:`AsyncCheckpointManager.restore`; ``format="dcp"`` loads into ``state_dict``)."""
-        return _restore(self.steps, step, state_dict, **load_options)
+        return _restore(self.steps, self.tier, step, state_dict, **load_options)
+
+    def wait_uploaded(self, step: int | None = None, timeout: float | None = None) -> None:
+        """Block until ``step`` (by default every step committed so far) is committed in
+        the remote tier (rank 0); raises the :class:`CheckpointError` of a failed upload,
+        :class:`TimeoutError` after ``timeout`` seconds. Call :meth:`poll` first: a step
+        is uploaded once it is committed locally."""
+        if self.tier is None:
+            raise InvalidRequestError("this manager has no remote tier (remote=...)")
+        self.tier.wait(step, timeout)
 
     def rollback(self, to_step: int, *, force: bool = False) -> list[int]:
         """Un-commit and delete the steps above ``to_step``; returns them (see
@@ -309,7 +492,7 @@ class CheckpointManager(_Steps):
         try:
             self.queue.close(no_dist=True)
         finally:
-            self.steps.close()
+            self._close_all()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -23,11 +23,13 @@ from .storage._local import LocalStorage, verify
 from .storage._metadata import (
     METADATA,
     check_extra,
+    read_metadata,
     safe_join,
     shard_name,
     shard_prefix,
 )
 from .storage._protocol import Storage
+from .storage._urls import is_url
 from .utils import wrap_for_async
 
 logger = logging.getLogger("aiockpt")
@@ -117,11 +119,13 @@ def sharded_request(
     off the event loop."""
     if not isinstance(directory, str | os.PathLike):
         raise InvalidRequestError(f"directory must be a path, not {type(directory).__name__}")
-    path = local_path(os.fspath(directory))
+    storage = storage if storage is not None else LocalStorage()
+    path = os.fspath(directory)
     if not isinstance(path, str):
         raise InvalidRequestError(f"directory must be a str path, not {path!r}")
+    if storage.is_local or not is_url(path):
+        local_path(path)
     extra = check_extra(extra)
-    storage = storage if storage is not None else LocalStorage()
     storage.makedirs(path)
     if METADATA in storage.list_dir(path):
         raise InvalidRequestError(
@@ -188,6 +192,10 @@ class TorchFormat:
 
     def uncommit(self, directory: str) -> None:
         """Nothing to do: :meth:`Storage.remove_tree` removes ``metadata.json`` first."""
+
+    def step_files(self, directory: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """The records of a committed local step's data files, and its commit files."""
+        return read_metadata(directory)["files"], [METADATA]
 
     def verify(self, directory: str, storage: Storage) -> None:
         if storage.is_local:

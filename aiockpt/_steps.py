@@ -26,6 +26,7 @@ import numbers
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ from .storage._files import entry_kind, local_path, open_dir, opened
 from .storage._local import LocalStorage
 from .storage._metadata import check_extra
 from .storage._protocol import Storage, WriterLock
+from .storage._urls import is_url, object_storage, split_url
 
 logger = logging.getLogger("aiockpt")
 
@@ -211,6 +213,7 @@ class StepDirectory:
         format_options: dict[str, Any] | None = None,
         *,
         lock: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if format not in FORMATS:
             raise InvalidRequestError(f"format must be one of {FORMATS}, not {format!r}")
@@ -220,7 +223,19 @@ class StepDirectory:
             or keep_last < 1
         ):
             raise InvalidRequestError("keep_last must be an int of at least 1 (or None: keep all)")
-        self.directory = local_path(os.fspath(directory))
+        raw = os.fspath(directory)
+        if is_url(raw):  # an object store: s3://bucket/run
+            split_url(raw)
+            self.directory = raw.rstrip("/")
+            if storage is None:
+                storage = object_storage(raw, storage_options)
+        else:
+            self.directory = local_path(raw)
+        if storage_options is not None and not is_url(raw):
+            raise InvalidRequestError(
+                "storage_options configure an object store: pass them with a URL "
+                "(s3://bucket/prefix), not with a local path"
+            )
         self.keep_last = None if keep_last is None else int(keep_last)
         self.storage = storage if storage is not None else LocalStorage()
         self._format_name, self._format_options = format, dict(format_options or {})
@@ -230,13 +245,20 @@ class StepDirectory:
         remote = storage is not None and not getattr(storage, "is_local", False)
         if needs_local_storage(format) and remote:
             raise InvalidRequestError(
-                f"format={format!r} writes through the local (or mounted) filesystem: a "
-                "custom storage is supported with format='torch' only"
+                f"format={format!r} writes through the local (or mounted) filesystem: an "
+                "object store (or another custom storage) takes format='torch' only. For "
+                f"format={format!r} with an object store, use two tiers: local=PATH, "
+                "remote=URL"
             )
         self.marker = markers()[format]
         self.required = companions(format)  # committed with the marker
         self.lock: WriterLock = self.storage.lock(self.directory) if lock else _NoLock()
         self._mutex = threading.Lock()
+        self._pruning = threading.Lock()
+        # A remote tier's hooks (rank 0): the steps local retention must keep (not yet
+        # uploaded), and what to do once a step is durable here (queue its upload).
+        self.protected: Callable[[], set[int]] = set
+        self.on_durable: Callable[[int], object] | None = None
         self._in_flight: set[int] = set()  # scheduled, outcome not yet known here
         self._newest = -1  # newest committed step known (-1: none)
         self._open = False
@@ -351,7 +373,7 @@ class StepDirectory:
         hooks = StepHooks(
             before_commit=lambda: self._check_still_newest(step),
             on_committed=lambda: self._committed(step),
-            after_commit=lambda: self._prune_logged(step),
+            after_commit=lambda: self._after_commit(step),
         )
         try:
             request = self.format.save_request(
@@ -366,6 +388,16 @@ class StepDirectory:
             self.settled(step)
             raise
         return request, step
+
+    def raise_floor(self, step: int) -> None:
+        """Saves must go above ``step`` too (the newest step of a remote tier)."""
+        with self._mutex:
+            self._newest = max(self._newest, step)
+
+    def _after_commit(self, step: int) -> None:
+        if self.on_durable is not None:
+            self.on_durable(step)
+        self._prune_logged(step)
 
     def _prune_logged(self, step: int) -> None:
         try:
@@ -414,6 +446,9 @@ class StepDirectory:
             self._in_flight.discard(step)
 
     def _check_still_newest(self, step: int) -> None:
+        check_lease = getattr(self.lock, "check", None)
+        if check_lease is not None:
+            check_lease()  # a writer that lost its lease on an object store commits nothing
         newer = [s for s in self.scan().committed if s >= step]
         if newer:
             raise InvalidRequestError(
@@ -434,14 +469,25 @@ class StepDirectory:
         ``committed_step`` itself, never a step still being saved. A committed step is
         deleted only after ``committed_step`` was read back whole (its checksums). Returns
         what it deleted."""
+        with self._pruning:  # the commit's and the uploader's, one at a time
+            return self._prune(committed_step)
+
+    def retain(self) -> None:
+        """Apply retention again (a remote tier's upload just made older steps free)."""
+        committed = self.scan().committed
+        if committed:
+            self._prune_logged(committed[-1])
+
+    def _prune(self, committed_step: int) -> list[int]:
         found = self.scan()
         with self._mutex:
             busy = {committed_step, *self._in_flight}
+        busy |= self.protected()  # exists only here: not uploaded yet
         doomed = [s for s in found.partial if s < committed_step and s not in busy]
         if self.keep_last is not None:
             older = [s for s in found.committed if s < committed_step]
             keep = self.keep_last - (committed_step in found.committed)
-            retired = older[: max(0, len(older) - keep)]
+            retired = [s for s in older[: max(0, len(older) - keep)] if s not in busy]
             if retired:
                 # Read back before an older checkpoint goes: raises (keeping them all) if
                 # the new one is not whole any more (its files replaced or damaged).

@@ -8,13 +8,19 @@ import os
 from typing import Any
 
 from .._dist import CompletionGroup
-from .._exceptions import CheckpointNotFoundError, InvalidRequestError, UntrustedEntryError
+from .._exceptions import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidRequestError,
+    UntrustedEntryError,
+)
 from .._formats import StepHooks
 from .._request import AsyncRequest
 from ..storage._files import open_dir, opened
+from ._commit import CHECKSUMS, dcp_save_request
 from ._commit import METADATA as MARKER
-from ._commit import dcp_save_request
 from ._load import load, verify_dcp
+from ._meta import read_checksums
 from ._plan import SavePlanCache
 
 
@@ -76,6 +82,14 @@ class DCPFormat:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(MARKER, dir_fd=dfd)
             os.fsync(dfd)
+
+    def step_files(self, directory: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """The records of a committed local step's data files, and its commit files
+        (the checksum sidecar, then ``.metadata``)."""
+        sidecar = read_checksums(directory)
+        if sidecar is None:
+            raise CorruptCheckpointError(f"{directory!r} has no {CHECKSUMS}", path=directory)
+        return list(sidecar["files"]), [CHECKSUMS, MARKER]
 
     def verify(self, directory: str, storage: Any) -> None:
         verify_dcp(directory)
