@@ -51,8 +51,9 @@ from ._request import AsyncRequest
 from .storage._files import entry_kind, local_path, open_dir, opened
 from .storage._local import LocalStorage
 from .storage._metadata import check_extra
+from .storage._object import object_storage
 from .storage._protocol import Storage, WriterLock
-from .storage._urls import is_url, object_storage, split_url
+from .storage._urls import is_url, split_url
 
 logger = logging.getLogger("aiockpt")
 

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from .._exceptions import DirectoryLockedError
-from ._object import ObjectStorage, obs_errors, obstore, translated
+from ._obstore import obs_errors, obstore, translated
 
 logger = logging.getLogger("aiockpt")
 
@@ -50,7 +50,8 @@ def _pid_alive(pid: int) -> bool:
 class Lease:
     """The writer's lease on the prefix ``directory`` (see the module doc)."""
 
-    def __init__(self, storage: ObjectStorage, directory: str, ttl: float) -> None:
+    def __init__(self, storage: Any, directory: str, ttl: float) -> None:
+        # storage: the ObjectStorage whose clients it uses (locate, delete)
         self.storage = storage
         self.url = f"{directory.rstrip('/')}/{LEASE}"
         self.ttl = ttl

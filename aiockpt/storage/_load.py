@@ -28,8 +28,9 @@ from ._checksum import read_trailer
 from ._files import hash_prefix, local_path, open_dir, open_file, opened
 from ._local import check_record, open_record
 from ._metadata import read_metadata, safe_join
+from ._object import object_storage
 from ._protocol import Storage
-from ._urls import is_url, object_storage
+from ._urls import is_url
 
 # torch.save with _use_new_zipfile_serialization=False: a pickle (protocol 2) of its magic
 # number 0x1950a86a20f9469cfc6c.

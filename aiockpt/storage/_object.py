@@ -15,7 +15,6 @@ its clients are not).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -25,7 +24,6 @@ from typing import Any
 import xxhash
 
 from .._exceptions import (
-    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidRequestError,
@@ -34,17 +32,8 @@ from .._exceptions import (
 from ._checksum import HashingWriter
 from ._fastsave import save as fast_save
 from ._metadata import METADATA, metadata_bytes, parse_metadata
+from ._obstore import obs_errors, obstore, require_obstore, translated
 from ._urls import split_url
-
-obstore: Any = None  # the module, when the extra is installed
-obs_errors: Any = None
-try:
-    import obstore as _obstore
-    from obstore import exceptions as _obs_errors
-
-    obstore, obs_errors = _obstore, _obs_errors
-except ImportError:  # pragma: no cover - the extra is not installed
-    pass
 
 # ClientConfig keys of obstore (the rest of the options configure the store itself).
 _CLIENT_KEYS = {
@@ -80,57 +69,10 @@ READ_CHUNK = 8 * 2**20
 _ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")
 
 
-def require_obstore() -> Any:
-    if obstore is None:
-        raise InvalidRequestError(
-            "object storage needs obstore: pip install 'aiockpt[object]' (or pip install obstore)"
-        )
-    return obstore
-
-
 def _seconds(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise InvalidRequestError(f"storage option {name} must be a positive number of seconds")
     return float(value)
-
-
-def describe(exc: BaseException, url: str) -> str:
-    """What an obstore error means for ``url``, and what to do, in one sentence."""
-    text = str(exc)
-    bucket = split_url(url)[1]
-    if "NoSuchBucket" in text:
-        return f"the bucket {bucket!r} does not exist: create it, or fix the URL"
-    if any(
-        code in text
-        for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")
-    ) or isinstance(exc, obs_errors.PermissionDeniedError | obs_errors.UnauthenticatedError):
-        return (
-            f"the store refused the credentials for bucket {bucket!r}: check "
-            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the storage options) and the "
-            "bucket's permissions"
-        )
-    if "builder error" in text:
-        return (
-            "the client could not be built for this endpoint (an http:// endpoint needs "
-            "allow_http=True in the storage options, or AWS_ALLOW_HTTP=true)"
-        )
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return f"{type(exc).__name__}: {first[:300]}"
-
-
-@contextlib.contextmanager
-def translated(url: str, what: str) -> Iterator[None]:
-    """Turn an obstore error in the block into a :class:`StorageError` about ``url``."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except FileNotFoundError as exc:  # obstore's NotFoundError is one
-        raise CheckpointNotFoundError(f"{url!r} does not exist ({what})") from exc
-    except Exception as exc:
-        if obstore is None or not isinstance(exc, obs_errors.BaseError):
-            raise
-        raise StorageError(f"could not {what} {url!r}: {describe(exc, url)}", path=url) from exc
 
 
 class _ObjectSink(HashingWriter):
@@ -432,3 +374,10 @@ class ObjectStorage:
             raise CorruptCheckpointError(
                 f"{url!r} does not match the size and checksum its step records", path=url
             )
+
+
+def object_storage(url: str, options: dict[str, Any] | None) -> ObjectStorage:
+    """The :class:`ObjectStorage` for the object-store URL ``url``
+    (:class:`InvalidRequestError` for another URL)."""
+    split_url(url)
+    return ObjectStorage(options)

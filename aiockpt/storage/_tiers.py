@@ -26,7 +26,8 @@ from ._atomic import write_atomic
 from ._files import fsync_dir
 from ._local import make_dir
 from ._metadata import safe_join
-from ._object import ObjectStorage, obstore, translated
+from ._object import ObjectStorage
+from ._obstore import obstore, translated
 
 Progress = Callable[[int], object]
 

@@ -49,12 +49,3 @@ def join(base: str, name: str) -> str:
     if is_url(base):
         return f"{base.rstrip('/')}/{name}"
     return os.path.join(base, name)
-
-
-def object_storage(url: str, options: dict[str, Any] | None) -> Any:
-    """The :class:`~aiockpt.storage.ObjectStorage` for ``url`` (imported only when a URL
-    is used: obstore is an optional extra)."""
-    split_url(url)  # refuses what is not an object-store URL
-    from ._object import ObjectStorage
-
-    return ObjectStorage(options)
