@@ -1,4 +1,5 @@
-"""Command line: ``aiockpt demo | bench | verify PATH | ls DIR`` (or ``python -m aiockpt``)."""
+"""Command line: ``aiockpt demo | bench | verify PATH | ls DIR | cp SRC DST`` (or
+``python -m aiockpt``); PATH and DIR may be object-store URLs (``s3://bucket/run``)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,7 @@ import sys
 from typing import Any
 
 from .._exceptions import CheckpointError, CheckpointNotFoundError
-
-
-def _clean(value: object, width: int = 40) -> str:
-    """``value`` safe to print: control characters (terminal escapes) shown escaped."""
-    text = str(value)
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= width else text[: width - 3] + "..."
+from ._text import clean as _clean
 
 
 def _read_listing(path: str) -> dict[str, Any]:
@@ -154,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         help="check a committed checkpoint (directory, single file or DCP format) against its checksums",
     )
     verify.add_argument("path")
-    ls = sub.add_parser("ls", help="list the checkpoints in a directory")
+    ls = sub.add_parser("ls", help="list the checkpoints in a directory (or s3://... prefix)")
     ls.add_argument("directory")
+    cp = sub.add_parser(
+        "cp", help="copy a committed step between a directory and an object store (s3://...)"
+    )
+    cp.add_argument("src")
+    cp.add_argument("dst")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run_demo
@@ -169,6 +169,18 @@ def main(argv: list[str] | None = None) -> int:
         from ._bench import main as bench_main
 
         return bench_main(args)
+    if args.command in ("verify", "ls", "cp"):
+        from ..storage._urls import is_url
+
+        target = {"verify": "path", "ls": "directory", "cp": "src"}[args.command]
+        if args.command == "cp" or is_url(getattr(args, target)):
+            from . import _remote
+
+            if args.command == "cp":
+                return _remote.cp(args.src, args.dst)
+            if args.command == "ls":
+                return _remote.ls_url(args.directory)
+            return _remote.verify_url(args.path)
     if args.command == "verify":
         return _verify(args.path)
     return _ls(args.directory)
