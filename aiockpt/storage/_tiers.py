@@ -7,7 +7,7 @@ commit files in their order, the commit marker last with a conditional create. A
 is in the store with the same marker already (an upload that ran before a crash) counts
 as uploaded; another marker there is an error.
 
-Download: every object of the remote step into the local step directory, data first in
+Download: the files the remote commit records into the local step directory, data first in
 parallel ranged reads (memory: ``concurrency`` x ``part_size``), the commit files last
 (the marker published with no-replace), each file fsync'd: the local step exists only
 once it is whole. The caller then verifies it against its checksums, as any local step.
@@ -100,12 +100,20 @@ def download_step(
     commit_names: list[str],
     progress: Progress = _nothing,
 ) -> list[str]:
-    """Download every object of the remote step ``remote`` into the local directory
+    """Download the files the remote step ``remote`` records into the local directory
     ``local`` (created; it must hold no commit marker), commit files last in their order.
     Returns the names written. The caller verifies the step."""
-    objects = store.list_objects(remote)
-    names = {o["path"].rsplit("/", 1)[1]: o["size"] for o in objects}
-    if commit_names[-1] not in names:
+    # Only the files the remote commit records (each name checked: it stays inside
+    # ``local``), at their recorded sizes: anything else planted under the prefix is
+    # never downloaded, and the step is verified against its checksums afterwards.
+    _, records = remote_records(remote, store)
+    names: dict[str, int] = {}
+    for record in records:
+        safe_join(local, record["name"])  # raises for a name that would leave it
+        names[record["name"]] = record["nbytes"]
+    present = set(store.list_dir(remote))
+    names.update({n: 0 for n in commit_names if n in present})
+    if commit_names[-1] not in present:
         raise CheckpointNotFoundError(f"{remote!r} holds no committed step")
     make_dir(local)
     data = [n for n in sorted(names) if n not in commit_names]
@@ -171,8 +179,24 @@ def remote_records(
         try:
             sidecar = json.loads(store.read_bytes(path))
             records = [sidecar["metadata"], *sidecar["files"]]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{path!r} is not a checksum sidecar", path=path) from exc
+        for record in records:
+            if not (
+                isinstance(record, dict)
+                and isinstance(record.get("name"), str)
+                and isinstance(record.get("nbytes"), int)
+                and not isinstance(record.get("nbytes"), bool)
+                and record["nbytes"] >= 0
+                and isinstance(record.get("xxh3_64"), str)
+            ):
+                raise CorruptCheckpointError(
+                    f"{path!r} holds a malformed file record: the step cannot be checked",
+                    path=path,
+                )
+            safe_join(remote, record["name"])
+        if not isinstance(sidecar, dict):
+            raise CorruptCheckpointError(f"{path!r} is not a checksum sidecar", path=path)
         return sidecar, records
     if METADATA not in names:
         raise CheckpointNotFoundError(
