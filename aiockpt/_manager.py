@@ -29,7 +29,7 @@ from ._options import AsyncQueueFacadeKeywords, QueueFacadeKeywords
 from ._queue import CheckpointQueue
 from ._ranks import get_rank, is_distributed
 from ._request import AsyncRequest
-from ._steps import StepDirectory
+from ._steps import StepDirectory, check_step
 from ._tracebacks import areleasing, releasing
 from ._uploads import RemoteTier, UploadPoint
 from .storage._protocol import Storage
@@ -137,6 +137,23 @@ class _Tiered:
         self.steps.settled(step)
         if self.tier is not None and get_rank() == 0:
             self.tier.settled_locally(step)
+
+    def _rollback(self, to_step: Any, force: bool) -> list[int]:
+        """The local rollback, then (rank 0) the remote steps above ``to_step`` too."""
+        if self.tier is not None and not force:
+            # A step committed only remotely (retention took the local copy) is a step to
+            # go back to: the local steps above it go, restore() downloads it.
+            step = check_step(to_step)
+            local = self.steps.scan().committed
+            remote = self.tier.scan().committed
+            force = step not in local and step in remote
+        doomed = self.steps.rollback(to_step, force)
+        if self.tier is not None:
+            kept = [s for s in self.tier.scan().committed if s <= int(to_step)]
+            self.steps.raise_floor(kept[-1] if kept else -1)  # saves go above it
+        if self.tier is not None and get_rank() == 0:
+            doomed = sorted({*doomed, *self.tier.rollback(int(to_step))})
+        return doomed
 
     def uploads(self) -> dict[int, str]:
         """Each step's upload to the remote tier (rank 0), by step: ``"pending"``,
@@ -381,7 +398,7 @@ class AsyncCheckpointManager(_Steps, _Tiered, QueueFacade):
         that exist), so a checkpoint is always left; ``force=True`` deletes the steps
         above any ``to_step``, even every one. Refused while saves are pending (await
         them first). In a distributed job every rank calls it."""
-        return await in_thread(lambda: self.steps.rollback(to_step, force))
+        return await in_thread(lambda: self._rollback(to_step, force))
 
 
 class CheckpointManager(_Steps, _Tiered):
@@ -484,7 +501,7 @@ class CheckpointManager(_Steps, _Tiered):
     def rollback(self, to_step: int, *, force: bool = False) -> list[int]:
         """Un-commit and delete the steps above ``to_step``; returns them (see
         :meth:`AsyncCheckpointManager.rollback`)."""
-        return self.steps.rollback(to_step, force)
+        return self._rollback(to_step, force)
 
     def close(self) -> None:
         """Finalize pending saves, stop the worker, release the directory. Idempotent."""

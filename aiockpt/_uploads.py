@@ -105,6 +105,7 @@ class RemoteTier:
         self._queue: collections.deque[int] = collections.deque()
         self._points: dict[int, UploadPoint] = {}
         self._enqueued: set[int] = set()
+        self._busy: int | None = None  # the step being uploaded
         self._uploaded = -1  # newest step committed remotely
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -238,7 +239,13 @@ class RemoteTier:
                 if point.done():
                     continue
                 point.state = "uploading"
-            point.settle(self._upload(step, point))
+                self._busy = step
+            try:
+                point.settle(self._upload(step, point))
+            finally:
+                with self._mutex:
+                    self._busy = None
+                    self._mutex.notify_all()
 
     def _upload(self, step: int, point: UploadPoint) -> CheckpointError | None:
         start = time.monotonic()
@@ -282,6 +289,34 @@ class RemoteTier:
                 self.storage.remove_tree(self.path(old))
             except CheckpointError as exc:
                 logger.warning("could not delete remote step %r: %s", self.path(old), exc)
+
+    def rollback(self, to_step: int) -> list[int]:
+        """Rank 0, after the local rollback: queued uploads of steps above ``to_step``
+        are dropped (their uploads fail), the one running is waited for, and the remote
+        steps above ``to_step`` are un-committed and deleted, newest first (a restore must
+        never find a step that was rolled back). Returns the remote steps deleted."""
+        with self._mutex:
+            dropped = [s for s in self._queue if s > to_step]
+            self._queue = collections.deque(s for s in self._queue if s <= to_step)
+            while self._busy is not None:
+                self._mutex.wait()
+        for step in dropped:
+            self.point(step).settle(
+                StorageError(f"step {step} was not uploaded: it was rolled back to {to_step}")
+            )
+        with self._mutex:  # a step saved again after the rollback is a new upload
+            for step in [s for s in self._points if s > to_step]:
+                del self._points[step]
+                self._enqueued.discard(step)
+        found = self.scan()
+        every = {*found.committed, *found.partial, *(s for s, _ in found.damaged)}
+        doomed = sorted(s for s in every if s > to_step)
+        for step in reversed(doomed):
+            self.storage.delete([f"{self.path(step)}/{self.local.marker}"])
+            self.storage.remove_tree(self.path(step))
+        with self._mutex:
+            self._uploaded = min(self._uploaded, to_step)
+        return doomed
 
     # -- restore -----------------------------------------------------------------------
 

@@ -384,6 +384,28 @@ def test_an_upload_to_a_killed_server_fails_typed_and_the_local_step_is_kept(
     assert steps_in(server, bucket, "run") == ["step-000000000002"]
 
 
+def test_a_rollback_goes_back_on_both_tiers(server: S3Server, bucket: str, tmp_path: Any) -> None:
+    local, remote = str(tmp_path / "nvme"), f"s3://{bucket}/run"
+    tiers = {"local": local, "remote": remote, "storage_options": server.options()}
+    with aiockpt.CheckpointManager(**tiers, keep_local=1) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state(step))
+            mgr.poll(blocking=True)
+        mgr.wait_uploaded(timeout=60)
+        assert mgr.committed_steps() == [3]  # step 1 is only in the store now
+        assert mgr.rollback(1) == [2, 3]
+        assert steps_in(server, bucket, "run") == ["step-000000000001"]
+        assert torch.equal(mgr.restore()["w"], state(1)["w"])  # downloaded
+        mgr.save(2, {"w": torch.full((256,), 20.0)})  # forward again from step 1
+        mgr.poll(blocking=True)
+        mgr.wait_uploaded(2, timeout=60)
+    import shutil
+
+    shutil.rmtree(local)
+    with aiockpt.CheckpointManager(**tiers) as mgr:
+        assert torch.equal(mgr.restore()["w"], torch.full((256,), 20.0))
+
+
 def test_two_tiers_carry_the_dcp_format(server: S3Server, bucket: str, tmp_path: Any) -> None:
     local, remote = str(tmp_path / "nvme"), f"s3://{bucket}/dcp"
     tiers = {"local": local, "remote": remote, "storage_options": server.options()}
