@@ -62,8 +62,9 @@ class StepFormat(Protocol):
         ...
 
     def step_files(self, directory: str) -> tuple[list[dict[str, Any]], list[str]]:
-        """The records (name, size, checksum) of the data files of the committed local
-        step ``directory``, and its commit files in publishing order (the marker last)."""
+        """The records (name, size, checksum) of the files of the committed local step
+        ``directory`` (data files, and any commit file that has one), and its commit files
+        in publishing order (the marker last)."""
         ...
 
     def verify(self, directory: str, storage: Any) -> None:

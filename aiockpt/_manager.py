@@ -140,13 +140,13 @@ class _Tiered:
 
     def _rollback(self, to_step: Any, force: bool) -> list[int]:
         """The local rollback, then (rank 0) the remote steps above ``to_step`` too."""
-        if self.tier is not None and not force:
-            # A step committed only remotely (retention took the local copy) is a step to
+        if self.tier is not None:
+            # The store is read first: unreachable, nothing is deleted on either tier. A
+            # step committed only remotely (retention took the local copy) is a step to
             # go back to: the local steps above it go, restore() downloads it.
             step = check_step(to_step)
-            local = self.steps.scan().committed
             remote = self.tier.scan().committed
-            force = step not in local and step in remote
+            force = force or (step not in self.steps.scan().committed and step in remote)
         doomed = self.steps.rollback(to_step, force)
         if self.tier is not None:
             kept = [s for s in self.tier.scan().committed if s <= int(to_step)]
@@ -379,9 +379,7 @@ class AsyncCheckpointManager(_Steps, _Tiered, QueueFacade):
         remote tier (rank 0); raises the :class:`CheckpointError` of a failed upload."""
         if self.tier is None:
             raise InvalidRequestError("this manager has no remote tier (remote=...)")
-        tier = self.tier
-        points = [tier.point(s) for s in ([step] if step is not None else tier.states())]
-        for point in points:
+        for point in self.tier.points_for(None if step is None else check_step(step)):
             await point
 
     async def alatest_step(self) -> int | None:

@@ -167,11 +167,17 @@ def _scan(directory: str, storage: Storage, marker: str, required: tuple[str, ..
     if storage.is_local:
         return _scan_local(directory, marker, required)
     found = Listing()
+    # An object store's files only: a prefix named like the marker is not one.
+    list_files = getattr(storage, "list_files", storage.list_dir)
     for name in storage.list_dir(directory):
         step = parse_step_name(name)
         if step is None:
             continue
-        inside = storage.list_dir(os.path.join(directory, name))
+        try:
+            inside = list_files(os.path.join(directory, name))
+        except CheckpointError as exc:  # one step's odd key must not hide the others
+            found.damaged.append((step, f"it cannot be listed: {exc}"))
+            continue
         damage = _damage(marker, {c: "a regular file" if c in inside else None for c in required})
         if marker not in inside:
             found.partial.append(step)

@@ -202,6 +202,14 @@ class RemoteTier:
     def wait(self, step: int | None, timeout: float | None) -> None:
         """Block until ``step`` (None: every step saved so far) is uploaded; raises the
         first failure, :class:`TimeoutError` after ``timeout`` seconds in all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for point in self.points_for(step):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            point.wait(left)
+
+    def points_for(self, step: int | None) -> list[UploadPoint]:
+        """The uploads ``wait_uploaded(step)`` waits for (none for a step uploaded before
+        this manager); :class:`InvalidRequestError` for a step it never saw."""
         with self._mutex:
             if step is None:
                 points = [p for _, p in sorted(self._points.items())]
@@ -214,10 +222,7 @@ class RemoteTier:
                     f"step {step} was not saved by this manager (its uploads: "
                     f"{sorted(self._points) or 'none'})"
                 )
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for point in points:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            point.wait(left)
+        return points
 
     def scan(self) -> Listing:
         return _scan(self.url, self.storage, self.local.marker, self.local.required)
@@ -254,10 +259,15 @@ class RemoteTier:
                 self.lease.check()
             local = self.local.path(step)
             records, commit_names = self.local.format.step_files(local)
-            upload_step(local, self.path(step), self.storage, records, commit_names)
+            check = None if self.lease is None else self.lease.check
+            upload_step(
+                local, self.path(step), self.storage, records, commit_names, before_marker=check
+            )
             point.seconds = time.monotonic() - start
             with self._mutex:
                 self._uploaded = max(self._uploaded, step)
+            if self.lease is not None:
+                self.lease.check()  # a writer that lost the prefix deletes nothing there
             self._prune(step)
             self.local.retain()  # the local steps it protected may go now
             logger.info("step %d uploaded to %r in %.2f s", step, self.url, point.seconds)
@@ -269,8 +279,8 @@ class RemoteTier:
                 else StorageError(f"uploading step {step} to {self.url!r} failed: {exc}")
             )
             logger.error(
-                "step %d was not uploaded to %r: %s. It stays in the local directory (local "
-                "retention keeps it while it is the newest); the next start uploads it again",
+                "step %d was not uploaded to %r: %s. It stays in the local directory while "
+                "no newer step is uploaded; if none is by then, the next start uploads it",
                 step,
                 self.url,
                 error,

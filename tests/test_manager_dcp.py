@@ -119,7 +119,7 @@ def test_bad_format_options_are_refused(tmp_path: Path) -> None:
         CheckpointManager(tmp_path, thread_count=4)
 
     with pytest.raises(
-        InvalidRequestError, match="custom storage is supported with format='torch'"
+        InvalidRequestError, match="takes format='torch' only"
     ):
         CheckpointManager(tmp_path, format="dcp", storage=object())  # type: ignore[arg-type]
 

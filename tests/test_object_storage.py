@@ -463,3 +463,160 @@ def test_the_cli_lists_verifies_and_copies_steps_in_the_store(
     assert bad.returncode == 1 and "is corrupt" in bad.stderr
     missing = cli("ls", "s3://no-such-bucket/run")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# -- what attacks found -----------------------------------------------------------------
+
+
+def test_a_writer_that_loses_its_lease_during_an_upload_does_not_commit_it(
+    server: S3Server, bucket: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local, remote = str(tmp_path / "nvme"), f"s3://{bucket}/run"
+    storage = ObjectStorage(server.options())
+    upload_file = ObjectStorage.upload_file
+
+    def taken_over_meanwhile(self: ObjectStorage, *args: Any) -> None:
+        upload_file(self, *args)
+        storage.delete([f"{remote}/.aiockpt.lease"])  # another writer takes it over
+        storage.put_new(f"{remote}/.aiockpt.lease", b'{"host": "elsewhere", "pid": 1}')
+        lease = mgr.tier.lease  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while lease._lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    monkeypatch.setattr(ObjectStorage, "upload_file", taken_over_meanwhile)
+    mgr = aiockpt.CheckpointManager(local=local, remote=remote, storage_options=fast(server))
+    try:
+        mgr.save(1, state(1))
+        mgr.poll(blocking=True)
+        with pytest.raises(aiockpt.DirectoryLockedError, match="lost its lease"):
+            mgr.wait_uploaded(1, timeout=60)
+    finally:
+        mgr.close()
+    assert "run/step-000000000001/metadata.json" not in server.keys(bucket)
+
+
+def test_a_renewal_that_landed_late_keeps_the_lease(server: S3Server, bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    with aiockpt.CheckpointManager(url, storage_options=fast(server)) as mgr:
+        lease = mgr.steps.lock
+        key = "run/.aiockpt.lease"
+        ours = json.loads(server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        # our own renewal, applied by the store after we gave up on it: a new ETag
+        late = json.dumps({**ours, "renewed": ours["renewed"] + 1}).encode()
+        server.client().put_object(Bucket=bucket, Key=key, Body=late)
+        first = lease._etag  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 30
+        while lease._etag == first and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        assert lease._lost is None  # type: ignore[attr-defined]
+        mgr.save(1, state(1))
+        mgr.poll(blocking=True)
+        assert mgr.committed_steps() == [1]
+
+
+def test_a_taker_with_a_shorter_ttl_waits_for_the_holders(server: S3Server, bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    with aiockpt.CheckpointManager(url, storage_options=fast(server, lease_ttl=6.0)):
+        start = time.monotonic()
+        with pytest.raises(aiockpt.DirectoryLockedError, match="is alive"):
+            aiockpt.CheckpointManager(url, storage_options=fast(server, lease_ttl=0.5))
+        assert time.monotonic() - start > 0.5  # it watched past its own ttl
+
+
+def test_planted_objects_never_make_a_step_or_hide_the_others(
+    server: S3Server, bucket: str, tmp_path: Any
+) -> None:
+    local, remote = str(tmp_path / "nvme"), f"s3://{bucket}/run"
+    tiers = {"local": local, "remote": remote, "storage_options": server.options()}
+    with aiockpt.CheckpointManager(**tiers, keep_remote=2) as mgr:
+        for step in (1, 2):
+            mgr.save(step, state(step))
+            mgr.poll(blocking=True)
+        mgr.wait_uploaded(timeout=60)
+    s3 = server.client()
+    # a "folder" named like the marker, and a key no listing of its step accepts
+    s3.put_object(Bucket=bucket, Key="run/step-000000000003/metadata.json/", Body=b"")
+    s3.put_object(Bucket=bucket, Key="run/step-000000000001//x", Body=b"")
+    with aiockpt.CheckpointManager(**tiers, keep_remote=2, keep_local=1) as mgr:
+        assert mgr.tier is not None
+        found = mgr.tier.scan()
+        assert found.committed == [2] and 3 in found.partial
+        assert [s for s, _ in found.damaged] == [1]
+        mgr.save(3, state(3))  # step 3 is free: the planted one is not a step
+        mgr.poll(blocking=True)
+        mgr.wait_uploaded(3, timeout=60)
+        assert torch.equal(mgr.restore(2)["w"], state(2)["w"])
+    assert "run/step-000000000002/metadata.json" in server.keys(bucket)
+
+
+def test_hostile_sizes_are_refused_before_anything_is_read_or_allocated(
+    server: S3Server, bucket: str, tmp_path: Any
+) -> None:
+    local, remote = str(tmp_path / "nvme"), f"s3://{bucket}/run"
+    tiers = {"local": local, "remote": remote, "storage_options": server.options()}
+    with aiockpt.CheckpointManager(**tiers) as mgr:
+        mgr.save(1, state(1))
+        mgr.poll(blocking=True)
+        mgr.wait_uploaded(timeout=60)
+    s3 = server.client()
+    key = "run/step-000000000001/metadata.json"
+    meta = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    meta["files"][0]["nbytes"] = 2**62
+    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(meta).encode())
+    import shutil
+
+    shutil.rmtree(local)
+    start = time.monotonic()
+    with (
+        aiockpt.CheckpointManager(**tiers) as mgr,
+        pytest.raises(
+            aiockpt.CorruptCheckpointError,
+            match="its step records 4611686018427387904: not downloaded",
+        ),
+    ):
+        mgr.restore(1)
+    assert time.monotonic() - start < 60
+    meta["files"][0]["nbytes"] = 10  # the object is larger than recorded: not read
+    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(meta).encode())
+    with pytest.raises(aiockpt.CorruptCheckpointError, match="more than the 10 it may"):
+        aiockpt.load(f"{remote}/step-000000000001", storage_options=server.options())
+    s3.put_object(Bucket=bucket, Key=key, Body=b" " * (65 * 2**20))
+    with pytest.raises(aiockpt.CorruptCheckpointError, match="more than the 67108864"):
+        aiockpt.load(f"{remote}/step-000000000001", storage_options=server.options())
+
+
+def test_a_dcp_marker_damaged_after_the_local_commit_is_not_uploaded(
+    server: S3Server, bucket: str, tmp_path: Any
+) -> None:
+    from aiockpt.dcp._format import DCPFormat
+    from aiockpt.storage._tiers import upload_step
+
+    path = str(tmp_path / "ck")
+    with aiockpt.CheckpointManager(path, format="dcp") as mgr:
+        mgr.save(1, {"w": torch.arange(10.0)})
+        mgr.poll(blocking=True)
+    step = os.path.join(path, "step-000000000001")
+    with open(os.path.join(step, ".metadata"), "r+b") as f:
+        f.seek(40)
+        f.write(b"\x00\x01")
+    records, commit_names = DCPFormat().step_files(step)
+    storage = ObjectStorage(server.options())
+    with pytest.raises(aiockpt.CorruptCheckpointError, match="not uploaded"):
+        upload_step(step, f"s3://{bucket}/dcp/step-000000000001", storage, records, commit_names)
+    assert server.keys(bucket, "dcp/") == []
+
+
+def test_waiting_for_a_step_this_manager_never_saw_is_refused(
+    server: S3Server, bucket: str, tmp_path: Any
+) -> None:
+    async def main() -> None:
+        async with aiockpt.AsyncCheckpointManager(
+            local=str(tmp_path), remote=f"s3://{bucket}/run", storage_options=server.options()
+        ) as mgr:
+            with anyio.fail_after(30), pytest.raises(aiockpt.InvalidRequestError, match="step 99"):
+                await mgr.wait_uploaded(99)
+            await mgr.wait_uploaded()  # nothing saved: returns
+            assert mgr.uploads() == {}
+
+    anyio.run(main)

@@ -148,7 +148,7 @@ def _local_records(path: str, is_dcp: bool) -> list[dict[str, Any]]:
         sidecar = read_checksums(path)
         if sidecar is None:
             raise CheckpointNotFoundError(f"{path!r} has no checksum sidecar: not uploaded")
-        return list(sidecar["files"])
+        return [sidecar["metadata"], *sidecar["files"]]
     from ..storage._metadata import read_metadata
 
     return list(read_metadata(path)["files"])

@@ -84,12 +84,12 @@ class DCPFormat:
             os.fsync(dfd)
 
     def step_files(self, directory: str) -> tuple[list[dict[str, Any]], list[str]]:
-        """The records of a committed local step's data files, and its commit files
-        (the checksum sidecar, then ``.metadata``)."""
+        """The records of a committed local step's files (``.metadata``'s included), and
+        its commit files (the checksum sidecar, then ``.metadata``)."""
         sidecar = read_checksums(directory)
         if sidecar is None:
             raise CorruptCheckpointError(f"{directory!r} has no {CHECKSUMS}", path=directory)
-        return list(sidecar["files"]), [CHECKSUMS, MARKER]
+        return [sidecar["metadata"], *sidecar["files"]], [CHECKSUMS, MARKER]
 
     def verify(self, directory: str, storage: Any) -> None:
         verify_dcp(directory)

@@ -122,9 +122,14 @@ class Lease:
     def _watch(self, etag: str, holder: dict[str, Any]) -> str:
         """Wait until the lease is ``ttl`` seconds old unchanged (returns its ETag);
         :class:`DirectoryLockedError` as soon as it is renewed."""
-        deadline = time.monotonic() + self.ttl
+        # The holder's ttl, if longer: a taker with a shorter one must not cut it short.
+        theirs = holder.get("ttl")
+        ttl = self.ttl
+        if isinstance(theirs, int | float) and not isinstance(theirs, bool) and theirs > ttl:
+            ttl = min(float(theirs), 3600.0)
+        deadline = time.monotonic() + ttl
         while time.monotonic() < deadline:
-            time.sleep(min(self.ttl / 10, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(ttl / 10, max(0.0, deadline - time.monotonic())))
             seen = self._read()
             if seen is None:
                 return etag  # released: the conditional replace below fails, we look again
@@ -133,7 +138,7 @@ class Lease:
                 raise DirectoryLockedError(
                     f"{self.url.rsplit('/', 1)[0]!r} is being written by another checkpoint "
                     f"manager ({who}), whose lease {self.url!r} is alive (renewed within "
-                    f"{self.ttl:g} s). Stop that job, or use another prefix"
+                    f"{ttl:g} s). Stop that job, or use another prefix"
                 )
         return etag
 
@@ -144,6 +149,13 @@ class Lease:
                 self._etag = self._put({"e_tag": self._etag})
                 last = time.monotonic()
             except (obs_errors.PreconditionError, FileNotFoundError):
+                # A renewal that timed out here may have reached the store after all:
+                # then the lease is still ours, under the ETag it made.
+                seen = self._reread()
+                if seen is not None and seen[1].get("token") == self._record["token"]:
+                    self._etag = seen[0]
+                    last = time.monotonic()
+                    continue
                 self._lost = "another writer took it over (or it was deleted)"
                 return
             except Exception as exc:
@@ -153,6 +165,12 @@ class Lease:
                     return
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 logger.warning("renewing the lease %r failed; retrying: %s", self.url, first)
+
+    def _reread(self) -> tuple[str, dict[str, Any]] | None:
+        try:
+            return self._read()
+        except Exception:
+            return None
 
     def check(self) -> None:
         """:class:`DirectoryLockedError` if the lease was lost: the caller must not commit."""

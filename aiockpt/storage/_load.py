@@ -28,7 +28,7 @@ from ._checksum import read_trailer
 from ._files import hash_prefix, local_path, open_dir, open_file, opened
 from ._local import check_record, open_record
 from ._metadata import read_metadata, safe_join
-from ._object import object_storage
+from ._object import ObjectStorage, object_storage
 from ._protocol import Storage
 from ._urls import is_url
 
@@ -188,7 +188,10 @@ def load_path(
     meta = storage.read_metadata(path)
     record = meta["files"][choose_rank(path, meta["world_size"], rank)]
     file = safe_join(path, record["name"])
-    data = storage.read_bytes(file)
+    if isinstance(storage, ObjectStorage):  # refuses more bytes than recorded, unread
+        data = storage.read_bytes(file, record["nbytes"])
+    else:
+        data = storage.read_bytes(file)
     if verify and (
         len(data) != record["nbytes"] or xxhash.xxh3_64_hexdigest(data) != record["xxh3_64"]
     ):

@@ -31,7 +31,7 @@ from .._exceptions import (
 )
 from ._checksum import HashingWriter
 from ._fastsave import save as fast_save
-from ._metadata import METADATA, metadata_bytes, parse_metadata
+from ._metadata import MAX_METADATA_BYTES, METADATA, metadata_bytes, parse_metadata
 from ._obstore import obs_errors, obstore, require_obstore, translated
 from ._urls import split_url
 
@@ -169,6 +169,8 @@ class ObjectStorage:
 
         config = {k: v for k, v in self._options.items() if k not in _CLIENT_KEYS}
         client = {k: v for k, v in self._options.items() if k in _CLIENT_KEYS}
+        for name, value in self._environ.items():
+            os.environ.setdefault(name, value)
         if os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true") and scheme != "gs":
             client.setdefault("allow_http", True)  # object_store reads it as a client option
         client.setdefault("timeout", timedelta(seconds=self._own["progress_timeout"]))
@@ -178,8 +180,6 @@ class ObjectStorage:
             "retry_timeout": timedelta(seconds=self._own["retry_timeout"]),
         }
         url = f"{scheme}://{bucket}"
-        for name, value in self._environ.items():
-            os.environ.setdefault(name, value)
         with translated(url, "configure the store for"):
             try:
                 return from_url(url, config=config, client_options=client, retry_config=retry)
@@ -212,11 +212,20 @@ class ObjectStorage:
                 digest = sink.finish()
         return {"name": path.rsplit("/", 1)[1], "nbytes": sink.nbytes, "xxh3_64": digest}
 
-    def read_bytes(self, path: str) -> bytes:
-        """See :meth:`Storage.read_bytes`."""
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        """See :meth:`Storage.read_bytes`; with ``limit``, an object of more bytes is
+        refused (:class:`CorruptCheckpointError`) before any is read."""
         store, key = self.locate(path)
         with translated(path, "read"):
-            return bytes(obstore.get(store, key).bytes())
+            got = obstore.get(store, key)
+            size = got.meta["size"]
+            if limit is not None and size > limit:
+                raise CorruptCheckpointError(
+                    f"{path!r} holds {size} bytes, more than the {limit} it may: it is not "
+                    "what aiockpt wrote",
+                    path=path,
+                )
+            return bytes(got.bytes())
 
     def put_new(self, path: str, data: bytes) -> None:
         """Create the object ``path`` holding ``data`` unless it exists (``If-None-Match:
@@ -241,7 +250,7 @@ class ObjectStorage:
         """See :meth:`Storage.read_metadata`."""
         path = f"{directory}/{METADATA}"
         try:
-            data = self.read_bytes(path)
+            data = self.read_bytes(path, MAX_METADATA_BYTES)
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(
                 f"{directory!r} holds no committed checkpoint (no {METADATA}): its save "
@@ -258,6 +267,14 @@ class ObjectStorage:
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in found["common_prefixes"]}
         names |= {o["path"].rsplit("/", 1)[-1] for o in found["objects"]}
         return sorted(names)
+
+    def list_files(self, directory: str) -> dict[str, int]:
+        """The objects directly under the prefix ``directory`` (never a deeper prefix,
+        which a planted ``metadata.json/x`` would make look like a file): name -> size."""
+        store, key = self.locate(directory)
+        with translated(directory, "list"):
+            found = obstore.list_with_delimiter(store, f"{key}/" if key else None)
+        return {o["path"].rsplit("/", 1)[-1]: o["size"] for o in found["objects"]}
 
     def list_objects(self, directory: str) -> list[dict[str, Any]]:
         """Every object under the prefix ``directory``: ``{"path": url, "size": bytes}``."""

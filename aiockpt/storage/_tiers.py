@@ -21,11 +21,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from xxhash import xxh3_64_hexdigest
+
 from .._exceptions import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from ._atomic import write_atomic
 from ._files import fsync_dir
 from ._local import make_dir
-from ._metadata import safe_join
+from ._metadata import MAX_METADATA_BYTES, safe_join
 from ._object import ObjectStorage
 from ._obstore import obstore, translated
 
@@ -43,12 +45,26 @@ def upload_step(
     records: list[dict[str, Any]],
     commit_names: list[str],
     progress: Progress = _nothing,
+    before_marker: Callable[[], object] | None = None,
 ) -> bool:
     """Upload the committed local step ``local`` to the prefix ``remote``: the data files
-    of ``records`` (checked), then ``commit_names`` in order, the last one (the marker)
-    created only if absent. Returns False if the same step was in the store already."""
+    of ``records`` (checked), then ``commit_names`` in order (checked too if ``records``
+    names them), the last one (the marker) created only if absent, right after
+    ``before_marker`` (which may raise to refuse). Returns False if the same step was in
+    the store already."""
+    checks = {r["name"]: r for r in records if r["name"] in commit_names}
+    records = [r for r in records if r["name"] not in commit_names]
+    contents = {name: _read_local(local, name) for name in commit_names}
+    for name, record in checks.items():
+        data = contents[name]
+        if len(data) != record["nbytes"] or xxh3_64_hexdigest(data) != record["xxh3_64"]:
+            raise CorruptCheckpointError(
+                f"{local + '/' + name!r} does not match its recorded size and checksum any "
+                "more: not uploaded",
+                path=f"{local}/{name}",
+            )
     marker = commit_names[-1]
-    marker_bytes = _read_local(local, marker)
+    marker_bytes = contents[marker]
     try:
         if store.read_bytes(f"{remote}/{marker}") == marker_bytes:
             return False  # uploaded before (a crash came before it was known)
@@ -69,10 +85,11 @@ def upload_step(
         for job in jobs:
             job.result()
     for name in commit_names[:-1]:
-        data = _read_local(local, name)
         store_, key = store.locate(f"{remote}/{name}")
         with translated(f"{remote}/{name}", "upload"):
-            obstore.put(store_, key, data)
+            obstore.put(store_, key, contents[name])
+    if before_marker is not None:
+        before_marker()
     try:
         store.put_new(f"{remote}/{marker}", marker_bytes)
     except StorageError:
@@ -111,10 +128,17 @@ def download_step(
     for record in records:
         safe_join(local, record["name"])  # raises for a name that would leave it
         names[record["name"]] = record["nbytes"]
-    present = set(store.list_dir(remote))
-    names.update({n: 0 for n in commit_names if n in present})
+    present = store.list_files(remote)
     if commit_names[-1] not in present:
         raise CheckpointNotFoundError(f"{remote!r} holds no committed step")
+    for name, size in names.items():
+        if present.get(name) != size:
+            raise CorruptCheckpointError(
+                f"{remote + '/' + name!r} is {present.get(name, 'missing')} bytes, its step "
+                f"records {size}: not downloaded",
+                path=f"{remote}/{name}",
+            )
+    names.update({n: 0 for n in commit_names if n in present})
     make_dir(local)
     data = [n for n in sorted(names) if n not in commit_names]
     lock = threading.Lock()
@@ -149,12 +173,15 @@ def download_step(
                 job.result()
             for fd in opened_fds:
                 os.fsync(fd)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the rest is not fetched
+            raise
         finally:
             for fd in opened_fds:
                 os.close(fd)
     for name in commit_names:
         if name in names:
-            content = store.read_bytes(f"{remote}/{name}")
+            content = store.read_bytes(f"{remote}/{name}", 4 * MAX_METADATA_BYTES)  # DCP: 256 MiB
 
             def write(f: Any, content: bytes = content) -> None:
                 f.write(content)
@@ -171,13 +198,13 @@ def remote_records(
     step's checksum sidecar) and the records of every file to check."""
     import json
 
-    from ._metadata import METADATA, parse_metadata
+    from ._metadata import MAX_METADATA_BYTES, METADATA, parse_metadata
 
-    names = store.list_dir(remote)
+    names = store.list_files(remote)
     if ".metadata.checksums" in names and ".metadata" in names:
         path = f"{remote}/.metadata.checksums"
         try:
-            sidecar = json.loads(store.read_bytes(path))
+            sidecar = json.loads(store.read_bytes(path, MAX_METADATA_BYTES))
             records = [sidecar["metadata"], *sidecar["files"]]
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{path!r} is not a checksum sidecar", path=path) from exc
@@ -202,7 +229,8 @@ def remote_records(
         raise CheckpointNotFoundError(
             f"{remote!r} holds no committed checkpoint (no {METADATA} or .metadata)"
         )
-    meta = parse_metadata(store.read_bytes(f"{remote}/{METADATA}"), remote, remote)
+    path = f"{remote}/{METADATA}"
+    meta = parse_metadata(store.read_bytes(path, MAX_METADATA_BYTES), remote, path)
     return meta, list(meta["files"])
 
 
