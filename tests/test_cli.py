@@ -247,3 +247,47 @@ def test_verify_of_a_path_that_cannot_be_looked_at_is_one_line(tmp_path: Path) -
         assert out.returncode == 1, out
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
         assert out.stderr.startswith("FAILED: ")
+
+
+def test_bench_remote_on_a_loopback_server(tmp_path: Path) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    out = cli(
+        "bench", "--remote", "--size", "16MiB", "--saves", "1", "--quiet",
+        "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("store: loopback S3 server (moto")
+    assert lines[1].startswith("machine: ")
+    assert lines[3].split() == [
+        "contender", "blocked", "to", "local", "commit", "to", "committed", "in", "store",
+        "MiB/s", "cold",
+    ]  # fmt: skip
+    names = [
+        "floor: raw bytes, obstore",
+        "aiockpt (two tiers)",
+        "aiockpt (one tier)",
+        "dcp.save (FsspecWriter)",
+        "dcp.save (FsspecWriter, 8 thr)",
+    ]
+    for line, name in zip(lines[4:9], names, strict=True):
+        assert line.startswith(name) and "failed" not in line, line
+        figures = line[len(name) :].replace("(", " ").replace(")", " ").replace("-", " ")
+        assert len(figures.split()) >= 5 and all(float(v) >= 0 for v in figures.split()), line
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["name"]: r for r in report["contenders"]}
+    assert list(rows) == names
+    for row in rows.values():
+        assert row["failed"] is None and row["mib_per_s"] > 0
+        assert row["committed_s"]["median"] > 0 and row["committed_s"]["cold"] > 0
+        assert row["blocked_s"]["median"] > 0
+    two = report["raw"]["aiockpt (two tiers)"]
+    assert len(two["done"]) == len(two["local"]) == 2  # a cold run, a warm one
+    # Both from the save call: committed locally first, then uploaded.
+    assert all(0 < local <= done for local, done in zip(two["local"], two["done"], strict=True))
+    # The server was stopped: nothing answers on its port any more.
+    port = urlparse(report["store"].rsplit(" at ", 1)[1]).port
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0

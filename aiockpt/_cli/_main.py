@@ -144,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default=None, help="also write the report as JSON here")
     bench.add_argument("--plot", default=None, help="also draw a PNG chart (needs matplotlib)")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bench.add_argument(
+        "--remote",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URL",
+        help="save to an object store instead: s3://bucket/prefix (credentials from AWS_*), "
+        "or without URL a loopback S3 server (moto) started for the run",
+    )
     verify = sub.add_parser(
         "verify",
         help="check a committed checkpoint (directory, single file or DCP format) against its checksums",
@@ -161,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._demo import run_demo
 
         return run_demo(args.steps, args.every, args.width, args.depth)
+    if args.command == "bench" and args.remote is not None:
+        from ._remote_bench import main as remote_main
+
+        return remote_main(args)
     if args.command == "bench" and args.sweep:
         from ._sweep import main as sweep_main
 
