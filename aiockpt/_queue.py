@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from typing_extensions import Unpack
 
+from ._core._callers import AsyncCaller
 from ._core._engine import CallsEngine
 from ._core._persistent import PersistentAsyncCaller
 from ._dist import CompletionGroup
@@ -127,6 +128,16 @@ class CheckpointQueue:
         if warm is not None and engine.adopt_worker(warm):
             CheckpointQueue._warm_caller = None
         return engine
+
+    def _get_async_caller(self) -> AsyncCaller:
+        """The caller that runs this queue's next request (NVRx's name, for its unit tests
+        of in-process restarts): the queue's persistent caller (one that was warmed up
+        for the process, if the queue has not started its own; after :meth:`close` or an
+        abort, the fresh one the next request will use), or, for a fork-per-request
+        queue, a new :class:`TemporalAsyncCaller` that has not forked. Ask it
+        ``_debug_is_async_process_running()``."""
+        engine = self._open_engine()
+        return engine.next_caller()
 
     def warm_up(self) -> None:
         """Start the persistent worker now rather than at the first request. Optional."""

@@ -201,3 +201,8 @@ class TorchAsyncCheckpoint(TorchCheckpoint):
         self, persistent_queue: bool = True, **queue_options: Unpack[QueueFacadeKeywords]
     ) -> None:
         super().__init__(persistent_queue, **queue_options)
+
+    def _get_async_calls_queue(self) -> CheckpointQueue:
+        """The queue that runs the saves (NVRx's name, for its unit tests of in-process
+        restarts); :attr:`queue` is the public name."""
+        return self._queue

@@ -182,6 +182,13 @@ class AsyncCaller(ABC):
         since = self.running_since(call_idx)
         return max(0.0, (since if since is not None else now) + limit - now)
 
+    def _debug_is_async_process_running(self) -> bool:
+        """Whether this caller's worker process is alive (NVRx's name, for its unit tests
+        of in-process restarts): False before it started and once it was stopped or
+        aborted."""
+        process = getattr(self, "process", None)
+        return process is not None and bool(process.is_alive())
+
     def close(self, abort: bool = False) -> None:
         """Wait for the requests in flight, then stop the worker. Idempotent.
 

@@ -160,6 +160,11 @@ class CallsEngine:
             self.completion, self.options.worker_settings(), self._fork_order
         )
 
+    def next_caller(self) -> AsyncCaller:
+        """The caller the next request would run on (the persistent one, or a new fork
+        caller that has not forked)."""
+        return self._caller()
+
     def adopt_worker(self, caller: PersistentAsyncCaller) -> bool:
         """Serve this persistent engine's requests with ``caller`` (a worker started ahead,
         see ``CheckpointQueue.warmup_persistent_caller``) if its own has not started and
@@ -732,6 +737,21 @@ class CallsEngine:
             callers.append(self._persistent_caller)
         for caller in callers:
             caller.kill()
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the worker processes (the persistent one, forked ones not reaped
+        yet): what a process about to exit waits for, once it has killed them."""
+        with self._lock:
+            callers = list(self._callers)
+        if self._persistent_caller is not None and self._persistent_caller not in callers:
+            callers.append(self._persistent_caller)
+        pids = []
+        for caller in callers:
+            with contextlib.suppress(ValueError):  # closed meanwhile
+                pid = getattr(getattr(caller, "process", None), "pid", None)
+                if pid is not None:
+                    pids.append(pid)
+        return pids
 
     def report_unfinished(self) -> None:
         """Log, through the ``aiockpt`` logger, every request that was never finalized:
