@@ -33,6 +33,15 @@ def _failure(call_idx: int, seconds: float, exc: BaseException, prefix: str = ""
     return Failed(call_idx, seconds, name, f"{prefix}{exc}", traceback.format_exc())
 
 
+def _ignore_job_signals() -> None:
+    """Ctrl-C reaches the whole process group, and a scheduler's early warning (SLURM's
+    ``--signal=USR1@120``) every process of the job: the caller decides what happens to a
+    save, so the worker ignores them and goes on writing. (SIGTERM stays: it is how the
+    caller stops a worker.)"""
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def run_request(
     call_idx: int, fn: Callable[..., Any] | None, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Reply:
@@ -62,7 +71,7 @@ def fork_child_main(
     set to the time this request starts."""
     # The parent's heap may hold CUDA tensors: the child's GC must never free them.
     gc.disable()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ignore_job_signals()
     apply_priorities(cpu_priority, io_priority)
     waiting = list(after)
     while waiting:  # each pidfd is readable once its child has exited
@@ -99,8 +108,7 @@ def persistent_main(
 ) -> None:
     """Entry point of the persistent worker: serve requests in order until told to stop or
     until the caller's end of the connection closes (the caller exited or died)."""
-    # Ctrl-C reaches the whole process group; the caller decides what happens to a save.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ignore_job_signals()
     apply_priorities(cpu_priority, io_priority)
     jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
