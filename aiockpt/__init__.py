@@ -34,6 +34,7 @@ from ._exceptions import DistributedCheckpointError as DistributedCheckpointErro
 from ._exceptions import FinalizeError as FinalizeError
 from ._exceptions import FrozenRequestError as FrozenRequestError
 from ._exceptions import InvalidRequestError as InvalidRequestError
+from ._exceptions import Preempted as Preempted
 from ._exceptions import QueueBrokenError as QueueBrokenError
 from ._exceptions import QueueClosedError as QueueClosedError
 from ._exceptions import QueueMisuseError as QueueMisuseError
@@ -49,6 +50,8 @@ from ._futures import CheckpointResult as CheckpointResult
 from ._manager import AsyncCheckpointManager as AsyncCheckpointManager
 from ._manager import CheckpointManager as CheckpointManager
 from ._options import QueueOptions as QueueOptions
+from ._preempt import Preemption as Preemption
+from ._preempt_async import AsyncPreemption as AsyncPreemption
 from ._queue import AsyncCallsQueue as AsyncCallsQueue
 from ._queue import CheckpointQueue as CheckpointQueue
 from ._request import AsyncRequest as AsyncRequest
@@ -68,6 +71,7 @@ __all__ = [
     "AsyncCallsQueue",
     "AsyncCheckpointManager",
     "AsyncCheckpointQueue",
+    "AsyncPreemption",
     "AsyncRequest",
     "AsyncTorchCheckpoint",
     "CheckpointCancelledError",
@@ -87,6 +91,8 @@ __all__ = [
     "InvalidRequestError",
     "LocalStorage",
     "PersistentAsyncCaller",
+    "Preempted",
+    "Preemption",
     "QueueBrokenError",
     "QueueClosedError",
     "QueueMisuseError",

@@ -22,6 +22,8 @@
     ├── DirectoryLockedError          another manager (process) writes to the directory
     └── StorageError                  the checkpoint directory cannot be created or written
 
+    Preempted                         not an error: a ``SystemExit`` that ends a preempted job
+
 Exceptions that are built in a worker process and carried to the caller define
 ``__reduce__`` so that they survive pickling with all their attributes.
 """
@@ -267,3 +269,52 @@ class FrozenRequestError(QueueMisuseError):
     """Raised by :meth:`AsyncRequest.add_finalize_fn` on a request that was already
     scheduled (frozen). Add every finalize step before scheduling the request. A
     ``RuntimeError``, as the reference raises."""
+
+
+class Preempted(SystemExit):
+    """Raised by ``Preemption.save_and_exit`` once a preempted job has done what it could
+    before its deadline: a ``SystemExit`` whose ``code`` is :attr:`EXIT_CODE` (75,
+    ``EX_TEMPFAIL``: "try again later"), so an uncaught one ends the process with that
+    status, after ``with`` blocks and ``finally`` clauses have run.
+
+    ``agreed_step`` is the step every rank agreed to stop at; ``saved_step`` the step the
+    last save committed (None if none did); ``latest_step`` the newest committed step
+    when the job exited (resume from it); ``outcome`` says what happened: ``"saved"``
+    (``agreed_step`` committed), ``"in-flight"`` (no time for a new save: the save in
+    flight committed), ``"not-saved"`` (nothing new committed: no time, or the save
+    failed; the log says why). ``signal`` names the signal, ``seconds`` the time from it
+    to the end of the last save.
+    """
+
+    EXIT_CODE = 75
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        agreed_step: int,
+        saved_step: int | None,
+        latest_step: int | None,
+        outcome: str,
+        signal: str,
+        seconds: float,
+    ) -> None:
+        super().__init__(self.EXIT_CODE)
+        self.message = message
+        self.agreed_step = agreed_step
+        self.saved_step = saved_step
+        self.latest_step = latest_step
+        self.outcome = outcome
+        self.signal = signal
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {k: v for k, v in self.__dict__.items() if k != "message"}
+        return (_rebuild_preempted, (self.message, state))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild_preempted(message: str, state: dict[str, Any]) -> Preempted:
+    return Preempted(message, **state)

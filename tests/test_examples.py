@@ -86,3 +86,44 @@ def test_async_dataloader_example(tmp_path: Path) -> None:
     assert (
         torch.load(tmp_path / "loader1.pt", weights_only=True)["layer0"].numel() == 16 * 2**20 // 32
     )
+
+
+def test_preemptible_training_example_saves_on_sigterm_and_resumes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    run_dir, out_path = tmp_path / "run", tmp_path / "out.txt"
+    example = ["examples/preemptible_training.py", "--dir", str(run_dir), "--every", "3"]
+    fast = ["--step-seconds", "0.05"]
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *example, *fast, "--steps", "1000"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "committed step 3" not in out_path.read_text():  # a checkpoint exists
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 75, err
+    lines = out_path.read_text().splitlines()
+    assert lines[-1].startswith("preempted: resume from step ") and "(exit status 75)" in lines[-1]
+    step = int(lines[-1].split("resume from step ")[1].split()[0])
+    assert lines[-2] == f"committed step {step}"
+    assert "exiting with status 75" in err and f"step {step} committed" in err
+    resumed = run(*example, *fast, "--steps", str(step + 2))
+    assert resumed.splitlines()[0] == f"resumed from step {step}"
+    assert resumed.splitlines()[-2:] == [
+        f"committed step {step + 2}",
+        f"finished at step {step + 2}",
+    ]

@@ -1,0 +1,487 @@
+"""Preemption: a signal to one rank, anywhere, makes every rank save the same step within
+the grace period and exit with status 75; a grace period too short, or a second signal,
+never costs the previous checkpoint. Multi-rank tests run real gloo ranks
+(``preempt_scenarios``) held at gates, so each signal lands exactly where it says."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ckpt_helpers import data_file, open_gate, read_pid
+from preempt_scenarios import GatedStorage, Ranks, value
+
+from aiockpt import (
+    CheckpointManager,
+    DistributedCheckpointError,
+    InvalidRequestError,
+    Preempted,
+    Preemption,
+    QueueMisuseError,
+    verify,
+)
+from aiockpt._preempt_agree import decide, plan_values
+
+EXIT = 75
+GRACE = 30.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def committed(tmp: Path) -> list[int]:
+    with CheckpointManager(tmp / "ck", persistent=False) as mgr:
+        return mgr.committed_steps()
+
+
+def check_step(tmp: Path, step: int, world: int) -> None:
+    """Step ``step`` is committed, verifies, and holds each rank's value of that step."""
+    directory = tmp / "ck" / f"step-{step:012d}"
+    verify(str(directory))
+    for rank in range(world):
+        shard = data_file(directory, f"shard-{rank:05d}-of-{world:05d}.pt")
+        w = torch.load(shard, weights_only=True)["w"]
+        assert torch.equal(w, torch.full((256,), value(rank, step))), (rank, step)
+
+
+def agreed_step(results: list[dict[str, Any] | None], world: int) -> int:
+    assert all(r is not None and "agreed" in r for r in results), results
+    steps = {r["agreed"] for r in results if r is not None}
+    assert len(steps) == 1, f"the ranks stopped at different steps: {results}"
+    return int(steps.pop())
+
+
+# -- a signal to one rank, at each point of a step's life ------------------------------
+
+GATES = {  # where: (markers every rank leaves, the gate to open after the signal)
+    "step": ("at-step-{r}", "gate-step"),
+    "staging": ("staging-{r}", "gate-staging"),
+    "write": ("writing-{r}", "gate-write"),
+    "commit": ("committing", "gate-commit"),
+    "final": ("at-step-{r}", "gate-step"),
+}
+SAVES = {"step": (3,), "staging": (3, 6), "write": (3, 6), "commit": (3, 6), "final": (3,)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("where", list(GATES))
+def test_a_signal_to_one_rank_makes_every_rank_save_the_same_step(
+    tmp_path: Path, world: int, where: str
+) -> None:
+    rng = random.Random(f"{world}/{where}")
+    target = rng.randrange(world)
+    ranks = Ranks("preempted_loop", world, str(tmp_path), where=where, saves=SAVES[where])
+    marker, gate = GATES[where]
+    ranks.wait_for(*sorted({marker.format(r=r) for r in range(world)}))
+    signalled = time.monotonic()
+    os.kill(ranks.pids[target], signal.SIGTERM)
+    ranks.open(gate)
+    second = None
+    if where == "final":  # a second signal while every worker writes the last save
+        ranks.wait_for(*[f"final-writing-{r}" for r in range(world)])
+        second = rng.randrange(world)
+        os.kill(ranks.pids[second], signal.SIGTERM)
+        ranks.open("gate-final")
+    codes = ranks.join()
+    elapsed = time.monotonic() - signalled
+    results = ranks.results()
+    assert codes == [EXIT] * world, results
+    step = agreed_step(results, world)
+    assert step >= (6 if where in ("step", "final") else 7), results
+    for r, result in enumerate(results):
+        assert result is not None
+        assert (result["outcome"], result["saved"], result["latest"]) == ("saved", step, step)
+        assert (
+            f"preempted by SIGTERM (first on rank {target}), stopped at step {step}"
+            in (result["message"])
+        )
+        assert f"; resume from step {step}; " in result["message"]
+        assert result["message"].endswith("; exiting with status 75")
+        log = ranks.log(r)
+        assert ("SIGTERM received" in log) == (r == target), log
+        assert f"step {step}" in log
+    assert elapsed < GRACE, elapsed
+    steps = committed(tmp_path)
+    assert steps[0] == 3 and steps[-1] == step, steps
+    check_step(tmp_path, step, world)
+    check_step(tmp_path, 3, world)
+    if second is not None:
+        assert "1 signal(s) (SIGTERM) came during the last save and were ignored" in (
+            results[second] or {}
+        ).get("message", "")
+        assert all(
+            "came during the last save" not in (res or {}).get("message", "")
+            for r, res in enumerate(results)
+            if r != second
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_new_job_restores_the_step_saved_on_preemption(tmp_path: Path, world: int) -> None:
+    ranks = Ranks("preempted_loop", world, str(tmp_path), where="step")
+    ranks.wait_for(*[f"at-step-{r}" for r in range(world)])
+    os.kill(ranks.pids[world - 1], signal.SIGTERM)
+    ranks.open("gate-step")
+    assert ranks.join() == [EXIT] * world, ranks.results()
+    step = agreed_step(ranks.results(), world)
+    for r in range(world):
+        os.remove(tmp_path / f"result-{r}.json")
+    job = Ranks("resume", world, str(tmp_path))
+    assert job.join() == [0] * world, job.results()
+    for r, result in enumerate(job.results()):
+        assert result is not None
+        assert result["value"] == {"latest": step, "w": value(r, step), "steps": [3, step]}
+
+
+@pytest.mark.slow
+def test_a_grace_period_too_short_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    ranks = Ranks("preempted_loop", 2, str(tmp_path), where="final", grace=4.0, untimed=True)
+    ranks.wait_for("at-step-0", "at-step-1")
+    signalled = time.monotonic()
+    os.kill(ranks.pids[0], signal.SIGTERM)
+    ranks.open("gate-step")
+    ranks.wait_for("final-writing-0", "final-writing-1")  # ... and it never finishes
+    codes = ranks.join(timeout=30.0)
+    elapsed = time.monotonic() - signalled
+    assert codes == [EXIT, EXIT]
+    assert 4.0 <= elapsed < 4.0 + 10.0, elapsed
+    for r in range(2):
+        log = ranks.log(r)
+        assert "saving step 6: no earlier save was timed, so it is tried" in log, log
+        assert (
+            "the deadline (4.0s after the signal) passed before the last save (step 6) "
+            "finished: the newest committed checkpoint is step 3 and is intact; stopping the "
+            "checkpoint worker and exiting with status 75"
+        ) in log, log
+    assert ranks.results() == [None, None]  # ended by the watchdog, not by raising
+    assert committed(tmp_path) == [3]
+    check_step(tmp_path, 3, 2)
+
+
+@pytest.mark.slow
+def test_no_time_for_a_new_save_waits_for_the_one_in_flight_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    # Rank 1 has timed its saves at 100 s: the ranks agree not to save anew (rank 0 would
+    # have), and wait for step 6, which is held at its write until the plan is logged.
+    ranks = Ranks("slow_plan", 2, str(tmp_path))
+    ranks.wait_for("writing-0", "writing-1")
+    os.kill(ranks.pids[0], signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while not all("not saving step" in ranks.log(r) for r in range(2)):
+        assert time.monotonic() < deadline, [ranks.log(r) for r in range(2)]
+        time.sleep(0.005)
+    ranks.open("gate-write")
+    assert ranks.join() == [EXIT, EXIT], ranks.results()
+    step = agreed_step(ranks.results(), 2)
+    for r, result in enumerate(ranks.results()):
+        assert result is not None
+        assert (result["outcome"], result["saved"], result["latest"]) == ("in-flight", 6, 6)
+        assert (
+            "no time for a new save: it would take about 100.0s after the one in flight"
+            in (result["message"])
+        )
+        assert "the save in flight committed step 6; resume from step 6" in result["message"]
+        assert f"not saving step {step}: no time for a new save" in ranks.log(r)
+    assert committed(tmp_path) == [3, 6]
+    check_step(tmp_path, 6, 2)
+
+
+@pytest.mark.slow
+def test_a_signal_to_a_ranks_process_group_kills_its_worker_yet_the_last_save_commits(
+    tmp_path: Path,
+) -> None:
+    # torchrun signals each rank's process group, SLURM every process of the step: the
+    # rank's persistent worker, writing step 6, dies with it. Step 6 fails on every rank;
+    # the last save starts a fresh worker and commits.
+    ranks = Ranks(
+        "preempted_loop",
+        2,
+        str(tmp_path),
+        where="write",
+        saves=(3, 6),
+        persistent=True,
+        own_group=True,
+    )
+    ranks.wait_for("writing-0", "writing-1")
+    os.killpg(os.getpgid(ranks.pids[1]), signal.SIGTERM)
+    ranks.open("gate-write")
+    assert ranks.join() == [EXIT, EXIT], ranks.results()
+    step = agreed_step(ranks.results(), 2)
+    assert step >= 7
+    for r, result in enumerate(ranks.results()):
+        assert result is not None
+        assert (result["outcome"], result["saved"]) == ("saved", step)
+        seen = json.loads((tmp_path / f"failures-{r}.json").read_text())
+        log = ranks.log(r)
+        # Where the loop polled before the agreement, it saw step 6 fail; otherwise the
+        # last save did.
+        assert seen == ["DistributedCheckpointError"] or "a save failed" in log, (seen, log)
+    assert committed(tmp_path) == [3, step]
+    check_step(tmp_path, step, 2)
+
+
+@pytest.mark.slow
+def test_async_preemption_saves_the_same_step_on_every_rank(tmp_path: Path) -> None:
+    ranks = Ranks("async_loop", 2, str(tmp_path))
+    ranks.wait_for("writing-0", "writing-1")
+    os.kill(ranks.pids[1], signal.SIGTERM)
+    ranks.open("gate-write")
+    assert ranks.join() == [EXIT, EXIT], ranks.results()
+    step = agreed_step(ranks.results(), 2)
+    assert step >= 7
+    for result in ranks.results():
+        assert result is not None
+        assert (result["outcome"], result["saved"], result["latest"]) == ("saved", step, step)
+    assert committed(tmp_path) == [3, 6, step]
+    check_step(tmp_path, step, 2)
+
+
+@pytest.mark.slow
+def test_a_rank_asking_more_often_than_the_others_gets_a_typed_error(tmp_path: Path) -> None:
+    ranks = Ranks("asks_out_of_step", 2, str(tmp_path))
+    assert ranks.join(timeout=40.0) == [1, 0]
+    rank0, rank1 = ranks.results()
+    assert rank1 == {"rank": 1, "value": {"answers": [False, False, False]}}
+    assert rank0 is not None
+    assert (
+        "DistributedCheckpointError: the preemption check of step question 3 did not finish "
+        "on all ranks"
+    ) in rank0["error"]
+    assert "a rank has died or stopped asking `preempted` each step" in rank0["error"]
+
+
+@pytest.mark.slow
+def test_the_example_under_torchrun_saves_one_step_when_torchrun_gets_sigterm(
+    tmp_path: Path,
+) -> None:
+    # Kubernetes signals the container's first process: torchrun, which signals each
+    # rank's process group (the checkpoint workers with it) and waits for them.
+    out_path = tmp_path / "out.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd += ["2", "examples/preemptible_training.py", "--dir", str(tmp_path / "run")]
+    cmd += ["--steps", "1000", "--step-seconds", "0.05", "--every", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "committed step 3" not in out_path.read_text():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err  # torchrun's own status: it was signalled
+    lines = out_path.read_text().splitlines()
+    assert lines[-1].startswith("preempted: resume from step "), lines
+    step = int(lines[-1].split("resume from step ")[1].split()[0])
+    assert lines[-2] == f"committed step {step}"
+    for rank in (0, 1):
+        assert f"preemption (rank {rank}): preempted by SIGTERM" in err, err
+        assert f"resume from step {step}; " in err.split(f"preemption (rank {rank}): preempted")[1]
+    directory = tmp_path / "run" / f"step-{step:012d}"
+    assert len(verify(str(directory))) == 2  # both ranks' shards, against the metadata
+    assert json.loads((directory / "metadata.json").read_text())["world_size"] == 2
+
+
+# -- one process ------------------------------------------------------------------------
+
+
+def _loop(pre: Preemption, signal_at: int, sig: int = signal.SIGTERM) -> None:
+    step = 0
+    while step < 50:
+        if pre.preempted:
+            pre.save_and_exit(step, {"w": torch.full((8,), float(step))})
+        step += 1
+        if step % 3 == 0:
+            pre.save(step, {"w": torch.full((8,), float(step))})
+        pre.poll()
+        if step == signal_at:
+            os.kill(os.getpid(), sig)
+    raise AssertionError("never preempted")
+
+
+def test_one_process_saves_the_step_and_exits_with_status_75(tmp_path: Path) -> None:
+    with (
+        pytest.raises(Preempted) as caught,
+        CheckpointManager(tmp_path / "ck") as mgr,
+        Preemption(mgr, grace=GRACE) as pre,
+    ):
+        _loop(pre, signal_at=4)
+    p = caught.value
+    assert not [t for t in threading.enumerate() if t.name == "aiockpt-preemption-deadline"]
+    assert isinstance(p, SystemExit) and p.code == 75 == Preemption.EXIT_CODE
+    # One process needs no agreement: the step after the signal is the one saved.
+    assert (p.agreed_step, p.saved_step, p.latest_step, p.outcome) == (4, 4, 4, "saved")
+    assert p.signal == "SIGTERM" and 0 <= p.seconds < GRACE
+    assert str(p).startswith("preempted by SIGTERM (first on rank 0), stopped at step 4: ")
+    assert (
+        torch.load(data_file(tmp_path / "ck" / "step-000000000004", "shard-00000-of-00001.pt"))[
+            "w"
+        ].tolist()
+        == [4.0] * 8
+    )
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "fork"])
+def test_the_worker_ignores_a_schedulers_early_warning(tmp_path: Path, persistent: bool) -> None:
+    # SLURM's --signal=USR1@120 reaches every process of the job step: the worker writing
+    # a save goes on with it, while the training process takes it as the warning it is.
+    storage = GatedStorage(str(tmp_path), write_step=1)
+    mgr = CheckpointManager(tmp_path / "ck", storage=storage, persistent=persistent)
+    signals = (signal.SIGTERM, signal.SIGUSR1)
+    with pytest.raises(Preempted) as caught, mgr, Preemption(mgr, signals=signals) as pre:
+        pre.save(1, {"w": torch.ones(4)})
+        worker = read_pid(str(tmp_path / "writing-0"))
+        assert worker != os.getpid()
+        os.kill(worker, signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        open_gate(str(tmp_path / "gate-write"))
+        assert pre.poll(blocking=True) == [1]
+        assert pre.preempted
+        pre.save_and_exit(1, {"w": torch.ones(4)})
+    assert (caught.value.signal, caught.value.outcome, caught.value.latest_step) == (
+        "SIGUSR1",
+        "saved",
+        1,
+    )
+
+
+def test_handlers_chain_to_the_previous_one_and_are_put_back(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def previous(signum: int, frame: Any) -> None:
+        calls.append(signum)
+
+    old = signal.signal(signal.SIGUSR1, previous)
+    try:
+        with CheckpointManager(tmp_path / "ck") as mgr:
+            pre = Preemption(mgr, grace=GRACE, signals=(signal.SIGTERM, signal.SIGUSR1))
+            with pytest.raises(Preempted) as caught, pre:
+                assert signal.getsignal(signal.SIGUSR1) != previous
+                _loop(pre, signal_at=2, sig=signal.SIGUSR1)
+            assert caught.value.signal == "SIGUSR1" and caught.value.agreed_step == 2
+            assert calls == [signal.SIGUSR1]  # chained once; not again during the last save
+            assert signal.getsignal(signal.SIGUSR1) is previous
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_signal_during_the_last_save_is_counted_not_chained(tmp_path: Path) -> None:
+    calls: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda s, f: calls.append(s))
+    try:
+        with CheckpointManager(tmp_path / "ck") as mgr, Preemption(mgr, grace=GRACE) as pre:
+            save = mgr.save
+
+            def save_and_signal(*args: Any, **kwargs: Any) -> int:
+                os.kill(os.getpid(), signal.SIGTERM)  # the last save has begun
+                return save(*args, **kwargs)
+
+            with pytest.raises(Preempted) as caught:
+                step = 0
+                while True:
+                    if pre.preempted:
+                        mgr.save = save_and_signal  # type: ignore[method-assign]
+                        pre.save_and_exit(step, {"w": torch.zeros(4)})
+                    step += 1
+                    if step == 2:
+                        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == [signal.SIGTERM]
+        assert caught.value.outcome == "saved" and caught.value.saved_step == 2
+        assert "1 signal(s) (SIGTERM) came during the last save and were ignored" in str(
+            caught.value
+        )
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_preempted_is_false_until_a_signal_and_leaving_puts_handlers_back(
+    tmp_path: Path,
+) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with CheckpointManager(tmp_path / "ck") as mgr, Preemption(mgr, grace=GRACE) as pre:
+        assert [pre.preempted for _ in range(5)] == [False] * 5
+        assert not pre.received and pre.deadline is None and pre.time_left() is None
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_misuse_is_refused_with_typed_errors(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path / "ck") as mgr:
+        for grace in (0, -1.0, "30", True):
+            with pytest.raises(InvalidRequestError, match="grace must be a positive number"):
+                Preemption(mgr, grace=grace)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="SIGKILL cannot be caught"):
+            Preemption(mgr, signals=(signal.SIGKILL,))
+        with pytest.raises(InvalidRequestError, match="at least one signal"):
+            Preemption(mgr, signals=())
+        with pytest.raises(InvalidRequestError, match="lag must be an int of at least 1"):
+            Preemption(mgr, lag=0)
+        pre = Preemption(mgr)
+        with pytest.raises(QueueMisuseError, match="not open"):
+            _ = pre.preempted
+        with pre, pytest.raises(QueueMisuseError, match="call it once `preempted` answered"):
+            pre.save_and_exit(1, {})
+        with pytest.raises(QueueMisuseError, match="entered only once"), pre:
+            pass
+        errors: list[BaseException] = []
+
+        def enter() -> None:
+            try:
+                with Preemption(mgr):
+                    pass
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=enter)
+        thread.start()
+        thread.join()
+        assert len(errors) == 1 and isinstance(errors[0], QueueMisuseError)
+        assert "only in the main thread" in str(errors[0])
+
+
+@pytest.mark.parametrize(
+    ("ranks", "expected"),
+    [
+        # (step, needs a save, predicted s, in flight s, left s) on each rank
+        ([(9, True, 1.0, 0.0, 20.0), (9, True, 2.0, 0.5, 19.0)], ("save", 2.0, 0.5, 19.0)),
+        ([(9, True, 1.0, 0.0, 20.0), (9, True, 100.0, 0.0, 20.0)], ("skip", 100.0, 0.0, 20.0)),
+        ([(9, True, None, 0.0, 20.0), (9, True, 1.0, 0.0, 20.0)], ("save", None, 0.0, 20.0)),
+        ([(9, False, 0.0, 3.0, 20.0), (9, False, 0.0, 2.0, 20.0)], ("wait", 0.0, 3.0, 20.0)),
+        ([(9, True, 1.0, 0.0, -1.0), (9, True, 1.0, 0.0, 5.0)], ("skip", 1.0, 0.0, -1.0)),
+        # 8 s in flight + 1.25 x 8 s + 1 s margin = 19 s: fits in 19 s, not in 18.9 s
+        ([(9, True, 8.0, 8.0, 19.0)], ("save", 8.0, 8.0, 19.0)),
+        ([(9, True, 8.0, 8.0, 18.9)], ("skip", 8.0, 8.0, 18.9)),
+    ],
+)
+def test_every_rank_derives_the_same_plan_from_the_reduced_numbers(
+    ranks: list[tuple[int, bool, float | None, float, float]], expected: tuple[Any, ...]
+) -> None:
+    rows = [plan_values(*r) for r in ranks]
+    reduced = [max(column) for column in zip(*rows, strict=True)]
+    plan = decide(reduced)
+    assert (plan.action, plan.predicted, plan.in_flight, plan.left) == expected
+
+
+def test_ranks_saving_different_steps_are_an_error() -> None:
+    rows = [plan_values(9, True, 1.0, 0.0, 20.0), plan_values(10, True, 1.0, 0.0, 20.0)]
+    with pytest.raises(DistributedCheckpointError, match=r"different steps \(9\.\.10\)"):
+        decide([max(c) for c in zip(*rows, strict=True)])
