@@ -59,7 +59,8 @@ rank derives the same plan from the same reduced numbers: ``save`` (a new save f
 ``prediction x 1.25 + 1 s`` after the saves in flight; or nothing was timed yet, and a try
 risks nothing), ``wait`` (the step is being saved already) or ``skip`` (no time: only the
 saves in flight are waited for). The log says which, and why. Every save then settles (a
-failure is logged: the previous checkpoint stays), the manager closes, and
+failure is logged: the previous checkpoint stays), the manager closes (the async
+manager at its own exit, which the exception passes through), and
 :class:`Preempted` (a ``SystemExit``, code 75) is raised. Signals during the last save
 are counted and reported, never chained: nothing interrupts it.
 
@@ -108,7 +109,7 @@ class Preemption(PreemptionBase):
         lag: the answer to a step's question comes from the reduction launched ``lag``
             steps before: more lag, more slack between ranks, later agreement.
         chain: call the handler that was installed for each signal before (not
-            ``SIG_DFL``/``SIG_IGN``, nor Python's SIGINT handler).
+            ``SIG_DFL``/``SIG_IGN``, nor Python's or an event loop's SIGINT handler).
 
     Entering installs the handlers (in the main thread) and, in a torch.distributed job,
     creates a gloo group (collective: every rank enters); leaving puts the handlers back.

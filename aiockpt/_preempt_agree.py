@@ -5,6 +5,7 @@ reduction that plans the last save. Also the timing of earlier saves the plan re
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -42,19 +43,30 @@ class Pending:
 
     def __init__(self, question: int, work: Any, values: torch.Tensor) -> None:
         self.question, self.work, self.values = question, work, values
+        self._lock = threading.Lock()
+        self._waited = False
+        self._error: Exception | None = None
 
     def done(self) -> bool:
         return bool(self.work.is_completed())
 
     def wait(self) -> None:
-        try:
-            self.work.wait()
-        except Exception as exc:  # gloo: a timeout, or a peer that died
+        """Wait for the reduction (a second waiter, after a cancelled one, waits for the
+        same outcome)."""
+        with self._lock:
+            if self._error is None and not self._waited:
+                try:
+                    self.work.wait()
+                    self._waited = True
+                except Exception as exc:
+                    self._error = exc
+        error = self._error  # gloo: a timeout, or a peer that died
+        if error is not None:
             raise DistributedCheckpointError(
                 f"the preemption check of step question {self.question} did not finish on all "
-                f"ranks ({exc}); a rank has died or stopped asking `preempted` each step",
+                f"ranks ({error}); a rank has died or stopped asking `preempted` each step",
                 rank=get_rank(),
-            ) from exc
+            ) from error
 
 
 class Agreement:
@@ -70,10 +82,15 @@ class Agreement:
         self.lag = lag
         self.asked = 0
         self._pending: deque[Pending] = deque()
+        self._due: Pending | None = None  # returned by ask(), not read yet
 
     def ask(self, received: Received | None, grace: float) -> Pending | None:
         """Launch this question's reduction; return the one now due (None for the first
-        ``lag`` questions)."""
+        ``lag`` questions). Until :meth:`answered` says it was read, the question stays
+        open: asked again (its wait was cancelled), it launches nothing and returns the
+        same reduction, so every rank's answers still come from the same reductions."""
+        if self._due is not None:
+            return self._due
         q = self.asked
         self.asked += 1
         if received is None:
@@ -86,12 +103,18 @@ class Agreement:
         self._pending.append(Pending(q, work, values))
         if q < self.lag:
             return None
-        return self._pending.popleft()
+        self._due = self._pending.popleft()
+        return self._due
+
+    def answered(self) -> None:
+        """The reduction :meth:`ask` returned has been waited for and read."""
+        self._due = None
 
     def drain(self) -> list[Pending]:
         """The reductions launched and not answered yet (to wait for before the group is
         used otherwise, or left)."""
-        out = list(self._pending)
+        out = ([self._due] if self._due is not None else []) + list(self._pending)
+        self._due = None
         self._pending.clear()
         return out
 

@@ -4,15 +4,21 @@ loop."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, NoReturn
 
 import anyio.to_thread
 
-from ._exceptions import CheckpointError
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+from ._exceptions import CheckpointError, Preempted
 from ._futures import CheckpointFuture
 from ._manager import AsyncCheckpointManager
 from ._preempt_agree import Pending, Plan, state_nbytes
@@ -24,6 +30,25 @@ async def _wait(pending: Pending) -> None:
         await anyio.to_thread.run_sync(pending.wait)
     else:
         pending.wait()  # raises the reduction's error, if it failed
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """asyncio's or trio's cancellation (looked at outside any event loop)."""
+    return isinstance(exc, asyncio.CancelledError) or type(exc).__name__ == "Cancelled"
+
+
+def _only_preempted(group: BaseExceptionGroup[BaseException]) -> Preempted | None:
+    """The Preempted in ``group`` if nothing else is there (cancellations aside)."""
+    preempted, rest = group.split(Preempted)
+    if preempted is None:
+        return None
+    if rest is not None and rest.split(_cancelled)[1] is not None:
+        return None
+    leaf: BaseException = preempted
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, Preempted)
+    return leaf
 
 
 class AsyncPreemption(PreemptionBase):
@@ -55,6 +80,24 @@ class AsyncPreemption(PreemptionBase):
         chain: bool = True,
     ) -> None:
         super().__init__(manager, grace, signals, lag=lag, chain=chain)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def unwrap_preempted() -> Iterator[None]:
+        """Raise, bare, a :class:`Preempted` that a task group (or trio nursery) wrapped
+        in an exception group, so that the process exits with status 75, not 1::
+
+            with AsyncPreemption.unwrap_preempted():
+                asyncio.run(main())      # or anyio.run(main), trio.run(main)
+
+        A group holding other errors too is raised as it is."""
+        try:
+            yield
+        except BaseExceptionGroup as group:
+            preempted = _only_preempted(group)
+            if preempted is None:
+                raise
+            raise preempted from None
 
     async def __aenter__(self) -> AsyncPreemption:
         group = await anyio.to_thread.run_sync(self._make_group)
@@ -107,7 +150,8 @@ class AsyncPreemption(PreemptionBase):
         self, step: int, state_dict: Any, extra: dict[str, Any] | None = None
     ) -> NoReturn:
         """:meth:`Preemption.save_and_exit`, awaited: save ``step`` if there is time, wait
-        for every save, close the manager, raise :class:`Preempted` (exit status 75)."""
+        for every save to commit, raise :class:`Preempted` (exit status 75). The manager
+        is left open: leaving its ``async with`` (or its ``serve`` task group) closes it."""
         for pending in self._begin_final(step):
             await _wait(pending)
         try:
@@ -120,11 +164,9 @@ class AsyncPreemption(PreemptionBase):
             except CheckpointError as err:  # every save has settled when it raises
                 self._save_failed(err)
                 error = error or err
-            try:
-                await self.manager.aclose()
-            except CheckpointError as err:
-                self._save_failed(err)
-                error = error or err
+            # Not aclose(): the manager's task group belongs to the scope it was entered
+            # (or served) in, which the loop's scopes may nest inside; its own exit, which
+            # Preempted passes through, closes it, with every save committed by then.
             latest = await self.manager.alatest_step()
         finally:
             self._watchdog.disarm()

@@ -3,11 +3,9 @@ signals, the deadline, the per-step question, the plan of the last save and its 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
+import math
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +28,11 @@ from ._preempt_agree import (
     read_verdict,
     reduce_now,
 )
-from ._preempt_signals import KILLED_WAIT_S, SignalCatcher, Watchdog, signal_name, wait_gone
+from ._preempt_signals import SignalCatcher, Watchdog, end_at_deadline, signal_name
 from ._ranks import get_rank, is_distributed
 
 logger = logging.getLogger("aiockpt")
+MAX_GRACE_S = 7 * 24 * 3600.0  # no scheduler waits longer (math.inf overflows the timers)
 
 
 @dataclass
@@ -60,8 +59,16 @@ class PreemptionBase:
         lag: int = 1,
         chain: bool = True,
     ) -> None:
-        if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace > 0:
-            raise InvalidRequestError(f"grace must be a positive number of seconds, not {grace!r}")
+        if (
+            isinstance(grace, bool)
+            or not isinstance(grace, int | float)
+            or not math.isfinite(grace)
+            or not 0 < grace <= MAX_GRACE_S
+        ):
+            raise InvalidRequestError(
+                f"grace must be a positive number of seconds, at most {MAX_GRACE_S:.0f} (a "
+                f"week), not {grace!r}"
+            )
         if isinstance(lag, bool) or not isinstance(lag, int) or lag < 1:
             raise InvalidRequestError(f"lag must be an int of at least 1, not {lag!r}")
         self.manager = manager
@@ -123,6 +130,15 @@ class PreemptionBase:
         self._catcher.restore()
         self._watchdog.disarm()
         self._state = "closed"
+        signum = self._catcher.unforwarded() if self._verdict is None else None
+        if signum is not None:  # the block ended before the loop heard of it: pass it on
+            logger.warning(
+                "preemption (rank %d): %s came before the block ended and was never "
+                "answered: delivering it to the handler found before",
+                get_rank(),
+                signal_name(signum),
+            )
+            signal.raise_signal(signum)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -147,6 +163,8 @@ class PreemptionBase:
         return self._agreement.ask(first, self.grace)
 
     def _answer(self, pending: Pending) -> None:
+        if self._agreement is not None:
+            self._agreement.answered()
         verdict = read_verdict(pending)
         if verdict is not None and self._verdict is None:
             self._agree(verdict)
@@ -276,36 +294,5 @@ class PreemptionBase:
         )
 
     def _expire(self) -> None:
-        """The deadline passed (in the watchdog's thread): say what is left, stop the
-        worker mid-write (the previous checkpoint is untouched by it) and exit."""
-        try:
-            latest: Any = self.manager.latest_step()
-        except Exception as exc:  # the log line matters more than this detail
-            latest = f"unknown ({exc})"
-        if self._final_step is not None:
-            what = f"the last save (step {self._final_step}) finished"
-        else:
-            what = "the ranks agreed on a step to save (is `preempted` asked each step?)"
-        logger.error(
-            "preemption (rank %d): the deadline (%.1fs after the signal) passed before %s: "
-            "the newest committed checkpoint is step %s and is intact; stopping the "
-            "checkpoint worker and exiting with status %d",
-            get_rank(),
-            self.grace,
-            what,
-            latest,
-            self.EXIT_CODE,
-        )
-        engine = getattr(getattr(self.manager, "queue", None), "_engine", None)
-        if engine is not None:
-            with contextlib.suppress(Exception):
-                pids = engine.worker_pids()
-                engine.kill_worker()
-                wait_gone(pids, KILLED_WAIT_S)  # none outlives this process, or its lock
-        for handler in logging.getLogger().handlers + logger.handlers:
-            with contextlib.suppress(Exception):
-                handler.flush()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(self.EXIT_CODE)
+        """The deadline passed (in the watchdog's thread): see :func:`end_at_deadline`."""
+        end_at_deadline(self.manager, self.grace, self._final_step, self.EXIT_CODE)

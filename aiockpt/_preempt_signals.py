@@ -10,9 +10,12 @@ everything else (logging, agreeing, saving) happens at the loop's next question.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +24,9 @@ from types import FrameType
 from typing import Any
 
 from ._exceptions import InvalidRequestError, QueueMisuseError
+from ._ranks import get_rank
+
+logger = logging.getLogger("aiockpt")
 
 Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
@@ -61,13 +67,26 @@ def checked_signals(signals: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def raises_in_loop(handler: Handler) -> bool:
+    """Whether ``handler`` is Python's SIGINT handler or an event loop's (asyncio's
+    ``Runner``, trio's): they raise ``KeyboardInterrupt`` (or cancel) mid-step."""
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    if handler is signal.default_int_handler:
+        return True
+    module = getattr(handler, "__module__", None) or ""
+    return module.split(".")[0] in ("asyncio", "trio", "anyio")
+
+
 class SignalCatcher:
     """Installs a handler for each of ``signals`` that records the first signal (and
     counts the later ones), then calls the handler that was there before (``chain``;
-    ``SIG_DFL`` and ``SIG_IGN`` are not actions to take, and Python's default SIGINT
-    handler, which would raise ``KeyboardInterrupt`` mid-step, is not chained either).
-    Once ``final`` is set (the last save has begun), signals are only counted, in
-    ``during_final``."""
+    ``SIG_DFL`` and ``SIG_IGN`` are not actions to take, and Python's or an event loop's
+    SIGINT handler, which would raise ``KeyboardInterrupt`` mid-step, is not chained
+    either). Once ``final`` is set (the last save has begun), signals are only counted,
+    in ``during_final``. Once restored, a handler of ours left installed (put back by
+    someone else) does what the handler found before it would: calls it, or re-delivers
+    the signal to ``SIG_DFL``."""
 
     def __init__(self, signals: Sequence[int], chain: bool = True) -> None:
         self.signals = checked_signals(signals)
@@ -76,6 +95,9 @@ class SignalCatcher:
         self.during_final: list[int] = []  # signals received during the last save
         self.final = False
         self._previous: dict[int, Handler] = {}
+        self._found: dict[int, Handler] = {}  # what install() found, kept after restore()
+        self._chained: set[int] = set()  # signals the handler found has seen
+        self.closed = False
         self._pid = os.getpid()
 
     def install(self) -> None:
@@ -87,7 +109,7 @@ class SignalCatcher:
         self._pid = os.getpid()
         try:
             for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = self._found[sig] = signal.signal(sig, self._handle)
         except BaseException:
             self.restore()
             raise
@@ -95,6 +117,7 @@ class SignalCatcher:
     def restore(self) -> None:
         """Put back the handlers found at :meth:`install` (where ours is still there)."""
         previous, self._previous = self._previous, {}
+        self.closed = True
         for sig, handler in previous.items():
             if signal.getsignal(sig) == self._handle:
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
@@ -106,6 +129,9 @@ class SignalCatcher:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             os._exit(128 + signum)
+        if self.closed:
+            self._fall_back(signum, frame)
+            return
         if self.final:  # the last save has begun: nothing interrupts it
             self.during_final.append(signum)
             return
@@ -114,8 +140,22 @@ class SignalCatcher:
         if not self.chain:
             return
         previous = self._previous.get(signum)
-        if callable(previous) and previous is not signal.default_int_handler:
+        if callable(previous) and not (signum == signal.SIGINT and raises_in_loop(previous)):
+            self._chained.add(signum)
             previous(signum, frame)
+
+    def unforwarded(self) -> int | None:
+        """The first signal received, unless the handler found before has seen it."""
+        first = self.first
+        return None if first is None or first.signum in self._chained else first.signum
+
+    def _fall_back(self, signum: int, frame: FrameType | None) -> None:
+        previous = self._found.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # the default action (for SIGTERM: the end)
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
 
 
 class Watchdog:
@@ -192,3 +232,39 @@ def wait_gone(pids: list[int], timeout: float) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def end_at_deadline(manager: Any, grace: float, final_step: int | None, exit_code: int) -> None:
+    """The deadline passed (in the watchdog's thread): say what is left, stop the
+    worker mid-write (the previous checkpoint is untouched by it) and exit."""
+    try:
+        latest: Any = manager.latest_step()
+    except Exception as exc:  # the log line matters more than this detail
+        latest = f"unknown ({exc})"
+    if final_step is not None:
+        what = f"the last save (step {final_step}) finished"
+    else:
+        what = "the ranks agreed on a step to save (is `preempted` asked each step?)"
+    logger.error(
+        "preemption (rank %d): the deadline (%.1fs after the signal) passed before %s: "
+        "the newest committed checkpoint is step %s and is intact; stopping the "
+        "checkpoint worker and exiting with status %d",
+        get_rank(),
+        grace,
+        what,
+        latest,
+        exit_code,
+    )
+    engine = getattr(getattr(manager, "queue", None), "_engine", None)
+    if engine is not None:
+        with contextlib.suppress(Exception):
+            pids = engine.worker_pids()
+            engine.kill_worker()
+            wait_gone(pids, KILLED_WAIT_S)  # none outlives this process, or its lock
+    for handler in logging.getLogger().handlers + logger.handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(exit_code)

@@ -12,12 +12,14 @@ leaves a marker file, then waits until the test opens the gate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -215,6 +217,37 @@ def async_loop(rank: int, world: int, tmp: str, grace: float = 30.0) -> dict[str
                     fut = await pre.save(step, {"w": torch.full((256,), value(rank, step))})
                     if step == 3:
                         await fut
+                await asyncio.sleep(0)
+
+    return asyncio.run(main())
+
+
+def cancelled_question(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """Rank 0's question at step 2 waits for question 1's reduction, which rank 1 (with a
+    SIGTERM) holds back until rank 0 has cancelled that wait; rank 0 then asks again, at
+    the same step: the answer of the cancelled question is still there."""
+
+    async def main() -> dict[str, Any]:
+        step = 0
+        marker = os.path.join(tmp, "cancelled-0")
+        async with (
+            AsyncCheckpointManager(os.path.join(tmp, "ck"), persistent=False) as mgr,
+            AsyncPreemption(mgr, grace=30.0) as pre,
+        ):
+            while True:
+                if rank == 1 and step == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)  # rides on question 1
+                    while not os.path.exists(marker):
+                        time.sleep(0.005)
+                if rank == 0 and step == 2:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(pre.preempted(), 0.2)
+                        raise AssertionError("question 1's reduction completed without rank 1")
+                    with open(marker, "w"):
+                        pass
+                if await pre.preempted():
+                    await pre.save_and_exit(step, {"w": torch.full((256,), value(rank, step))})
+                step += 1
                 await asyncio.sleep(0)
 
     return asyncio.run(main())

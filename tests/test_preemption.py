@@ -5,7 +5,9 @@ never costs the previous checkpoint. Multi-rank tests run real gloo ranks
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -16,12 +18,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 import pytest
 import torch
+import trio
 from ckpt_helpers import data_file, open_gate, read_pid
 from preempt_scenarios import GatedStorage, Ranks, value
 
 from aiockpt import (
+    AsyncCheckpointManager,
+    AsyncPreemption,
     CheckpointManager,
     DistributedCheckpointError,
     InvalidRequestError,
@@ -248,6 +257,20 @@ def test_async_preemption_saves_the_same_step_on_every_rank(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_a_cancelled_question_is_answered_when_asked_again_on_every_rank_alike(
+    tmp_path: Path,
+) -> None:
+    ranks = Ranks("cancelled_question", 2, str(tmp_path))
+    assert ranks.join() == [EXIT, EXIT], ranks.results()
+    assert agreed_step(ranks.results(), 2) == 2
+    for result in ranks.results():
+        assert result is not None
+        assert (result["outcome"], result["saved"], result["latest"]) == ("saved", 2, 2)
+    assert committed(tmp_path) == [2]
+    check_step(tmp_path, 2, 2)
+
+
+@pytest.mark.slow
 def test_a_rank_asking_more_often_than_the_others_gets_a_typed_error(tmp_path: Path) -> None:
     ranks = Ranks("asks_out_of_step", 2, str(tmp_path))
     assert ranks.join(timeout=40.0) == [1, 0]
@@ -426,7 +449,7 @@ def test_preempted_is_false_until_a_signal_and_leaving_puts_handlers_back(
 
 def test_misuse_is_refused_with_typed_errors(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path / "ck") as mgr:
-        for grace in (0, -1.0, "30", True):
+        for grace in (0, -1.0, "30", True, math.inf, math.nan, 1e300, 7 * 24 * 3600 + 1):
             with pytest.raises(InvalidRequestError, match="grace must be a positive number"):
                 Preemption(mgr, grace=grace)  # type: ignore[arg-type]
         with pytest.raises(InvalidRequestError, match="SIGKILL cannot be caught"):
@@ -485,3 +508,183 @@ def test_ranks_saving_different_steps_are_an_error() -> None:
     rows = [plan_values(9, True, 1.0, 0.0, 20.0), plan_values(10, True, 1.0, 0.0, 20.0)]
     with pytest.raises(DistributedCheckpointError, match=r"different steps \(9\.\.10\)"):
         decide([max(c) for c in zip(*rows, strict=True)])
+
+
+# -- async loops inside scopes and task groups -------------------------------------------
+
+
+async def _async_loop(
+    pre: AsyncPreemption, signal_at: int, sleep: Any, sig: int = signal.SIGTERM
+) -> None:
+    step = 0
+    while True:
+        if await pre.preempted():
+            await pre.save_and_exit(step, {"w": torch.full((4,), float(step))})
+        step += 1
+        if step == signal_at:
+            os.kill(os.getpid(), sig)
+        await sleep(0)
+
+
+async def _nested(kind: str, ckdir: Path) -> None:
+    """The loop inside a cancel scope, an anyio task group, a trio nursery, or next to
+    the manager served in the caller's task group."""
+    sleep = trio.sleep if kind == "trio-nursery" else anyio.sleep
+    if kind == "serve":
+        async with anyio.create_task_group() as tg:
+            mgr = await tg.start(AsyncCheckpointManager(ckdir, persistent=False).serve)
+            async with AsyncPreemption(mgr, grace=GRACE) as pre:
+                await _async_loop(pre, 3, sleep)
+    async with (
+        AsyncCheckpointManager(ckdir, persistent=False) as mgr,
+        AsyncPreemption(mgr, grace=GRACE) as pre,
+    ):
+        if kind == "scope":
+            with anyio.move_on_after(3600):
+                await _async_loop(pre, 3, sleep)
+        elif kind == "trio-nursery":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                await _async_loop(pre, 3, sleep)
+        else:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.sleep_forever)
+                await _async_loop(pre, 3, sleep)
+
+
+@pytest.mark.parametrize("kind", ["scope", "task-group", "trio-nursery", "serve"])
+def test_async_save_and_exit_inside_scopes_and_task_groups_exits_with_75(
+    tmp_path: Path, kind: str
+) -> None:
+    with pytest.raises(Preempted) as caught, AsyncPreemption.unwrap_preempted():
+        if kind == "trio-nursery":
+            trio.run(_nested, kind, tmp_path / "ck")
+        else:
+            asyncio.run(_nested(kind, tmp_path / "ck"))
+    p = caught.value
+    assert (p.code, p.agreed_step, p.saved_step, p.outcome) == (EXIT, 3, 3, "saved")
+    assert committed(tmp_path) == [3]
+
+
+def test_unwrap_preempted_keeps_a_group_with_other_errors() -> None:
+    preempted = Preempted(
+        "x",
+        agreed_step=1,
+        saved_step=1,
+        latest_step=1,
+        outcome="saved",
+        signal="SIGTERM",
+        seconds=0,
+    )
+    with pytest.raises(BaseExceptionGroup) as caught, AsyncPreemption.unwrap_preempted():
+        raise BaseExceptionGroup("", [preempted, ValueError("boom")])
+    assert [type(e) for e in caught.value.exceptions] == [Preempted, ValueError]
+    with pytest.raises(Preempted) as bare, AsyncPreemption.unwrap_preempted():
+        raise BaseExceptionGroup("", [BaseExceptionGroup("", [preempted])])
+    assert bare.value is preempted
+
+
+def test_the_serve_pattern_exits_with_status_75(tmp_path: Path) -> None:
+    code = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from aiockpt import AsyncPreemption\n"
+        "from test_preemption import _nested\n"
+        "with AsyncPreemption.unwrap_preempted():\n"
+        f"    asyncio.run(_nested('serve', Path({str(tmp_path / 'ck')!r})))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == EXIT, done.stderr
+    assert "stopped at step 3: step 3 committed" in done.stderr
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_sigint_is_not_chained_to_the_event_loops_handler(tmp_path: Path, loop: str) -> None:
+    # asyncio's Runner and trio install SIGINT handlers that would raise KeyboardInterrupt
+    # (or cancel the loop) mid-step: like Python's own, they are not chained.
+    async def main() -> None:
+        async with (
+            AsyncCheckpointManager(tmp_path / "ck", persistent=False) as mgr,
+            AsyncPreemption(mgr, grace=GRACE, signals=(signal.SIGTERM, signal.SIGINT)) as pre,
+        ):
+            await _async_loop(
+                pre, 3, trio.sleep if loop == "trio" else asyncio.sleep, signal.SIGINT
+            )
+
+    with pytest.raises(Preempted) as caught:
+        trio.run(main) if loop == "trio" else asyncio.run(main())
+    p = caught.value
+    assert (p.signal, p.agreed_step, p.saved_step, p.outcome) == ("SIGINT", 3, 3, "saved")
+
+
+def test_a_handler_of_a_closed_preemption_falls_back_to_the_one_it_found(
+    tmp_path: Path,
+) -> None:
+    calls: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda s, f: calls.append(s))
+    try:
+        with CheckpointManager(tmp_path / "ck") as mgr:
+            pre = Preemption(mgr, grace=GRACE)
+            with pre:
+                ours = signal.getsignal(signal.SIGTERM)
+                other = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # another library's
+            signal.signal(signal.SIGTERM, other)  # ... which puts back what it found: ours
+            assert signal.getsignal(signal.SIGTERM) == ours
+            signal.raise_signal(signal.SIGTERM)
+        assert calls == [signal.SIGTERM]
+        assert not pre.received
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_a_signal_unanswered_when_the_block_ends_goes_to_the_handler_found(
+    tmp_path: Path, chain: bool
+) -> None:
+    calls: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda s, f: calls.append(s))
+    try:
+        with CheckpointManager(tmp_path / "ck") as mgr:
+            with Preemption(mgr, grace=GRACE, chain=chain) as pre:
+                assert not pre.preempted
+                signal.raise_signal(signal.SIGTERM)  # after the step's question
+                assert pre.received and calls == ([signal.SIGTERM] if chain else [])
+            assert calls == [signal.SIGTERM]  # once: a chained handler saw it already
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+STALE = """
+import signal, sys
+from aiockpt import CheckpointManager, Preemption
+with CheckpointManager(sys.argv[1], persistent=False) as mgr:
+    if sys.argv[2] == "stale":
+        pre = Preemption(mgr)
+        with pre:
+            other = signal.signal(signal.SIGTERM, lambda s, f: None)
+        signal.signal(signal.SIGTERM, other)
+        signal.raise_signal(signal.SIGTERM)
+    else:
+        with Preemption(mgr) as pre:
+            assert not pre.preempted
+            signal.raise_signal(signal.SIGTERM)
+        print("the block ended", flush=True)
+print("still alive")
+"""
+
+
+@pytest.mark.parametrize("case", ["stale", "unanswered"])
+def test_sigterm_ends_the_process_once_the_preemption_is_gone(tmp_path: Path, case: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", STALE, str(tmp_path / "ck"), case],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGTERM, (done.stdout, done.stderr)
+    assert "still alive" not in done.stdout and "the block ended" not in done.stdout
+    if case == "unanswered":
+        assert "SIGTERM came before the block ended and was never answered" in done.stderr
