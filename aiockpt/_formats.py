@@ -97,6 +97,12 @@ def companions(name: str) -> tuple[str, ...]:
     return _REGISTRY[name][4]
 
 
+def commit_files(name: str) -> list[str]:
+    """The files that commit a step of format ``name``, in publishing order: its
+    companions, then its marker."""
+    return [*companions(name), markers()[name]]
+
+
 def needs_local_storage(name: str) -> bool:
     """Whether format ``name`` writes through the filesystem (see StepFormat)."""
     return _REGISTRY[name][3]

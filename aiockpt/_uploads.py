@@ -26,6 +26,7 @@ from ._exceptions import (
     InvalidRequestError,
     StorageError,
 )
+from ._formats import commit_files
 from ._futures import _Signal
 from ._ranks import get_rank
 from ._steps import Listing, StepDirectory, _scan, check_step, step_name
@@ -295,10 +296,14 @@ class RemoteTier:
             doomed += older[: max(0, len(older) - (self.keep - 1))]
         for old in sorted(doomed):
             try:
-                self.storage.delete([f"{self.path(old)}/{self.local.marker}"])
-                self.storage.remove_tree(self.path(old))
+                self._delete(old)
             except CheckpointError as exc:
                 logger.warning("could not delete remote step %r: %s", self.path(old), exc)
+
+    def _delete(self, step: int) -> None:
+        """Un-commit the remote ``step`` (its marker first), then delete its objects."""
+        self.storage.delete([f"{self.path(step)}/{self.local.marker}"])
+        self.storage.remove_tree(self.path(step))
 
     def rollback(self, to_step: int) -> list[int]:
         """Rank 0, after the local rollback: queued uploads of steps above ``to_step``
@@ -322,8 +327,7 @@ class RemoteTier:
         every = {*found.committed, *found.partial, *(s for s, _ in found.damaged)}
         doomed = sorted(s for s in every if s > to_step)
         for step in reversed(doomed):
-            self.storage.delete([f"{self.path(step)}/{self.local.marker}"])
-            self.storage.remove_tree(self.path(step))
+            self._delete(step)
         with self._mutex:
             self._uploaded = min(self._uploaded, to_step)
         return doomed
@@ -378,5 +382,4 @@ class RemoteTier:
         path = self.local.path(step)
         if os.path.lexists(path):
             self.local.delete(step)  # damaged, partial or failing: replaced by the remote copy
-        commit_names = [*self.local.required, self.local.marker]
-        download_step(self.path(step), path, self.storage, commit_names)
+        download_step(self.path(step), path, self.storage, commit_files(self.local.format.name))

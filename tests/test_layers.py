@@ -104,7 +104,7 @@ def test_only_the_command_line_and_nvrx_names_import_dcp() -> None:
         if not _in(name, "aiockpt.dcp", "aiockpt.compat")
         and any(_in(m, "aiockpt.dcp") for m in _internal(name))
     }
-    assert importers == {"aiockpt._cli._main", "aiockpt._cli._remote"}
+    assert importers == {"aiockpt._cli._main"}
 
 
 def test_nothing_in_the_library_imports_the_command_line_tools() -> None:

@@ -101,8 +101,8 @@ def verify_url(url: str) -> int:
 
 def cp(src: str, dst: str) -> int:
     """Copy the committed step ``src`` to ``dst`` (one of them a URL), commit last."""
-    from .._formats import companions, markers
-    from ..storage._local import verify
+    from .._formats import commit_files, step_format
+    from ..storage._local import LocalStorage
     from ..storage._tiers import download_step, remote_records, upload_step
     from ..storage._urls import is_url
 
@@ -113,42 +113,22 @@ def cp(src: str, dst: str) -> int:
             print("aiockpt cp: one of SRC and DST must be a URL", file=sys.stderr)
             return 2
         if is_url(dst):
-            is_dcp = os.path.lexists(os.path.join(src, ".metadata"))
-            fmt = "dcp" if is_dcp else "torch"
-            commit_names = [*companions(fmt), markers()[fmt]]
-            records = _local_records(src, is_dcp)
+            fmt = step_format(
+                "dcp" if os.path.lexists(os.path.join(src, ".metadata")) else "torch", {}
+            )
+            records, commit_names = fmt.step_files(src)
             total = sum(r["nbytes"] for r in records)
             with progress_bar(total, "upload") as progress:
                 upload_step(src, dst, store, records, commit_names, progress)
         else:
             _, records = remote_records(src, store)
-            is_dcp = ".metadata" in store.list_dir(src)
-            fmt = "dcp" if is_dcp else "torch"
-            commit_names = [*companions(fmt), markers()[fmt]]
+            fmt = step_format("dcp" if ".metadata" in store.list_dir(src) else "torch", {})
             total = sum(r["nbytes"] for r in records)
             with progress_bar(total, "download") as progress:
-                download_step(src, dst, store, commit_names, progress)
-            if is_dcp:
-                from ..dcp import verify_dcp
-
-                verify_dcp(dst)
-            else:
-                verify(dst)
+                download_step(src, dst, store, commit_files(fmt.name), progress)
+            fmt.verify(dst, LocalStorage())
     except CheckpointError as err:
         print(f"FAILED: {_clean(err, 500)}", file=sys.stderr)
         return 1
     print(f"{_clean(src, 200)} -> {_clean(dst, 200)}: {len(records)} file(s), committed")
     return 0
-
-
-def _local_records(path: str, is_dcp: bool) -> list[dict[str, Any]]:
-    if is_dcp:
-        from ..dcp._meta import read_checksums
-
-        sidecar = read_checksums(path)
-        if sidecar is None:
-            raise CheckpointNotFoundError(f"{path!r} has no checksum sidecar: not uploaded")
-        return [sidecar["metadata"], *sidecar["files"]]
-    from ..storage._metadata import read_metadata
-
-    return list(read_metadata(path)["files"])

@@ -370,28 +370,6 @@ class ObjectStorage:
                 progress(view.nbytes)
         return size, digest.hexdigest()
 
-    def download_file(
-        self, url: str, local: str, record: dict[str, Any] | None, progress: Callable[[int], object]
-    ) -> None:
-        """Stream the object ``url`` into the new local file ``local`` (not fsync'd: the
-        caller commits), checking ``record``'s size and xxh3-64 if given."""
-        store, key = self.locate(url)
-        digest = xxhash.xxh3_64()
-        size = 0
-        with translated(url, "download"), open(local, "xb") as f:
-            for chunk in obstore.get(store, key).stream(min_chunk_size=READ_CHUNK):
-                view = memoryview(chunk)
-                digest.update(view)
-                size += view.nbytes
-                f.write(view)
-                progress(view.nbytes)
-        if record is not None and (
-            size != record["nbytes"] or digest.hexdigest() != record["xxh3_64"]
-        ):
-            raise CorruptCheckpointError(
-                f"{url!r} does not match the size and checksum its step records", path=url
-            )
-
 
 def object_storage(url: str, options: dict[str, Any] | None) -> ObjectStorage:
     """The :class:`ObjectStorage` for the object-store URL ``url``

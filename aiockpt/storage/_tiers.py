@@ -26,7 +26,7 @@ from xxhash import xxh3_64_hexdigest
 from .._exceptions import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from ._atomic import write_atomic
 from ._files import fsync_dir
-from ._local import make_dir
+from ._local import LocalStorage, make_dir
 from ._metadata import MAX_METADATA_BYTES, safe_join
 from ._object import ObjectStorage
 from ._obstore import obstore, translated
@@ -54,7 +54,8 @@ def upload_step(
     the store already."""
     checks = {r["name"]: r for r in records if r["name"] in commit_names}
     records = [r for r in records if r["name"] not in commit_names]
-    contents = {name: _read_local(local, name) for name in commit_names}
+    reader = LocalStorage()  # no link, FIFO or device is opened
+    contents = {name: reader.read_bytes(safe_join(local, name)) for name in commit_names}
     for name, record in checks.items():
         data = contents[name]
         if len(data) != record["nbytes"] or xxh3_64_hexdigest(data) != record["xxh3_64"]:
@@ -101,13 +102,6 @@ def upload_step(
             path=remote,
         ) from None
     return True
-
-
-def _read_local(directory: str, name: str) -> bytes:
-    from ._files import open_file, opened
-
-    with opened(open_file(safe_join(directory, name))) as fd, os.fdopen(os.dup(fd), "rb") as f:
-        return f.read()
 
 
 def download_step(
@@ -198,7 +192,7 @@ def remote_records(
     step's checksum sidecar) and the records of every file to check."""
     import json
 
-    from ._metadata import MAX_METADATA_BYTES, METADATA, parse_metadata
+    from ._metadata import METADATA
 
     names = store.list_files(remote)
     if ".metadata.checksums" in names and ".metadata" in names:
@@ -229,8 +223,7 @@ def remote_records(
         raise CheckpointNotFoundError(
             f"{remote!r} holds no committed checkpoint (no {METADATA} or .metadata)"
         )
-    path = f"{remote}/{METADATA}"
-    meta = parse_metadata(store.read_bytes(path, MAX_METADATA_BYTES), remote, path)
+    meta = store.read_metadata(remote)
     return meta, list(meta["files"])
 
 
